@@ -1,0 +1,219 @@
+"""What exists: one table describing every official Kuzushiji file and dataset.
+
+Everything else (the dataset classes, the CLI's ``info``, the README table, the checks) reads
+this module; nothing repeats it. Pure data, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OFFICIAL_BASE = "http://codh.rois.ac.jp/kmnist/dataset/"
+
+LICENSE = "CC BY-SA 4.0"
+ATTRIBUTION = (
+    '"KMNIST Dataset" (created by CODH), adapted from "Kuzushiji Dataset" '
+    "(created by NIJL and others), doi:10.20676/00000341"
+)
+CITATION = (
+    "Tarin Clanuwat, Mikel Bober-Irizar, Asanobu Kitamoto, Alex Lamb, Kazuaki Yamamoto, "
+    'David Ha, "Deep Learning for Classical Japanese Literature", arXiv:1812.01718, 2018.'
+)
+
+# The 2019-02-05 release removed black and duplicated images; files from before it still float
+# around (old clones, old caches) under the same names and URLs.
+STALE_RELEASE_DATE = "2019-02-05"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One official file: its path relative to a mirror base, size and published checksums."""
+
+    path: str  # e.g. "kmnist/t10k-images-idx3-ubyte.gz"
+    size: int
+    md5: str
+    sha256: str | None = None
+    # md5 -> description of known stale versions of this file (same name, older release).
+    stale_md5: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The file name, without the folder."""
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: its index, Unicode codepoint ("U+304A"), character and romaji reading."""
+
+    index: int
+    codepoint: str
+    char: str
+    romaji: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything known about one dataset, independent of any machine."""
+
+    name: str  # CLI name: "kmnist", "k49", "kkanji"
+    title: str
+    folder: str  # folder under the root, as torchvision names it
+    image_shape: tuple[int, int]
+    num_classes: int
+    # split -> format -> (images file, labels file); empty for datasets shipped as one archive.
+    splits: dict[str, dict[str, tuple[RemoteFile, RemoteFile]]]
+    split_sizes: dict[str, int]
+    classmap: RemoteFile | None
+    classes: tuple[ClassInfo, ...]
+    description: str
+    archive: RemoteFile | None = None  # KKanji: one tar, no published checksum
+
+    def files(self, split: str | None = None, fmt: str | None = None) -> list[RemoteFile]:
+        """The official files of this dataset, optionally only one split and/or one format."""
+        out: list[RemoteFile] = []
+        for s, formats in self.splits.items():
+            if split is not None and s != split:
+                continue
+            for f, pair in formats.items():
+                if fmt is not None and f != fmt:
+                    continue
+                out.extend(pair)
+        if split is None and fmt is None:
+            if self.classmap is not None:
+                out.append(self.classmap)
+            if self.archive is not None:
+                out.append(self.archive)
+        return out
+
+    @property
+    def formats(self) -> list[str]:
+        """The file formats this dataset is published in ("mnist", "npz")."""
+        seen: list[str] = []
+        for formats in self.splits.values():
+            for f in formats:
+                if f not in seen:
+                    seen.append(f)
+        return seen
+
+
+# Hepburn readings of the hiragana that occur in KMNIST and K49 (the official class maps give
+# only codepoint and character). ゝ is the hiragana iteration mark.
+ROMAJI = {
+    "あ": "a", "い": "i", "う": "u", "え": "e", "お": "o",
+    "か": "ka", "き": "ki", "く": "ku", "け": "ke", "こ": "ko",
+    "さ": "sa", "し": "shi", "す": "su", "せ": "se", "そ": "so",
+    "た": "ta", "ち": "chi", "つ": "tsu", "て": "te", "と": "to",
+    "な": "na", "に": "ni", "ぬ": "nu", "ね": "ne", "の": "no",
+    "は": "ha", "ひ": "hi", "ふ": "fu", "へ": "he", "ほ": "ho",
+    "ま": "ma", "み": "mi", "む": "mu", "め": "me", "も": "mo",
+    "や": "ya", "ゆ": "yu", "よ": "yo",
+    "ら": "ra", "り": "ri", "る": "ru", "れ": "re", "ろ": "ro",
+    "わ": "wa", "ゐ": "wi", "ゑ": "we", "を": "wo", "ん": "n",
+    "ゝ": "iteration mark",
+}  # fmt: skip
+
+
+def _classes(chars: str) -> tuple[ClassInfo, ...]:
+    return tuple(ClassInfo(i, f"U+{ord(c):04X}", c, ROMAJI[c]) for i, c in enumerate(chars))
+
+
+def _f(path: str, size: int, md5: str, sha256: str | None = None, **kw) -> RemoteFile:
+    return RemoteFile(path, size, md5, sha256, **kw)
+
+
+KMNIST = DatasetInfo(
+    name="kmnist",
+    title="Kuzushiji-MNIST",
+    folder="KMNIST",
+    image_shape=(28, 28),
+    num_classes=10,
+    splits={
+        "train": {
+            "mnist": (
+                _f("kmnist/train-images-idx3-ubyte.gz", 18165135,
+                   "bdb82020997e1d708af4cf47b453dcf7",
+                   "51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4"),
+                _f("kmnist/train-labels-idx1-ubyte.gz", 29497,
+                   "e144d726b3acfaa3e44228e80efcd344",
+                   "e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17"),
+            ),
+            "npz": (
+                _f("kmnist/kmnist-train-imgs.npz", 18384171,
+                   "a183fbc01ed9a345513b145673d3d0bb"),
+                _f("kmnist/kmnist-train-labels.npz", 29700,
+                   "b0e1d240e8afec72b50437fc3bc5908a",
+                   "a325c877035602cb9b9ba54f4194a2a1b5f718026a463db5b5e0cdc124c03720"),
+            ),
+        },
+        "test": {
+            "mnist": (
+                _f("kmnist/t10k-images-idx3-ubyte.gz", 3041136,
+                   "5c965bf0a639b31b8f53240b1b52f4d7",
+                   "edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5"),
+                _f("kmnist/t10k-labels-idx1-ubyte.gz", 5120,
+                   "7320c461ea6c1c855c0b718fb2a4b134",
+                   "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c"),
+            ),
+            "npz": (
+                _f("kmnist/kmnist-test-imgs.npz", 3079479,
+                   "dace6de62ca8b90843cc45366337d02e",
+                   "692d824896bec8f3c357ebf7a0fe904ed67ac632ce953d0b58f7fbef7bb27d87",
+                   stale_md5={"c8fe4d39f842711ac6cc8c1b4be5ee21":
+                              "the test-images npz released before the "
+                              f"{STALE_RELEASE_DATE} fix"}),
+                _f("kmnist/kmnist-test-labels.npz", 5304,
+                   "3ae489a79983d0fe386152684e3b5412",
+                   "660f13a4705431ea2a6391c41ecbe384cd0d932c595a101ec4f3b8989e785046"),
+            ),
+        },
+    },
+    split_sizes={"train": 60000, "test": 10000},
+    classmap=_f("kmnist/kmnist_classmap.csv", 151, "899202f6e8dc29a321ac210a03d0f2f1",
+                "88ba4be4bd52d986ae100b425d5c28437c81829c87800c5832a2253edc758374"),
+    classes=_classes("おきすつなはまやれを"),
+    description="10 hiragana, 7,000 images each (6,000 train / 1,000 test), 28x28 grayscale.",
+)  # fmt: skip
+
+K49 = DatasetInfo(
+    name="k49",
+    title="Kuzushiji-49",
+    folder="K49",
+    image_shape=(28, 28),
+    num_classes=49,
+    splits={
+        "train": {
+            "npz": (
+                _f("k49/k49-train-imgs.npz", 66117696, "7ac088b20481cf51dcd01ceaab89d821"),
+                _f("k49/k49-train-labels.npz", 164485, "44a8e1b893f81e63ff38d73cad420f7a",
+                   "fbfef4750ce9aa70b6072f0bca7daa9e80e2d79b379d5ae923265a63396260e4"),
+            ),
+        },
+        "test": {
+            "npz": (
+                _f("k49/k49-test-imgs.npz", 10971201, "d352e201d846ce6b94f42c990966f374"),
+                _f("k49/k49-test-labels.npz", 27450, "4da6f7a62e67a832d5eb1bd85c5ee448",
+                   "299be30ea32c2cc69318f5a5a579ffbffb0a6a1ccff134fb0ca834cd525ad6af"),
+            ),
+        },
+    },
+    split_sizes={"train": 232365, "test": 38547},
+    classmap=_f("k49/k49_classmap.csv", 697, "f7d0d0391f68bdf0fe4cf160ceb85753",
+                "95f5a2cfbfba1721f566059cf77c22808898b63044a5f9a08de9d8a2950eed84"),
+    classes=_classes(
+        "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわゐゑをんゝ"
+    ),
+    description="48 hiragana and one iteration mark, 270,912 images, imbalanced, 28x28 grayscale.",
+)  # fmt: skip
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (KMNIST, K49)}
+
+
+def get(name: str) -> DatasetInfo:
+    """The catalog entry of a dataset by its CLI name (case-insensitive)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    aliases = {"kuzushijimnist": "kmnist", "kuzushiji49": "k49", "kuzushijikanji": "kkanji"}
+    key = aliases.get(key, key)
+    if key not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+    return DATASETS[key]

@@ -1,0 +1,147 @@
+"""Pure decoders from files on disk to NumPy arrays; each validates what it reads.
+
+No network and no torch here. Every error names the file, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+
+class FormatError(ValueError):
+    """A file on disk is not what its format promises (wrong magic, shape, dtype or length)."""
+
+
+def _fail(path: os.PathLike | str, expected: str, found: str) -> FormatError:
+    return FormatError(
+        f"{path}: expected {expected}, found {found}. The file is damaged or not the official "
+        "one: delete it and download it again (or pass the right file)."
+    )
+
+
+def read_gzip(path: os.PathLike | str) -> bytes:
+    """The decompressed bytes of a gzip file, or a FormatError if the stream is broken."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except (EOFError, OSError, zlib.error) as exc:
+        raise _fail(path, "a complete gzip stream", f"a broken one ({exc})") from exc
+
+
+def read_idx(
+    path: os.PathLike | str,
+    ndim: int,
+    shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """Read an MNIST idx file (``.gz`` or uncompressed) of unsigned bytes with ``ndim`` dims.
+
+    ``shape`` (with ``-1`` for "any") is checked when given. Returns a read-only uint8 array.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    raw = read_gzip(path) if gzipped else path.read_bytes()
+    return parse_idx(raw, path, ndim, shape)
+
+
+def parse_idx(
+    raw: bytes, path: os.PathLike | str, ndim: int, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Decode the bytes of an idx file read from ``path`` (named in errors)."""
+    magic_expected = 0x00000800 | ndim
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise _fail(path, f"an idx header of {header_len} bytes", f"{len(raw)} bytes in all")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != magic_expected:
+        raise _fail(path, f"idx magic 0x{magic_expected:08X}", f"0x{magic:08X}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if shape is not None and (
+        len(shape) != ndim or any(s not in (-1, d) for s, d in zip(shape, dims))
+    ):
+        raise _fail(path, f"dimensions {_shape_str(shape)}", f"{_shape_str(dims)}")
+    n_bytes = int(np.prod(dims, dtype=np.int64))
+    if len(raw) - header_len != n_bytes:
+        raise _fail(
+            path,
+            f"{n_bytes} data bytes for dimensions {_shape_str(dims)}",
+            f"{len(raw) - header_len}",
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def read_idx_images(path: os.PathLike | str, image_shape: tuple[int, int] = (28, 28)) -> np.ndarray:
+    """Read an idx3 image file into an ``N x H x W`` uint8 array."""
+    return read_idx(path, 3, (-1, *image_shape))
+
+
+def read_idx_labels(path: os.PathLike | str) -> np.ndarray:
+    """Read an idx1 label file into an ``N`` uint8 array."""
+    return read_idx(path, 1)
+
+
+def read_npz(path: os.PathLike | str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read the ``arr_0`` uint8 array of an official npz file, never unpickling anything."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "arr_0" not in npz.files:
+                raise _fail(path, "an npz with key 'arr_0'", f"keys {npz.files}")
+            arr = npz["arr_0"]
+    except FormatError:
+        raise
+    except ValueError as exc:  # object arrays refuse to load without pickle
+        raise _fail(path, "a plain uint8 array (no pickled objects)", str(exc)) from exc
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+        raise _fail(path, "a complete npz (zip) file", f"a broken one ({exc})") from exc
+    if arr.dtype != np.uint8:
+        raise _fail(path, "dtype uint8", f"dtype {arr.dtype}")
+    if shape is not None and (
+        arr.ndim != len(shape) or any(s not in (-1, d) for s, d in zip(shape, arr.shape))
+    ):
+        raise _fail(path, f"shape {_shape_str(shape)}", f"shape {_shape_str(arr.shape)}")
+    return arr
+
+
+def read_classmap(path: os.PathLike | str) -> list[tuple[int, str, str]]:
+    """Read an official ``*_classmap.csv`` (``index,codepoint,char``) into rows."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0].strip() != "index,codepoint,char":
+        raise _fail(path, "header 'index,codepoint,char'", repr(lines[0] if lines else ""))
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split(",")
+        if len(parts) != 3 or not parts[0].isdigit():
+            raise _fail(path, "rows 'index,codepoint,char'", f"line {n}: {line!r}")
+        rows.append((int(parts[0]), parts[1], parts[2]))
+    return rows
+
+
+def _shape_str(shape) -> str:
+    return " x ".join("N" if s == -1 else str(s) for s in shape)
+
+
+def write_idx(path: os.PathLike | str, arr: np.ndarray, compress: bool = True) -> None:
+    """Write a uint8 array as an MNIST idx file (gzip-compressed by default), as the official
+    files are; for fixtures, subsets and benchmarks."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    header = (0x00000800 | arr.ndim).to_bytes(4, "big") + b"".join(
+        int(d).to_bytes(4, "big") for d in arr.shape
+    )
+    payload = header + arr.tobytes()
+    if compress:
+        payload = gzip.compress(payload, mtime=0)
+    Path(path).write_bytes(payload)
+
+
+def write_npz(path: os.PathLike | str, arr: np.ndarray) -> None:
+    """Write a uint8 array as the official npz files are: compressed, key ``arr_0``."""
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, np.ascontiguousarray(arr, dtype=np.uint8))
