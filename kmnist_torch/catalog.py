@@ -30,8 +30,8 @@ class RemoteFile:
     """One official file: its path relative to a mirror base, size and published checksums."""
 
     path: str  # e.g. "kmnist/t10k-images-idx3-ubyte.gz"
-    size: int
-    md5: str
+    size: int | None  # None where nothing is published (kkanji.tar)
+    md5: str | None
     sha256: str | None = None
     # md5 -> description of known stale versions of this file (same name, older release).
     stale_md5: dict[str, str] = field(default_factory=dict)
@@ -118,7 +118,7 @@ def _classes(chars: str) -> tuple[ClassInfo, ...]:
     return tuple(ClassInfo(i, f"U+{ord(c):04X}", c, ROMAJI[c]) for i, c in enumerate(chars))
 
 
-def _f(path: str, size: int, md5: str, sha256: str | None = None, **kw) -> RemoteFile:
+def _f(path: str, size: int | None, md5: str | None, sha256: str | None = None, **kw) -> RemoteFile:
     return RemoteFile(path, size, md5, sha256, **kw)
 
 
