@@ -68,6 +68,8 @@ class DatasetInfo:
     classes: tuple[ClassInfo, ...]
     description: str
     archive: RemoteFile | None = None  # KKanji: one tar, no published checksum
+    # split -> images per class, as counted in the official label files.
+    class_counts: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def files(self, split: str | None = None, fmt: str | None = None) -> list[RemoteFile]:
         """The official files of this dataset, optionally only one split and/or one format."""
@@ -172,6 +174,7 @@ KMNIST = DatasetInfo(
     classmap=_f("kmnist/kmnist_classmap.csv", 151, "899202f6e8dc29a321ac210a03d0f2f1",
                 "88ba4be4bd52d986ae100b425d5c28437c81829c87800c5832a2253edc758374"),
     classes=_classes("おきすつなはまやれを"),
+    class_counts={"train": (6000,) * 10, "test": (1000,) * 10},
     description="10 hiragana, 7,000 images each (6,000 train / 1,000 test), 28x28 grayscale.",
 )  # fmt: skip
 
@@ -203,6 +206,16 @@ K49 = DatasetInfo(
     classes=_classes(
         "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわゐゑをんゝ"
     ),
+    class_counts={
+        "train": (6000, 6000, 6000, 777, 6000, 6000, 6000, 6000, 4714, 6000, 6000, 6000, 6000,
+                  4165, 3867, 6000, 2565, 6000, 6000, 6000, 6000, 6000, 2063, 2451, 6000, 6000,
+                  5132, 6000, 6000, 1993, 6000, 3060, 1718, 3394, 6000, 6000, 1598, 6000, 6000,
+                  6000, 6000, 6000, 2139, 2397, 417, 392, 6000, 6000, 3523),
+        "test": (1000, 1000, 1000, 126, 1000, 1000, 1000, 1000, 767, 1000, 1000, 1000, 1000,
+                 678, 629, 1000, 418, 1000, 1000, 1000, 1000, 1000, 336, 399, 1000, 1000, 836,
+                 1000, 1000, 324, 1000, 498, 280, 552, 1000, 1000, 260, 1000, 1000, 1000, 1000,
+                 1000, 348, 390, 68, 64, 1000, 1000, 574),
+    },
     description="48 hiragana and one iteration mark, 270,912 images, imbalanced, 28x28 grayscale.",
 )  # fmt: skip
 

@@ -75,10 +75,15 @@ def ensure_files(
     verify: bool = True,
     name: str = "the dataset",
     config: FetchConfig | None = None,
+    extras: list[Target] = (),
 ) -> None:
     """Make sure every target is on disk and passes its checks; download what is missing, bad
     or stale when ``download_missing``. Raises one :class:`DataFilesError` naming every file
-    that is still not right, with its URLs, size, md5 and the path to put it at."""
+    that is still not right, with its URLs, size, md5 and the path to put it at.
+
+    ``extras`` (the class map) are fetched along when something is downloaded anyway, so a
+    complete (or read-only) root is never touched for them.
+    """
     if not targets:
         return
     folder = targets[0].dest.parent
@@ -87,6 +92,8 @@ def ensure_files(
     bad = [t for t in targets if problems[id(t)]]
     if not bad:
         return
+    if download_missing:
+        bad += [t for t in extras if check(t, verify, record)]
     if not download_missing:
         lines = [f"{name}: {len(bad)} file(s) not usable in {folder}:"]
         for t in bad:
@@ -166,9 +173,8 @@ class _ArrayDataset(VisionDataset):
         images_file, labels_file = self.info.splits[self.split][format]
         folder = Path(self.raw_folder)
         targets = [target_for(images_file, folder), target_for(labels_file, folder)]
-        if download and self.info.classmap is not None:
-            targets.append(target_for(self.info.classmap, folder))
-        ensure_files(targets, download, verify, name=type(self).__name__)
+        extras = [target_for(self.info.classmap, folder)] if self.info.classmap else []
+        ensure_files(targets, download, verify, name=type(self).__name__, extras=extras)
         images, labels = self._decode(targets[0].dest, targets[1].dest)
         self.data = torch.from_numpy(_writable(images))
         self.targets = torch.from_numpy(labels.astype(np.int64))

@@ -56,11 +56,12 @@ def parse_idx(
     """Decode the bytes of an idx file read from ``path`` (named in errors)."""
     magic_expected = 0x00000800 | ndim
     header_len = 4 + 4 * ndim
+    if len(raw) >= 4:
+        magic = int.from_bytes(raw[:4], "big")
+        if magic != magic_expected:
+            raise _fail(path, f"idx magic 0x{magic_expected:08X}", f"0x{magic:08X}")
     if len(raw) < header_len:
         raise _fail(path, f"an idx header of {header_len} bytes", f"{len(raw)} bytes in all")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != magic_expected:
-        raise _fail(path, f"idx magic 0x{magic_expected:08X}", f"0x{magic:08X}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if shape is not None and (
         len(shape) != ndim or any(s not in (-1, d) for s, d in zip(shape, dims))

@@ -1,0 +1,304 @@
+"""Command line: ``python -m kmnist_torch available | info | download | verify | montage |
+kkanji-split``. Every command reads the catalog; nothing here repeats it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+from . import catalog
+from .datasets import DataFilesError, default_root, mirrors, target_for
+from .fetch import VerifiedRecord, check
+from .formats import FormatError
+
+
+def _dataset_class(name: str):
+    info = catalog.get(name)
+    if info.name == "kkanji":
+        from .kkanji import KKanji
+
+        return KKanji
+    from . import datasets
+
+    return {"kmnist": datasets.KMNIST, "k49": datasets.K49}[info.name]
+
+
+def _names(names: list[str]) -> list[str]:
+    return [catalog.get(n).name for n in names] if names else list(catalog.DATASETS)
+
+
+def cmd_available(args: argparse.Namespace) -> int:
+    """One line per dataset: name, title, images, classes."""
+    for info in catalog.DATASETS.values():
+        total = sum(info.split_sizes.values())
+        shape = "x".join(map(str, info.image_shape))
+        print(f"{info.name:8s} {info.title:18s} {total:>8,} images  {info.num_classes:>5} classes"
+              f"  {shape}")  # fmt: skip
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Counts, classes with characters and romaji, per-class counts, files, licence."""
+    info = catalog.get(args.name)
+    print(f"{info.title} ({info.name})")
+    print(f"  {info.description}")
+    print(f"  image shape: {info.image_shape[0]}x{info.image_shape[1]} uint8 grayscale")
+    for split, n in info.split_sizes.items():
+        print(f"  {split}: {n:,} images")
+    print(f"  folder: <root>/{info.folder}/   (default root: {default_root()})")
+    if info.classes:
+        print(f"\n  {'idx':>3}  {'codepoint':9s} char  {'romaji':15s} "
+              + "  ".join(f"{s:>6s}" for s in info.class_counts))  # fmt: skip
+        for c in info.classes:
+            counts = "  ".join(f"{info.class_counts[s][c.index]:>6,}" for s in info.class_counts)
+            print(f"  {c.index:>3}  {c.codepoint:9s} {c.char}    {c.romaji:15s} {counts}")
+    else:
+        print(f"\n  {info.num_classes} classes, named by the folders of the archive")
+    print("\n  files (relative to each mirror base):")
+    for f in info.files():
+        size = f"{f.size:,} bytes" if f.size is not None else "size not published"
+        print(f"    {f.path}  {size}")
+        print(f"      md5:    {f.md5 or 'not published'}")
+        if f.sha256:
+            print(f"      sha256: {f.sha256}")
+    if info.name == "kkanji":
+        from . import kkanji
+
+        print("\n  verification: " + kkanji.VERIFICATION_NOTE)
+    print(f"\n  mirrors tried, in order: {', '.join(mirrors())}")
+    print(f"  licence: {catalog.LICENSE}; attribution: {catalog.ATTRIBUTION}")
+    print(f"  cite: {catalog.CITATION}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download and verify every split of each named dataset."""
+    root = Path(args.root) if args.root else default_root()
+    status = 0
+    for name in _names(args.names):
+        info = catalog.get(name)
+        try:
+            if info.name == "kkanji":
+                ds = _dataset_class(name)(root, split="all", download=True, verify=args.verify)
+                print(f"{name}: {len(ds):,} images in {root / info.folder}")
+                continue
+            fmts = info.formats if args.format == "all" else [args.format or info.formats[0]]
+            for fmt in fmts:
+                if fmt not in info.formats:
+                    raise ValueError(f"{name} has no {fmt!r} format; it has {info.formats}")
+                for split in info.splits:
+                    kw = {"format": fmt} if len(info.formats) > 1 else {}
+                    ds = _dataset_class(name)(root, train=split == "train", download=True,
+                                              verify=args.verify, **kw)  # fmt: skip
+                    print(f"{name} {split} ({fmt}): {len(ds):,} images, verified, in "
+                          f"{ds.raw_folder}")  # fmt: skip
+        except (DataFilesError, FormatError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every file present under the root against the catalog and decode each split."""
+    root = Path(args.root) if args.root else default_root()
+    status = 0
+    for name in _names(args.names):
+        info = catalog.get(name)
+        if info.name == "kkanji":
+            folder = root / info.folder
+            if not folder.exists():
+                print(f"{name}: not downloaded ({folder})")
+                continue
+            try:
+                ds = _dataset_class(name)(root, split="all")
+                print(f"{name}: OK, {len(ds):,} images in {len(ds.classes):,} classes")
+            except (DataFilesError, FormatError, ValueError, OSError) as exc:
+                print(f"{name}: BAD: {exc}")
+                status = 1
+            continue
+        folder = root / info.folder / "raw"
+        record = VerifiedRecord(folder)
+        found = False
+        for split, formats in info.splits.items():
+            for fmt, pair in formats.items():
+                targets = [target_for(f, folder) for f in pair]
+                present = [t for t in targets if t.dest.exists()]
+                found = found or bool(present)
+                problems = [check(t, True, record) for t in present]
+                for t, problem in zip(present, problems):
+                    print(f"{name} {t.dest.name}: {'OK' if problem is None else 'BAD: ' + problem}")
+                if any(problems):
+                    status = 1
+                elif len(present) == len(targets):  # a whole split: decode it too
+                    kw = {"format": fmt} if len(info.formats) > 1 else {}
+                    try:
+                        ds = _dataset_class(name)(root, train=split == "train", **kw)
+                        print(f"{name} {split} ({fmt}): decodes, {len(ds):,} images")
+                    except (DataFilesError, FormatError) as exc:
+                        print(f"{name} {split} ({fmt}): BAD: {exc}")
+                        status = 1
+        if not found:
+            print(f"{name}: not downloaded ({folder})")
+    return status
+
+
+# Fonts that have the kana and kanji glyphs, in the places Debian, Ubuntu, Fedora, macOS and
+# Windows put them; $KMNIST_TORCH_FONT wins.
+FONT_CANDIDATES = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf",
+    "/usr/share/fonts/truetype/fonts-japanese-gothic.ttf",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/System/Library/Fonts/Hiragino Sans GB.ttc",
+    "/System/Library/Fonts/ヒラギノ角ゴシック W3.ttc",
+    "C:/Windows/Fonts/msgothic.ttc",
+    "C:/Windows/Fonts/YuGothR.ttc",
+)
+
+
+def find_cjk_font(size: int):
+    """A PIL font that can draw kana and kanji, or None where the machine has none."""
+    from PIL import ImageFont
+
+    paths = [os.environ.get("KMNIST_TORCH_FONT", "")] + list(FONT_CANDIDATES)
+    for path in paths:
+        if path and os.path.isfile(path):
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+    return None
+
+
+def montage(dataset, out: Path, per_class: int = 10, max_classes: int = 49, cell: int = 32):
+    """Draw ``per_class`` examples of each class in a row, labelled with its character (or
+    its codepoint where no font has the glyph). Returns whether a CJK font was used."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    n_classes = min(len(dataset.classes), max_classes)
+    label_w = cell * 2
+    font = find_cjk_font(int(cell * 0.8))
+    img = Image.new("L", (label_w + per_class * cell, n_classes * cell), 255)
+    draw = ImageDraw.Draw(img)
+    targets = torch.as_tensor(dataset.targets)
+    for c in range(n_classes):
+        idx = (targets == c).nonzero().flatten()[:per_class].tolist()
+        for j, i in enumerate(idx):
+            tile = Image.fromarray(dataset.data[i].numpy(), mode="L").resize((cell, cell))
+            img.paste(tile, (label_w + j * cell, c * cell))
+        if font is not None:
+            draw.text((4, c * cell), dataset.classes[c], fill=0, font=font)
+        else:
+            draw.text((2, c * cell + cell // 3), dataset.codepoints[c], fill=0,
+                      font=ImageFont.load_default())  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return font is not None
+
+
+def cmd_montage(args: argparse.Namespace) -> int:
+    """Save a grid of examples per class, labelled with the character."""
+    root = Path(args.root) if args.root else default_root()
+    cls = _dataset_class(args.name)
+    try:
+        if catalog.get(args.name).name == "kkanji":
+            ds = cls(root, split="all", download=args.download)
+        else:
+            ds = None
+            for train in (True, False):  # whichever split is there
+                try:
+                    ds = cls(root, train=train, download=args.download and not train)
+                    break
+                except DataFilesError:
+                    if not train:
+                        raise
+    except (DataFilesError, FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    used_font = montage(ds, Path(args.out), args.per_class, args.max_classes)
+    note = (
+        ""
+        if used_font
+        else " (no CJK font found: labelled with codepoints; set $KMNIST_TORCH_FONT)"
+    )
+    print(f"wrote {args.out}{note}")
+    return 0
+
+
+def cmd_kkanji_split(args: argparse.Namespace) -> int:
+    """Write the KKanji split's file names as JSON, so a split can be published and reused."""
+    from .kkanji import write_split
+
+    with warnings.catch_warnings():
+        if not args.verify:
+            warnings.simplefilter("ignore")
+        split = write_split(args.out, root=args.root, test_fraction=args.test_fraction,
+                            seed=args.seed, min_per_class=args.min_per_class, shots=args.shots,
+                            download=args.download, verify=args.verify)  # fmt: skip
+    n_train, n_test = len(split["train"]), len(split["test"])
+    print(f"wrote {args.out}: {n_train:,} train / {n_test:,} test file names")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m kmnist_torch``."""
+    p = argparse.ArgumentParser(prog="python -m kmnist_torch", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("available", help="list the datasets").set_defaults(func=cmd_available)
+    s = sub.add_parser("info", help="counts, classes, files, licence of a dataset")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_info)
+    s = sub.add_parser("download", help="download and verify datasets")
+    s.add_argument("names", nargs="+")
+    s.add_argument("--root")
+    s.add_argument("--format", choices=["mnist", "npz", "all"], default=None,
+                   help="KMNIST file format (default mnist; K49 has only npz)")  # fmt: skip
+    s.add_argument("--no-verify", dest="verify", action="store_false")
+    s.set_defaults(func=cmd_download)
+    s = sub.add_parser("verify", help="check downloaded files against the catalog")
+    s.add_argument("names", nargs="*")
+    s.add_argument("--root")
+    s.set_defaults(func=cmd_verify)
+    s = sub.add_parser("montage", help="save a grid of examples per class as PNG")
+    s.add_argument("name")
+    s.add_argument("--out", required=True)
+    s.add_argument("--root")
+    s.add_argument("--per-class", type=int, default=10)
+    s.add_argument("--max-classes", type=int, default=49)
+    s.add_argument("--download", action="store_true")
+    s.set_defaults(func=cmd_montage)
+    s = sub.add_parser("kkanji-split", help="write the KKanji train/test split as JSON")
+    s.add_argument("--out", required=True)
+    s.add_argument("--root")
+    s.add_argument("--test-fraction", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-per-class", type=int, default=1)
+    s.add_argument("--shots", type=int, default=None)
+    s.add_argument("--download", action="store_true")
+    s.add_argument("--no-verify", dest="verify", action="store_false")
+    s.set_defaults(func=cmd_kkanji_split)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGPIPE"):  # `python -m kmnist_torch info k49 | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        return args.func(args)
+    except KeyError as exc:  # unknown dataset name
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

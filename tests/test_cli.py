@@ -1,0 +1,85 @@
+"""The command line: available, info, download, verify, montage."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import mirror_env
+from PIL import Image
+
+from kmnist_torch import catalog
+from kmnist_torch.cli import main
+
+
+def test_available_lists_every_catalog_dataset(capsys):
+    assert main(["available"]) == 0
+    out = capsys.readouterr().out
+    for info in catalog.DATASETS.values():
+        assert info.name in out and info.title in out
+    assert "270,912" in out
+
+
+def test_info_k49_shows_classes_counts_files_licence(capsys):
+    assert main(["info", "k49"]) == 0
+    out = capsys.readouterr().out
+    assert "U+309D    ゝ    iteration mark" in out
+    assert "U+3090    ゐ    wi" in out
+    assert "392" in out and "64" in out  # the rarest class, train and test
+    assert "7ac088b20481cf51dcd01ceaab89d821" in out
+    assert "CC BY-SA 4.0" in out and "doi:10.20676/00000341" in out
+
+
+def test_unknown_dataset_is_a_clear_error(capsys):
+    assert main(["info", "emnist"]) == 2
+    assert "unknown dataset 'emnist'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def kmnist_mirror(http_server, fast_net, real_dir):
+    for f in (real_dir / "kmnist").iterdir():
+        if f.is_file():
+            http_server.add(f"/kmnist/{f.name}", f.read_bytes())
+    mirror_env(fast_net, http_server.url)
+    return http_server
+
+
+def test_download_reports_failure_per_split(tmp_path, kmnist_mirror, capsys):
+    # Only the test split is served: train fails with the error naming its files.
+    rc = main(["download", "kmnist", "--root", str(tmp_path), "--format", "npz"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert (
+        "kmnist-train-imgs.npz" in captured.err
+        and "a183fbc01ed9a345513b145673d3d0bb" in captured.err
+    )
+
+
+def test_verify_finds_good_and_bad_files(tmp_path, real_dir, capsys):
+    raw = tmp_path / "KMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(real_dir / "kmnist" / name, raw)
+    assert main(["verify", "kmnist", "k49", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "kmnist t10k-images-idx3-ubyte.gz: OK" in out
+    assert "kmnist test (mnist): decodes, 10,000 images" in out
+    assert "k49: not downloaded" in out
+    shutil.copy(real_dir / "kmnist" / "old_release_pre_2019-02-05" / "kmnist-test-imgs.npz", raw)
+    assert main(["verify", "kmnist", "--root", str(tmp_path)]) == 1
+    assert "kmnist-test-imgs.npz: BAD: stale" in capsys.readouterr().out
+
+
+def test_montage_draws_one_row_per_class(tmp_path, real_dir, capsys):
+    raw = tmp_path / "KMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(real_dir / "kmnist" / name, raw)
+    out = tmp_path / "m.png"
+    assert main(["montage", "kmnist", "--root", str(tmp_path), "--out", str(out),
+                 "--per-class", "5"]) == 0  # fmt: skip
+    img = Image.open(out)
+    assert img.size == (64 + 5 * 32, 10 * 32)
+    # Tiles hold real strokes: the grid is not blank.
+    assert img.crop((64, 0, img.size[0], img.size[1])).getextrema()[0] < 50
+    assert "wrote" in capsys.readouterr().out
