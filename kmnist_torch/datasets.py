@@ -38,17 +38,22 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/kmnist_torch").expanduser()
 
 
+NO_SOURCE = (
+    "no download source: $KMNIST_TORCH_OFFICIAL=0 and $KMNIST_TORCH_MIRRORS is empty; set "
+    "$KMNIST_TORCH_MIRRORS to a mirror or place the files by hand"
+)
+
+
 def mirrors() -> list[str]:
     """Base URLs to try, in order: ``$KMNIST_TORCH_MIRRORS`` (commas or spaces), then the
     official host (left out when ``$KMNIST_TORCH_OFFICIAL=0``, for sites that must not reach
-    it). Each base has the official layout (``<base>/kmnist/<file>``...)."""
+    it). Each base has the official layout (``<base>/kmnist/<file>``...).
+
+    Empty when neither is set: files placed by hand still load; only a download then fails,
+    with :data:`NO_SOURCE`."""
     bases = [b for b in re.split(r"[,\s]+", os.environ.get("KMNIST_TORCH_MIRRORS", "")) if b]
     if os.environ.get("KMNIST_TORCH_OFFICIAL", "1").strip().lower() not in ("0", "no", "false"):
         bases.append(catalog.OFFICIAL_BASE)
-    if not bases:
-        raise DataFilesError(
-            "no download source: $KMNIST_TORCH_OFFICIAL=0 and $KMNIST_TORCH_MIRRORS is empty"
-        )
     out: list[str] = []
     for b in bases:
         b = b if b.endswith("/") else b + "/"
@@ -103,6 +108,11 @@ def ensure_files(
             "Pass download=True (or run `python -m kmnist_torch download "
             f"{name.lower()}`) to fetch them, or place the files above by hand."
         )
+        raise DataFilesError("\n".join(lines))
+    if not mirrors():
+        lines = [f"{name}: {len(bad)} file(s) to download into {folder}, but {NO_SOURCE}:"]
+        lines += [f"- {t.dest.name}: {problems.get(id(t)) or 'missing'}\n{t.describe()}"
+                  for t in bad]  # fmt: skip
         raise DataFilesError("\n".join(lines))
     from filelock import FileLock
 

@@ -282,3 +282,21 @@ def test_catalog_counts_match_the_real_label_files(real_dir, name):
         labels = np.load(real_dir / name / f"{name}-{split}-labels.npz")["arr_0"]
         assert len(labels) == info.split_sizes[split]
         assert tuple(np.bincount(labels, minlength=info.num_classes)) == info.class_counts[split]
+
+
+def test_no_download_source_still_loads_files_placed_by_hand(tmp_path, real_dir, fast_net):
+    # $KMNIST_TORCH_OFFICIAL=0 and no mirror: an offline site with the files placed by hand.
+    raw = tmp_path / "KMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(real_dir / "kmnist" / name, raw)
+    from kmnist_torch import mirrors
+
+    assert mirrors() == []
+    assert len(KMNIST(tmp_path, train=False, download=True)) == 10_000
+    with pytest.raises(DataFilesError) as exc:  # a download that is really needed says why
+        KMNIST(tmp_path, train=True, download=True)
+    msg = str(exc.value)
+    assert "no download source" in msg and "train-images-idx3-ubyte.gz" in msg
+    assert str(raw / "train-images-idx3-ubyte.gz") in msg
+    assert not list(raw.glob("train-*"))
