@@ -219,7 +219,24 @@ K49 = DatasetInfo(
     description="48 hiragana and one iteration mark, 270,912 images, imbalanced, 28x28 grayscale.",
 )  # fmt: skip
 
-DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (KMNIST, K49)}
+KKANJI = DatasetInfo(
+    name="kkanji",
+    title="Kuzushiji-Kanji",
+    folder="KKanji",
+    image_shape=(64, 64),
+    num_classes=3832,
+    splits={},  # one tar and no official split: kmnist_torch.kkanji makes a reproducible one
+    split_sizes={"all": 140424},
+    classmap=None,
+    classes=(),  # 3,832 kanji named by the folders of the tar (kkanji2/U+XXXX/)
+    description=(
+        "3,832 kanji, 140,424 images, 1,768 to 1 per class (815 with one), 64x64 grayscale "
+        "PNGs in one tar (about 310 MB) with no published checksum and no official split."
+    ),
+    archive=RemoteFile("kkanji/kkanji.tar", None, None),
+)
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (KMNIST, K49, KKANJI)}
 
 
 def get(name: str) -> DatasetInfo:

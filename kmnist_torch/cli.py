@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import catalog
-from .datasets import DataFilesError, default_root, mirrors, target_for
+from .datasets import NO_SOURCE, DataFilesError, default_root, mirrors, target_for
 from .fetch import VerifiedRecord, check
 from .formats import FormatError
 
@@ -69,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         from . import kkanji
 
         print("\n  verification: " + kkanji.VERIFICATION_NOTE)
-    print(f"\n  mirrors tried, in order: {', '.join(mirrors())}")
+    print(f"\n  mirrors tried, in order: {', '.join(mirrors()) or '(none: ' + NO_SOURCE + ')'}")
     print(f"  licence: {catalog.LICENSE}; attribution: {catalog.ATTRIBUTION}")
     print(f"  cite: {catalog.CITATION}")
     return 0
@@ -240,9 +240,14 @@ def cmd_kkanji_split(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         if not args.verify:
             warnings.simplefilter("ignore")
-        split = write_split(args.out, root=args.root, test_fraction=args.test_fraction,
-                            seed=args.seed, min_per_class=args.min_per_class, shots=args.shots,
-                            download=args.download, verify=args.verify)  # fmt: skip
+        try:
+            split = write_split(args.out, root=args.root, test_fraction=args.test_fraction,
+                                seed=args.seed, min_per_class=args.min_per_class,
+                                shots=args.shots, download=args.download,
+                                verify=args.verify)  # fmt: skip
+        except (DataFilesError, FormatError, ValueError, TypeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     n_train, n_test = len(split["train"]), len(split["test"])
     print(f"wrote {args.out}: {n_train:,} train / {n_test:,} test file names")
     return 0
