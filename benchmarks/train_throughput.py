@@ -1,0 +1,236 @@
+"""Training images/s of PreActResNet-18 (+ manifold mixup): a reference-style loop against ours,
+same model, same device, same run.
+
+- reference: a torchvision-style dataset (one PIL image per item, ``RandomCrop(28, padding=2)``
+  for the up-to-2-px translation, ``ToTensor``), a ``DataLoader``, float32 throughout;
+- ours: the split held on the device by ``TensorLoader``, translation on the device for the
+  whole batch (``kmnist_torch.augment``), bf16 autocast and channels_last on CUDA,
+  ``--compile`` optional.
+
+Both do the same optimiser step (SGD Nesterov, mixup by ``kmnist_torch.mixup``). Images: the
+real KMNIST test split from ../shared when present, else random ones. Prints a table and the
+ratio; writes JSON (--out).
+
+    python benchmarks/train_throughput.py                          # CUDA defaults
+    python benchmarks/train_throughput.py --device cpu --batch-size 32 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
+
+from kmnist_torch import TensorLoader, formats, mixup  # noqa: E402
+from kmnist_torch.augment import random_translate  # noqa: E402
+from kmnist_torch.models import create_model  # noqa: E402
+
+SHARED_KMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "kmnist"
+NUM_CLASSES = 10
+
+
+class PILDataset(Dataset):
+    """What torchvision's MNIST does per item: a PIL image of mode "L", then the transform."""
+
+    def __init__(self, data: torch.Tensor, targets: torch.Tensor, transform: Any) -> None:
+        self.data, self.targets, self.transform = data, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = Image.fromarray(self.data[i].numpy(), mode="L")
+        return self.transform(img), int(self.targets[i])
+
+
+def load_images(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(uint8 N x 28 x 28, int64 N, description): real KMNIST test images when available."""
+    path = SHARED_KMNIST / "kmnist-test-imgs.npz"
+    if path.is_file():
+        x = formats.read_npz(path, (-1, 28, 28))[:n]
+        y = formats.read_npz(SHARED_KMNIST / "kmnist-test-labels.npz", (-1,))[:n]
+        source = f"real KMNIST test images ({len(x)})"
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, NUM_CLASSES, n)
+        source = f"random images ({n}; ../shared absent)"
+    return torch.from_numpy(np.array(x)), torch.from_numpy(np.asarray(y, dtype=np.int64)), source
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _cycle(loader: Any) -> Iterator:
+    """Batches forever, a new pass (and shuffle) whenever one ends."""
+    while True:
+        yield from loader
+
+
+def measure(
+    batches: Iterator,
+    model: torch.nn.Module,
+    forward: Any,
+    device: torch.device,
+    args: argparse.Namespace,
+    fast: bool,
+) -> dict[str, float]:
+    """Run ``args.warmup`` untimed then ``args.steps`` timed training steps; images/s."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    rng = np.random.default_rng(0)
+    layers = tuple(getattr(model, "mix_layers", (0,)))
+    amp = fast and device.type == "cuda"
+    model.train()
+    t0 = 0.0
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            t0 = _sync(device)
+        x, y = next(batches)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if fast:
+            x = random_translate(x, 2, gen)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+        plan = mixup.draw(args.mixup, args.alpha, len(y), layers, rng, gen, device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits, soft = mixup.mixed_forward(forward, x, y, NUM_CLASSES, plan)
+        loss = mixup.loss_fn(logits, soft, "bce")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = _sync(device) - t0
+    return {
+        "seconds": seconds,
+        "steps": args.steps,
+        "images": args.steps * args.batch_size,
+        "images_per_second": args.steps * args.batch_size / seconds,
+        "final_loss": loss.item(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure both loops; print a table and write the JSON."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 (CUDA), 32 (CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 / 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10 / 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="reference DataLoader workers (default: min(4, CPUs))")  # fmt: skip
+    p.add_argument("--mixup", default="manifold", choices=list(mixup.MODES))
+    p.add_argument("--alpha", type=float, default=None, help="default: 2.0 manifold, 1.0 input")
+    p.add_argument("--model", default="preact18")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--images", type=int, default=10000, help="size of the training set")
+    p.add_argument("--out", default="bench-out/train_throughput.json")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (512 if cuda else 32)
+    args.steps = args.steps or (50 if cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    args.workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+    if args.alpha is None:
+        args.alpha = mixup.DEFAULT_ALPHA.get(args.mixup, 0.0)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    data, targets, source = load_images(args.images)
+
+    # Reference: per-item PIL + transforms, DataLoader, float32.
+    tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.ToTensor()])
+    ref_loader = DataLoader(
+        PILDataset(data, targets, tf),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=cuda,
+        persistent_workers=args.workers > 0,
+    )
+    torch.manual_seed(0)
+    ref_model = create_model(args.model, NUM_CLASSES, in_chans=1).to(device)
+    reference = measure(_cycle(ref_loader), ref_model, ref_model, device, args, False)
+    del ref_model, ref_loader  # free the device and the workers before our loop
+
+    # Ours: device-resident uint8 split, batch-wide augmentation on the device, bf16 +
+    # channels_last on CUDA.
+    loader = TensorLoader(
+        type("Split", (), {"data": data, "targets": targets})(),
+        args.batch_size,
+        shuffle=True,
+        device=device,
+        drop_last=True,
+        seed=0,
+    )
+    torch.manual_seed(0)
+    model = create_model(args.model, NUM_CLASSES, in_chans=1).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if args.compile else model
+    ours = measure(_cycle(loader), model, forward, device, args, True)
+
+    ratio = ours["images_per_second"] / reference["images_per_second"]
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.machine()})"
+    result = {
+        "source": source,
+        "device": str(device),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "mixup": args.mixup,
+        "alpha": args.alpha,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "reference_workers": args.workers,
+        "ours_bf16_channels_last": cuda,
+        "ours_compile": args.compile,
+        "reference": reference,
+        "ours": ours,
+        "ratio": ratio,
+    }
+    print(f"{args.model} + {args.mixup} mixup, batch {args.batch_size}, {args.steps} timed steps "
+          f"after {args.warmup}, on {name}; {source}")  # fmt: skip
+    print(f"| {'loop':<80} | {'images/s':>9} |")
+    print(f"| {'-' * 80} | {'-' * 8}: |")
+    ref_name = f"reference: PIL + RandomCrop + ToTensor, DataLoader({args.workers} workers), fp32"
+    ours_name = "ours: TensorLoader + device translate" + (
+        ", bf16, channels_last" if cuda else ", fp32 (bf16/channels_last: CUDA only)"
+    ) + (", compile" if args.compile else "")  # fmt: skip
+    for label, res in ((ref_name, reference), (ours_name, ours)):
+        print(f"| {label:<80} | {res['images_per_second']:>9,.1f} |")
+    print(f"ratio ours / reference: {ratio:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The upstream 4-nearest-neighbour baseline, exactly, on the GPU when there is one.
+
+Upstream scores scikit-learn's ``KNeighborsClassifier(n_neighbors=4, weights="distance")`` on the
+raw flattened uint8 pixels. :func:`knn_predict` gives the same predictions: the same exact
+Euclidean distances, the same neighbours, the same weights and the same vote, batched over the
+test images so memory stays bounded.
+
+How the distances stay exact in float32: pixels shifted to ``[-128, 127]`` leave every
+difference (so every distance) unchanged, and the dot product of two such rows is an integer of
+magnitude at most ``128 * 128 * 1024 = 2**24`` for up to 1024 features, as is every partial sum
+of it in any summation order, and float32 holds every integer up to ``2**24`` exactly. Wider
+images are cut into 1024-feature blocks whose products are summed as integers. Values in
+``[-128, 127]`` are also exact in TF32 and bfloat16 and those modes accumulate in float32, so a
+global TF32 setting cannot change the result either.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+WEIGHTS = ("distance", "uniform")
+
+# Largest feature block whose shifted-integer dot products are exact in float32: each product
+# is at most 128 * 128 in magnitude, so every partial sum over 1024 features stays within 2**24.
+EXACT_BLOCK = 1024
+
+# Elements of one (test batch x train) matrix when ``batch_size`` is not given: a float32 and
+# an int32 one live at once, 64 MiB each on a CPU (larger batches make the matrix product more
+# efficient there) and 512 MiB each on a GPU.
+_AUTO_ELEMENTS = {"cuda": 2**27, "cpu": 2**24}
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def knn_predict(
+    train_images: ArrayLike,
+    train_labels: ArrayLike,
+    test_images: ArrayLike,
+    k: int = 4,
+    weights: str = "distance",
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Predict the class of each test image by its ``k`` nearest training images.
+
+    Equals scikit-learn's ``KNeighborsClassifier(n_neighbors=k, weights=weights).fit(train,
+    labels).predict(test)`` on the flattened images (brute force, Euclidean):
+
+    - distances are exact for images of integers in ``[0, 255]`` (any dtype); other inputs use
+      float64 as scikit-learn does, so they agree up to float64 rounding;
+    - among training images tied at the k-th distance the lower indices are the neighbours, as
+      scikit-learn's pairwise-distance reduction (``ArgKmin``) chooses. scikit-learn sends
+      integer arrays down an older path instead, whose ``np.argpartition`` picks among such ties
+      in an order that depends on the NumPy build; away from such ties the two agree exactly;
+    - ``weights="distance"`` weighs a neighbour by ``1 / distance``; where a test image is at
+      distance 0 from some neighbours, those weigh 1 and the others 0, as in scikit-learn;
+    - equal votes go to the smallest label.
+
+    ``train_images`` and ``test_images`` are N x ... arrays or tensors (flattened per image),
+    ``train_labels`` N integers. ``batch_size`` test images are scored at a time (default: as
+    many as keep one distance matrix near 64 MiB on a CPU, 512 MiB on a GPU). ``device`` defaults
+    to CUDA when available. Returns a CPU int64 tensor of labels, one per test image.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    classes, encoded = _labels(train_labels, _num_rows(train_images))
+    neigh_dist, neigh_ind = kneighbors(train_images, test_images, k, batch_size, device)
+    neigh_labels = encoded[neigh_ind]
+    votes = _votes(neigh_dist, neigh_labels, len(classes), weights)
+    # argmax returns the first of equal maxima: the smallest label, as scikit-learn.
+    return classes[votes.argmax(dim=1)]
+
+
+def kneighbors(
+    train_images: ArrayLike,
+    test_images: ArrayLike,
+    k: int = 4,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest training images of each test image: ``(distances, indices)``, both
+    test x k CPU tensors (float64 Euclidean distances, int64 indices), sorted by distance and
+    then index. The same neighbours and distances as scikit-learn's ``kneighbors`` (see
+    :func:`knn_predict` on ties), whose order among equal distances is unspecified."""
+    dev = torch.device(device) if device is not None else default_device()
+    train = _as_matrix(train_images, "train_images")
+    test = _as_matrix(test_images, "test_images")
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(
+            f"train images have {train.shape[1]} features but test images have {test.shape[1]}"
+        )
+    n_train = train.shape[0]
+    if n_train == 0:
+        raise ValueError("train_images is empty")
+    if not 1 <= k <= n_train:
+        raise ValueError(f"k must be between 1 and the {n_train} training images, got {k}")
+    if batch_size is None:
+        budget = _AUTO_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"]
+        batch_size = max(1, budget // n_train)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+    exact = _is_byte_valued(train) and _is_byte_valued(test)
+    # Integer ranks: |t.t| and 2|q.t| are each at most 128 * 128 * D, so int32 holds the rank
+    # keys below up to D = 43,690 features; wider images use int64.
+    int_dtype = torch.int32 if 3 * 128 * 128 * train.shape[1] < 2**31 else torch.int64
+    train_blocks, train_sq = _prepare(train, exact, dev, int_dtype)
+    dists, inds = [], []
+    for lo in range(0, test.shape[0], batch_size):
+        query_blocks, query_sq = _prepare(test[lo : lo + batch_size], exact, dev, int_dtype)
+        dot = None
+        for q, t in zip(query_blocks, train_blocks):
+            part = q @ t.T
+            # On the byte path each block's products are exact integers in float32; they are
+            # summed, and ranked, as integers so nothing rounds.
+            part = part.to(int_dtype) if exact else part
+            dot = part if dot is None else dot.add_(part)
+        # Rank by ||t||^2 - 2 q.t: ||q||^2 is the same along a row, so it is added only to the
+        # k distances kept.
+        key = dot.mul_(-2).add_(train_sq)
+        key, i = _smallest(key, k)
+        sq = key.to(torch.float64).add_(query_sq[:, None].to(torch.float64))
+        # Clamped at 0 as scikit-learn does (the float path can round slightly below). NumPy's
+        # square root is correctly rounded; torch's vectorised CPU one can be an ulp off, which
+        # would make the weights differ from scikit-learn's in the last bit.
+        dists.append(torch.from_numpy(np.sqrt(sq.clamp_(min=0.0).cpu().numpy())))
+        inds.append(i.cpu())
+    if not dists:
+        return torch.empty(0, k, dtype=torch.float64), torch.empty(0, k, dtype=torch.int64)
+    return torch.cat(dists), torch.cat(inds)
+
+
+def _num_rows(x: ArrayLike) -> int:
+    return int(x.shape[0]) if x.ndim else 0
+
+
+def _as_matrix(x: ArrayLike, name: str) -> torch.Tensor:
+    """N x D tensor view of N images of any shape (on the CPU or wherever it already is)."""
+    t = torch.as_tensor(x)
+    if t.ndim < 1:
+        raise ValueError(f"{name} must be N images, got a scalar")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got {t.dtype}")
+    t = t.reshape(t.shape[0], int(np.prod(t.shape[1:])))
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinity")
+    return t
+
+
+def _is_byte_valued(t: torch.Tensor) -> bool:
+    """Whether every value is an integer in [0, 255], so the exact float32 path applies."""
+    if t.dtype == torch.uint8:
+        return True
+    if t.numel() == 0:
+        return True
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        return False
+    return bool(t.min() >= 0) and bool(t.max() <= 255)
+
+
+def _prepare(
+    x: torch.Tensor, exact: bool, device: torch.device, int_dtype: torch.dtype
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Rows on ``device`` ready for the dot products (feature blocks) and their squared norms:
+    integers of ``int_dtype`` on the byte path, float64 otherwise."""
+    if exact:
+        # Shift to [-128, 127] (distances unchanged) so each block's dot products fit float32.
+        shifted = x.to(device).to(torch.float32).sub_(128.0)
+        blocks = [
+            shifted[:, s : s + EXACT_BLOCK].contiguous()
+            for s in range(0, shifted.shape[1], EXACT_BLOCK)
+        ]
+        # Each block's row sum of squares is within 2**24 too, so exact in float32.
+        sq = sum(b.square().sum(dim=1).to(int_dtype) for b in blocks)
+        return blocks, sq
+    x64 = x.to(device).to(torch.float64)
+    return [x64], x64.square().sum(dim=1)
+
+
+def _smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the ``k`` smallest values and their column indices, sorted by value then index;
+    among values tied at the k-th place the lowest indices win (scikit-learn's ArgKmin)."""
+    n = key.shape[1]
+    values, index = torch.topk(key, min(k + 1, n), dim=1, largest=False, sorted=True)
+    if k < n:
+        # topk's choice among equal values is unspecified. A row needs care only when its
+        # (k+1)-th smallest equals its k-th: redo those, keeping every smaller value and the
+        # first ties by index.
+        crowded = values[:, k] == values[:, k - 1]
+        values, index = values[:, :k], index[:, :k].contiguous()
+        if bool(crowded.any()):
+            rows = crowded.nonzero().squeeze(1)
+            sub, kth = key[rows], values[rows, k - 1 :]
+            below = sub < kth
+            tied = sub == kth
+            room = k - below.sum(dim=1, keepdim=True)
+            keep = below | (tied & (tied.cumsum(dim=1) <= room))
+            # nonzero lists each row's kept columns in ascending order, exactly k per row.
+            index[rows] = keep.nonzero()[:, 1].view(len(rows), k)
+    # Order by (value, index): sort by index, then a stable sort by value.
+    index = index.sort(dim=1).values
+    values, order = key.gather(1, index).sort(dim=1, stable=True)
+    return values, index.gather(1, order)
+
+
+def _labels(labels: ArrayLike, n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted distinct labels (int64, CPU) and each training label's index among them."""
+    y = torch.as_tensor(labels).reshape(-1).cpu()
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"train_labels must be integers, got {y.dtype}")
+    if len(y) != n_train:
+        raise ValueError(f"{n_train} training images but {len(y)} labels")
+    classes, encoded = torch.unique(y.long(), sorted=True, return_inverse=True)
+    return classes, encoded
+
+
+def _votes(
+    dist: torch.Tensor, labels: torch.Tensor, num_classes: int, weights: str
+) -> torch.Tensor:
+    """Per test image, the summed weight of each class among its neighbours (float64).
+
+    Done in NumPy with scikit-learn's own operations (test x k values, so cheap), so equal
+    totals stay equal and the tie rule decides as it does there."""
+    d = dist.numpy()
+    if weights == "uniform":
+        w = np.ones_like(d)
+    else:
+        with np.errstate(divide="ignore"):
+            w = 1.0 / d
+        # A neighbour at distance 0 would weigh infinity: scikit-learn then gives the
+        # zero-distance neighbours weight 1 and the others 0, and so do we.
+        inf = np.isinf(w)
+        inf_rows = inf.any(axis=1)
+        w[inf_rows] = inf[inf_rows]
+    lab = labels.numpy()
+    votes = np.zeros((d.shape[0], num_classes), dtype=np.float64)
+    # Each class's total is summed as scikit-learn's weighted_mode sums it (the row with zeros
+    # at the other classes' places, through np.sum), so totals match it to the last bit.
+    for c in np.unique(lab):
+        votes[:, c] = np.where(lab == c, w, 0.0).sum(axis=1)
+    return torch.from_numpy(votes)
