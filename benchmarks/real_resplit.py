@@ -9,6 +9,7 @@ does on real Kuzushiji images, measured, on the machine it runs on.
     python benchmarks/real_resplit.py --rows knn cnn --out bench-out/real-resplit
     python benchmarks/real_resplit.py --rows preact18-manifold --recipe fast --out DIR  # a GPU
     python benchmarks/real_resplit.py --write-only --root DIR     # just write the data root
+    python benchmarks/real_resplit.py --root DIR --rows knn ...   # use a root written before
 
 Any other option is passed on to benchmarks/reproduce.py (``--epochs``, ``--device``, ...).
 """
@@ -62,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None if args.root else tempfile.mkdtemp(prefix="kmnist-resplit-")
     root = Path(args.root or tmp)
     try:
-        sizes = write_root(root, seed=args.split_seed)
-        print(f"wrote {root / 'KMNIST' / 'raw'}: real KMNIST test images re-split "
-              f"{sizes['train']:,} train / {sizes['test']:,} test")  # fmt: skip
+        raw = root / "KMNIST" / "raw"
+        if args.root and not args.write_only and (raw / "train-images-idx3-ubyte.gz").is_file():
+            # Written before (e.g. here, then carried to a GPU machine that has no ../shared).
+            print(f"using the re-split already in {raw}")
+        else:
+            sizes = write_root(root, seed=args.split_seed)
+            print(f"wrote {raw}: real KMNIST test images re-split "
+                  f"{sizes['train']:,} train / {sizes['test']:,} test")  # fmt: skip
         if args.write_only:
             return 0
         import reproduce
