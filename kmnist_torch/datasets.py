@@ -147,7 +147,28 @@ def _writable(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.writeable else arr.copy()
 
 
-class _ArrayDataset(VisionDataset):
+class ImageDataset(VisionDataset):
+    """What every dataset of the package shares: uint8 ``data`` (N x H x W) and int64
+    ``targets`` tensors, served one item at a time as torchvision serves them."""
+
+    data: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """``(PIL image of mode "L", int class)`` after the transforms, as torchvision does."""
+        img = Image.fromarray(self.data[index].numpy(), mode="L")
+        target = int(self.targets[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
+class _ArrayDataset(ImageDataset):
     """Shared base of the datasets published as whole arrays (KMNIST, K49): a subclass only
     names its catalog entry."""
 
@@ -225,19 +246,6 @@ class _ArrayDataset(VisionDataset):
                 f"found {len(images)}."
             )
         return images, labels
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        """``(PIL image of mode "L", int class)`` after the transforms, as torchvision does."""
-        img = Image.fromarray(self.data[index].numpy(), mode="L")
-        target = int(self.targets[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
 
     def extra_repr(self) -> str:
         counts = torch.bincount(self.targets, minlength=self.info.num_classes)

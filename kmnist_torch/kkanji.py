@@ -38,10 +38,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets import VisionDataset
 
 from . import catalog
-from .datasets import NO_SOURCE, DataFilesError, default_root, mirrors
+from .datasets import NO_SOURCE, DataFilesError, ImageDataset, default_root, mirrors
 from .fetch import DownloadError, Target, download, hash_file
 from .formats import FormatError
 
@@ -776,7 +775,7 @@ def _split(
 # --------------------------------------------------------------------------- the dataset
 
 
-class KKanji(VisionDataset):
+class KKanji(ImageDataset):
     """Kuzushiji-Kanji: 3,832 kanji classes, 140,424 images of 64x64 grayscale, imbalanced
     (1,768 to 1 images per class), with a deterministic stratified train/test split.
 
@@ -846,19 +845,6 @@ class KKanji(VisionDataset):
             "train": [paths[i] for i in self._parts.train],
             "test": [paths[i] for i in self._parts.test],
         }
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        """``(PIL image of mode "L", int class)`` after the transforms, as torchvision does."""
-        img = Image.fromarray(self.data[index].numpy())
-        target = int(self.targets[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
 
     def extra_repr(self) -> str:
         counts = torch.bincount(self.targets, minlength=len(self.classes))
