@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info.name == "kkanji":
         from . import kkanji
 
-        print("\n  verification: " + kkanji.VERIFICATION_NOTE)
+        note = textwrap.fill("verification: " + kkanji.VERIFICATION_NOTE, width=96,
+                             initial_indent="  ", subsequent_indent="    ")  # fmt: skip
+        print("\n" + note)
     print(f"\n  mirrors tried, in order: {', '.join(mirrors()) or '(none: ' + NO_SOURCE + ')'}")
     print(f"  licence: {catalog.LICENSE}; attribution: {catalog.ATTRIBUTION}")
     print(f"  cite: {catalog.CITATION}")
