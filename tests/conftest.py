@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
 
@@ -100,6 +101,16 @@ class Server:
         self.stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@pytest.fixture
+def one_thread():
+    """The machine is shared: keep a training test on one core (``pytestmark`` of the model,
+    mixup and trainer tests, and the KKanji trainer test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

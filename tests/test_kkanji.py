@@ -611,19 +611,14 @@ def test_cli_kkanji_split_without_data_is_an_error_not_a_traceback(tmp_path, fas
     assert "no download source" in capsys.readouterr().err
 
 
-def test_trainer_runs_on_real_kkanji_images(top100_files, tmp_path):
+def test_trainer_runs_on_real_kkanji_images(top100_files, tmp_path, one_thread):
     from kmnist_torch import train
 
     _write_tree(tmp_path / "KKanji", _subset_of(top100_files, 4, 30))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = train.main(["--dataset", "kkanji", "--root", str(tmp_path), "--no-download",
-                          "--no-verify", "--out", str(tmp_path / "run"), "--device", "cpu",
-                          "--no-progress", "--recipe", "cnn", "--epochs", "1",
-                          "--batch-size", "16", "--shots", "10", "--split-seed", "1"])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    res = train.main(["--dataset", "kkanji", "--root", str(tmp_path), "--no-download",
+                      "--no-verify", "--out", str(tmp_path / "run"), "--device", "cpu",
+                      "--no-progress", "--recipe", "cnn", "--epochs", "1",
+                      "--batch-size", "16", "--shots", "10", "--split-seed", "1"])  # fmt: skip
     ds = KKanji(tmp_path, split="test", seed=1, shots=10, verify=False)
     assert res["image_size"] == 64 and res["num_classes"] == 4
     assert res["num_test"] == len(ds) == 4 * 6

@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from kmnist_torch import mixup
 from kmnist_torch.models import create_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: keep each test on one core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _capture(module: torch.nn.Module, store: dict, key: str, pre: bool) -> None:

@@ -10,14 +10,7 @@ from torch import nn
 from kmnist_torch import mixup
 from kmnist_torch.models import PreActResNet, SimpleCNN, create_model, list_models
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: keep each test on one core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def test_registry_lists_and_builds_by_name():

@@ -24,13 +24,7 @@ from kmnist_torch.metrics import accuracy, balanced_accuracy
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: keep each test on one core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 # ------------------------------------------------------------------------------------ metrics
