@@ -28,6 +28,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -226,29 +227,23 @@ def render_table(cells: list[dict[str, Any]], tolerance: float | None = None) ->
 
 
 def load_arrays(
-    dataset: str, root: Path | None, train: bool, download: bool, verify: bool
+    dataset: str, args: argparse.Namespace, train: bool, limit: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 N x H x W images, int64 labels) of one split, through the package's classes."""
-    from kmnist_torch import K49, KMNIST, default_root
+    """(uint8 N x H x W images, int64 labels) of one split, cut to ``limit``: the trainer's own
+    loader (``kmnist_torch.train.load_split``), so both kinds of row read the same data."""
+    from kmnist_torch.train import load_split
 
-    root = Path(root).expanduser() if root is not None else default_root()
+    opts = SimpleNamespace(
+        dataset=dataset, root=args.root, download=args.download, verify=args.verify,
+        limit_train=limit, limit_test=limit,
+        # The KKanji class's default split, as the trained rows use.
+        test_fraction=None, min_per_class=None, shots=None, split_seed=None,
+    )  # fmt: skip
     with warnings.catch_warnings():
         # --no-verify is the caller's explicit choice; one warning per split is noise here.
         warnings.filterwarnings("ignore", message=".*verify=False")
-        if dataset == "mnist":
-            from torchvision.datasets import MNIST
-
-            ds = MNIST(str(root), train=train, download=download)
-        elif dataset in ("kmnist", "k49"):
-            cls = KMNIST if dataset == "kmnist" else K49
-            ds = cls(root, train=train, download=download, verify=verify)
-        elif dataset == "kkanji":
-            from kmnist_torch.kkanji import KKanji
-
-            ds = KKanji(root, split="train" if train else "test", download=download, verify=verify)
-        else:
-            raise ValueError(f"unknown dataset {dataset!r}")
-    return torch.as_tensor(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64)
+        split = load_split(opts, train)
+    return split.data, split.targets
 
 
 def run_knn(cell: dict[str, Any], args: argparse.Namespace) -> None:
@@ -256,15 +251,10 @@ def run_knn(cell: dict[str, Any], args: argparse.Namespace) -> None:
     from kmnist_torch.baselines import default_device, knn_predict
     from kmnist_torch.metrics import accuracy, balanced_accuracy
 
-    download = args.download
-    x_train, y_train = load_arrays(cell["dataset"], args.root, True, download, args.verify)
-    x_test, y_test = load_arrays(cell["dataset"], args.root, False, download, args.verify)
     limit_train = args.limit_train or (QUICK_KNN["limit_train"] if args.quick else None)
     limit_test = args.limit_test or (QUICK_KNN["limit_test"] if args.quick else None)
-    if limit_train:
-        x_train, y_train = x_train[:limit_train], y_train[:limit_train]
-    if limit_test:
-        x_test, y_test = x_test[:limit_test], y_test[:limit_test]
+    x_train, y_train = load_arrays(cell["dataset"], args, True, limit_train)
+    x_test, y_test = load_arrays(cell["dataset"], args, False, limit_test)
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
