@@ -99,20 +99,20 @@ def ensure_files(
         return
     if download_missing:
         bad += [t for t in extras if check(t, verify, record)]
-    if not download_missing:
-        lines = [f"{name}: {len(bad)} file(s) not usable in {folder}:"]
-        for t in bad:
-            lines.append(f"- {t.dest.name}: {problems[id(t)]}")
+    if not download_missing or not mirrors():
+        # One error naming every file: what is wrong, where it comes from, where to put it.
+        if download_missing:
+            lines = [f"{name}: {len(bad)} file(s) to download into {folder}, but {NO_SOURCE}:"]
+        else:
+            lines = [f"{name}: {len(bad)} file(s) not usable in {folder}:"]
+        for t in bad:  # extras (the class map) were not checked above: they are missing or bad
+            lines.append(f"- {t.dest.name}: {problems.get(id(t)) or 'missing or not usable'}")
             lines.append(t.describe())
-        lines.append(
-            "Pass download=True (or run `python -m kmnist_torch download "
-            f"{name.lower()}`) to fetch them, or place the files above by hand."
-        )
-        raise DataFilesError("\n".join(lines))
-    if not mirrors():
-        lines = [f"{name}: {len(bad)} file(s) to download into {folder}, but {NO_SOURCE}:"]
-        lines += [f"- {t.dest.name}: {problems.get(id(t)) or 'missing'}\n{t.describe()}"
-                  for t in bad]  # fmt: skip
+        if not download_missing:
+            lines.append(
+                "Pass download=True (or run `python -m kmnist_torch download "
+                f"{name.lower()}`) to fetch them, or place the files above by hand."
+            )
         raise DataFilesError("\n".join(lines))
     from filelock import FileLock
 
