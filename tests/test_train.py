@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -390,3 +391,33 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
     calls.clear()
     train.main(argv[:-8] + ["--overwrite"])
     assert calls[0][1] == {"split": "train", "download": False, "verify": False}
+
+
+def _cxx_compiler() -> str | None:
+    return next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
+
+
+@pytest.mark.skipif(_cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compile_trains_like_eager(kmnist_root, tmp_path, monkeypatch):
+    # --compile runs the same model through inductor: the eager run's numbers, up to float
+    # rounding. Inductor draws dropout from its own generator unless told to fall back.
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    compiled_models = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **kwargs):
+        compiled_models.append(type(model).__name__)
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    argv = [*SMALL, "--epochs", "1", "--limit-train", "100", "--limit-test", "50"]
+    eager = train.main(_argv(kmnist_root, tmp_path / "eager", *argv))
+    compiled = train.main(_argv(kmnist_root, tmp_path / "compiled", *argv, "--compile"))
+    assert compiled_models == ["SimpleCNN"]  # the compiled run alone, and it was compiled
+    assert compiled["config"]["compile"] and not eager["config"]["compile"]
+    (e,), (c,) = eager["epochs"], compiled["epochs"]
+    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
+    assert c["test_loss"] == pytest.approx(e["test_loss"], rel=1e-4)
+    assert c["test_accuracy"] == e["test_accuracy"]
