@@ -1,24 +1,47 @@
 """kmnist_torch: the Kuzushiji datasets (KMNIST, K49, Kuzushiji-Kanji) for PyTorch, with
-verified downloads, a device-resident fast path, a CLI and a benchmark trainer."""
+verified downloads, a device-resident fast path, a CLI and a benchmark trainer.
 
-from .datasets import K49, KMNIST, DataFilesError, default_root, mirrors
-from .fetch import DownloadError, FetchConfig
-from .formats import FormatError
-from .kkanji import KKanji
-from .loader import TensorLoader
+The names below are imported on first use, so that the torch-free parts (the catalog, the
+download layer, ``python -m kmnist_torch available``) start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "K49",
-    "KKanji",
-    "KMNIST",
-    "DataFilesError",
-    "DownloadError",
-    "FetchConfig",
-    "FormatError",
-    "TensorLoader",
-    "default_root",
-    "mirrors",
-    "__version__",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "K49": "datasets",
+    "KMNIST": "datasets",
+    "create_dataset": "datasets",
+    "list_datasets": "datasets",
+    "KKanji": "kkanji",
+    "TensorLoader": "loader",
+    "create_model": "models",
+    "list_models": "models",
+    "knn_predict": "baselines",
+    "DataFilesError": "sources",
+    "default_root": "sources",
+    "mirrors": "sources",
+    "DownloadError": "fetch",
+    "FetchConfig": "fetch",
+    "FormatError": "formats",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kmnist_torch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

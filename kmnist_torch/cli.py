@@ -12,9 +12,10 @@ import warnings
 from pathlib import Path
 
 from . import catalog
-from .datasets import NO_SOURCE, DataFilesError, default_root, mirrors, target_for
-from .fetch import VerifiedRecord, check
+from ._io import HashRecord
+from .fetch import check
 from .formats import FormatError
+from .sources import NO_SOURCE, DataFilesError, default_root, mirrors, target_for
 
 
 def _dataset_class(name: str):
@@ -124,7 +125,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 status = 1
             continue
         folder = root / info.folder / "raw"
-        record = VerifiedRecord(folder)
+        record = HashRecord(folder)
         found = False
         for split, formats in info.splits.items():
             for fmt, pair in formats.items():

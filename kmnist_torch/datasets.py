@@ -3,9 +3,7 @@ expose ``data``/``targets`` tensors, the real characters as ``classes``, and tra
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -16,131 +14,11 @@ from PIL import Image
 from torchvision.datasets import VisionDataset
 
 from . import catalog, formats
-from .catalog import DatasetInfo, RemoteFile
-from .fetch import (
-    DownloadError,
-    FetchConfig,
-    Target,
-    VerifiedRecord,
-    check,
-    download,
-    hash_file,
-)
+from ._io import HashRecord, atomic_write, hash_file
+from .catalog import DatasetInfo
+from .sources import DataFilesError, ensure_files, resolve_root, target_for
 
-
-class DataFilesError(RuntimeError):
-    """Files a dataset needs are missing, damaged, stale, or could not be downloaded."""
-
-
-def default_root() -> Path:
-    """``$KMNIST_TORCH_ROOT``, else ``~/.cache/kmnist_torch``."""
-    env = os.environ.get("KMNIST_TORCH_ROOT")
-    return Path(env).expanduser() if env else Path("~/.cache/kmnist_torch").expanduser()
-
-
-NO_SOURCE = (
-    "no download source: $KMNIST_TORCH_OFFICIAL=0 and $KMNIST_TORCH_MIRRORS is empty; set "
-    "$KMNIST_TORCH_MIRRORS to a mirror or place the files by hand"
-)
-
-
-def mirrors() -> list[str]:
-    """Base URLs to try, in order: ``$KMNIST_TORCH_MIRRORS`` (commas or spaces), then the
-    official host (left out when ``$KMNIST_TORCH_OFFICIAL=0``, for sites that must not reach
-    it). Each base has the official layout (``<base>/kmnist/<file>``...).
-
-    Empty when neither is set: files placed by hand still load; only a download then fails,
-    with :data:`NO_SOURCE`."""
-    bases = [b for b in re.split(r"[,\s]+", os.environ.get("KMNIST_TORCH_MIRRORS", "")) if b]
-    if os.environ.get("KMNIST_TORCH_OFFICIAL", "1").strip().lower() not in ("0", "no", "false"):
-        bases.append(catalog.OFFICIAL_BASE)
-    out: list[str] = []
-    for b in bases:
-        b = b if b.endswith("/") else b + "/"
-        if b not in out:
-            out.append(b)
-    return out
-
-
-def target_for(remote: RemoteFile, folder: Path) -> Target:
-    """Where an official file lives under ``folder`` and where it can be fetched from."""
-    return Target(
-        dest=folder / remote.name,
-        urls=[base + remote.path for base in mirrors()],
-        size=remote.size,
-        md5=remote.md5,
-        sha256=remote.sha256,
-        stale_md5=dict(remote.stale_md5),
-    )
-
-
-def ensure_files(
-    targets: list[Target],
-    download_missing: bool,
-    verify: bool = True,
-    name: str = "the dataset",
-    config: FetchConfig | None = None,
-    extras: list[Target] = (),
-) -> None:
-    """Make sure every target is on disk and passes its checks; download what is missing, bad
-    or stale when ``download_missing``. Raises one :class:`DataFilesError` naming every file
-    that is still not right, with its URLs, size, md5 and the path to put it at.
-
-    ``extras`` (the class map) are fetched along when something is downloaded anyway, so a
-    complete (or read-only) root is never touched for them.
-    """
-    if not targets:
-        return
-    folder = targets[0].dest.parent
-    record = VerifiedRecord(folder)
-    problems = {id(t): check(t, verify, record) for t in targets}
-    bad = [t for t in targets if problems[id(t)]]
-    if not bad:
-        return
-    if download_missing:
-        bad += [t for t in extras if check(t, verify, record)]
-    if not download_missing or not mirrors():
-        # One error naming every file: what is wrong, where it comes from, where to put it.
-        if download_missing:
-            lines = [f"{name}: {len(bad)} file(s) to download into {folder}, but {NO_SOURCE}:"]
-        else:
-            lines = [f"{name}: {len(bad)} file(s) not usable in {folder}:"]
-        for t in bad:  # extras (the class map) were not checked above: they are missing or bad
-            lines.append(f"- {t.dest.name}: {problems.get(id(t)) or 'missing or not usable'}")
-            lines.append(t.describe())
-        if not download_missing:
-            lines.append(
-                "Pass download=True (or run `python -m kmnist_torch download "
-                f"{name.lower()}`) to fetch them, or place the files above by hand."
-            )
-        raise DataFilesError("\n".join(lines))
-    from filelock import FileLock
-
-    folder.mkdir(parents=True, exist_ok=True)
-    failures = []
-    # One lock per folder: a second process waits, then finds the files already in place.
-    with FileLock(str(folder / ".download.lock")):
-        record = VerifiedRecord(folder)
-        for t in bad:
-            problem = check(t, verify, record)
-            if problem is None:
-                continue
-            if not verify:  # users' own re-encodings: take what the mirror serves
-                t = dataclasses.replace(t, size=None, md5=None, sha256=None, stale_md5={})
-            elif problem.startswith("stale"):
-                warnings.warn(f"{t.dest}: {problem}; replacing it with the current release",
-                              stacklevel=3)  # fmt: skip
-            try:
-                md5, sha = download(t, config)
-            except DownloadError as exc:
-                failures.append(str(exc))
-                continue
-            record.remember(t.dest, md5, sha)
-    if failures:
-        raise DataFilesError(
-            f"{name}: download failed for {len(failures)} file(s). Set $KMNIST_TORCH_MIRRORS "
-            "to a mirror, or fetch the files by hand:\n" + "\n".join(failures)
-        )
+__all__ = ["K49", "KMNIST", "DataFilesError", "ImageDataset", "create_dataset", "list_datasets"]
 
 
 def _writable(arr: np.ndarray) -> np.ndarray:
@@ -185,8 +63,9 @@ class _ArrayDataset(ImageDataset):
         verify: bool = True,
     ) -> None:
         # Not called directly: KMNIST and K49 give the user-facing signatures.
-        root = Path(root).expanduser() if root is not None else default_root()
-        super().__init__(str(root), transform=transform, target_transform=target_transform)
+        super().__init__(
+            str(resolve_root(root)), transform=transform, target_transform=target_transform
+        )
         if format not in self.info.formats:
             raise ValueError(
                 f"{type(self).__name__}: format must be one of {self.info.formats}, got {format!r}"
@@ -266,7 +145,7 @@ def _read_idx_cached(gz_path: Path, ndim: int, shape: tuple[int, int] | None) ->
     """
     full_shape = None if shape is None else (-1, *shape)
     plain = gz_path.with_suffix("")  # train-images-idx3-ubyte, as torchvision extracts it
-    record = VerifiedRecord(gz_path.parent)
+    record = HashRecord(gz_path.parent)
     gz_md5 = record.hashes(gz_path)[0]  # remembered after the first load
     entry = record.entries.get(plain.name)
     if plain.is_file() and entry and entry.get("from_md5") == gz_md5:
@@ -275,14 +154,12 @@ def _read_idx_cached(gz_path: Path, ndim: int, shape: tuple[int, int] | None) ->
             return formats.read_idx(plain, ndim, full_shape)
     raw = formats.read_gzip(gz_path)
     arr = formats.parse_idx(raw, gz_path, ndim, full_shape)
-    tmp = plain.with_name(f"{plain.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(raw)
-        os.replace(tmp, plain)
+        atomic_write(plain, raw, fsync=False)
         md5, sha = hash_file(plain)
         record.remember(plain, md5, sha, from_md5=gz_md5)
     except OSError:  # read-only root: keep working from the gz
-        tmp.unlink(missing_ok=True)
+        pass
     return arr
 
 
@@ -324,3 +201,48 @@ class K49(_ArrayDataset):
         verify: bool = True,
     ) -> None:
         super().__init__(root, train, transform, target_transform, download, "npz", verify)
+
+
+# ------------------------------------------------------------------------------ the registry
+
+
+def list_datasets() -> list[str]:
+    """The names :func:`create_dataset` accepts: every dataset of the catalog, plus MNIST."""
+    return ["mnist", *catalog.DATASETS]
+
+
+def create_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    train: bool = True,
+    **kwargs: Any,
+) -> ImageDataset:
+    """Build a dataset by name, as ``timm.create_model`` builds a model.
+
+    Args:
+        name: ``"kmnist"``, ``"k49"``, ``"kkanji"`` or ``"mnist"`` (see :func:`list_datasets`;
+            case, ``-`` and ``_`` do not matter, and the full titles work too).
+        root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
+        train: the training split (True) or the test split (False). KKanji takes ``split=``
+            (``"train"``, ``"test"`` or ``"all"``) instead; when ``split`` is not given it
+            follows ``train``.
+        **kwargs: passed on to the class (``download``, ``verify``, ``transform``,
+            ``format``, KKanji's ``test_fraction``/``seed``/``min_per_class``/``shots`` ...).
+
+    Returns:
+        The dataset, with ``data``, ``targets`` and ``classes``.
+    """
+    key = name.lower().replace("-", "").replace("_", "")
+    if key == "mnist":
+        from torchvision.datasets import MNIST
+
+        kwargs.pop("verify", None)  # torchvision checks MNIST's md5s itself
+        return MNIST(str(resolve_root(root)), train=train, **kwargs)
+    info = catalog.get(name)  # KeyError naming the datasets there are
+    if info.name == "kkanji":
+        from .kkanji import KKanji
+
+        kwargs.setdefault("split", "train" if train else "test")
+        return KKanji(root, **kwargs)
+    cls = {"kmnist": KMNIST, "k49": K49}[info.name]
+    return cls(root, train=train, **kwargs)

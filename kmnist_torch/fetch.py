@@ -14,9 +14,7 @@ Proxies are taken from the usual ``http_proxy``/``https_proxy``/``no_proxy`` var
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import json
 import os
 import socket
 import sys
@@ -26,8 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHUNK = 1 << 20
-RECORD_NAME = ".kmnist_torch-verified.json"
+from ._io import CHUNK, HashRecord, hash_file
+
 USER_AGENT = "kmnist_torch (+https://pypi.org/project/kmnist-torch/)"
 
 
@@ -84,74 +82,10 @@ class Target:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- hashing and records
+# --------------------------------------------------------------------------- checks
 
 
-def hash_file(path: os.PathLike | str) -> tuple[str, str]:
-    """The md5 and sha256 hex digests of a file, read once."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
-
-
-class VerifiedRecord:
-    """Remembers the hashes of files already checked, keyed by size and mtime, so that a
-    file is hashed once and later loads stay fast. Best effort: a read-only folder just means
-    hashing again next time."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / RECORD_NAME
-        try:
-            self.entries: dict[str, dict] = json.loads(self.path.read_text())
-            if not isinstance(self.entries, dict):
-                self.entries = {}
-        except (OSError, ValueError):
-            self.entries = {}
-
-    @staticmethod
-    def _stamp(path: Path) -> tuple[int, int]:
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-
-    def hashes(self, path: Path) -> tuple[str, str]:
-        """md5 and sha256 of ``path``: from the record if the file is unchanged, else computed."""
-        size, mtime = self._stamp(path)
-        entry = self.entries.get(path.name)
-        if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime:
-            return entry["md5"], entry["sha256"]
-        md5, sha = hash_file(path)
-        self.remember(path, md5, sha)
-        return md5, sha
-
-    def remember(self, path: Path, md5: str, sha256: str, **extra) -> None:
-        """Record the hashes of ``path`` as it is now (and anything else worth keeping)."""
-        size, mtime = self._stamp(path)
-        self.entries[path.name] = {"size": size, "mtime_ns": mtime, "md5": md5,
-                                   "sha256": sha256, **extra}  # fmt: skip
-        self.save()
-
-    def forget(self, name: str) -> None:
-        """Drop what is recorded of a file name."""
-        if self.entries.pop(name, None) is not None:
-            self.save()
-
-    def save(self) -> None:
-        """Write the record atomically; silently skipped where the folder is read-only."""
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
-        except OSError:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-def check(target: Target, verify: bool = True, record: VerifiedRecord | None = None) -> str | None:
+def check(target: Target, verify: bool = True, record: HashRecord | None = None) -> str | None:
     """Why ``target.dest`` is not usable as it stands, or None if it is.
 
     Checks existence and size always; md5/sha256 (and known stale releases) when ``verify``.
@@ -169,7 +103,7 @@ def check(target: Target, verify: bool = True, record: VerifiedRecord | None = N
         return f"wrong size: {size} bytes, expected {target.size}"
     if target.md5 is None and target.sha256 is None:
         return None
-    record = record or VerifiedRecord(dest.parent)
+    record = record or HashRecord(dest.parent)
     md5, sha = record.hashes(dest)
     if md5 in target.stale_md5:
         return f"stale: it is {target.stale_md5[md5]} (md5 {md5})"

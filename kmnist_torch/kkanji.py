@@ -40,9 +40,11 @@ import torch
 from PIL import Image
 
 from . import catalog
-from .datasets import NO_SOURCE, DataFilesError, ImageDataset, default_root, mirrors
-from .fetch import DownloadError, Target, download, hash_file
+from ._io import hash_file
+from .datasets import ImageDataset
+from .fetch import DownloadError, Target, download
 from .formats import FormatError
+from .sources import NO_SOURCE, DataFilesError, default_root, mirrors
 
 TAR_NAME = "kkanji.tar"
 TREE_NAME = "kkanji2"

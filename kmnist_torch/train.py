@@ -33,12 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import mixup
+from ._io import atomic_write
 from .augment import random_translate
-from .datasets import K49, KMNIST, DataFilesError, default_root
+from .datasets import create_dataset
 from .formats import FormatError
 from .loader import TensorLoader
 from .metrics import accuracy, balanced_accuracy
 from .models import create_model, list_models
+from .sources import DataFilesError
 
 # ------------------------------------------------------------------------------------ recipes
 
@@ -285,33 +287,21 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[str, Recipe]:
 def load_split(args: argparse.Namespace, train: bool) -> Any:
     """One split of ``args.dataset`` as an object with uint8 ``data`` (N x H x W), int64
     ``targets`` and ``classes``, cut to ``--limit-train``/``--limit-test``."""
-    root = Path(args.root).expanduser() if args.root else default_root()
-    if args.dataset == "mnist":
-        from torchvision.datasets import MNIST
-
-        ds = MNIST(str(root), train=train, download=args.download)
-    elif args.dataset in ("kmnist", "k49"):
-        cls = KMNIST if args.dataset == "kmnist" else K49
-        with warnings.catch_warnings():
-            # --no-verify is the user's explicit choice: main() says it once, not per split.
-            warnings.filterwarnings("ignore", message=".*verify=False")
-            ds = cls(root, train=train, download=args.download, verify=args.verify)
-    else:
-        from .kkanji import KKanji  # imported here only: the other datasets never need it
-
-        options = {
+    options: dict[str, Any] = {"download": args.download}
+    if args.dataset != "mnist":
+        options["verify"] = args.verify
+    if args.dataset == "kkanji":
+        kk = {
             "test_fraction": args.test_fraction,
             "min_per_class": args.min_per_class,
             "shots": args.shots,
             "seed": args.split_seed,
         }
-        ds = KKanji(
-            root,
-            split="train" if train else "test",
-            download=args.download,
-            verify=args.verify,
-            **{k: v for k, v in options.items() if v is not None},
-        )
+        options.update({k: v for k, v in kk.items() if v is not None})
+    with warnings.catch_warnings():
+        # --no-verify is the user's explicit choice: main() says it once, not per split.
+        warnings.filterwarnings("ignore", message=".*verify=False")
+        ds = create_dataset(args.dataset, args.root, train=train, **options)
     limit = args.limit_train if train else args.limit_test
     data, targets = torch.as_tensor(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64)
     if limit is not None:
@@ -421,20 +411,6 @@ def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename it into place, so a crash
-    leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _git_commit() -> dict[str, Any]:
@@ -640,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
                 },
             }
-            _atomic_write(ckpt_path, lambda fh: torch.save(payload, fh))
+            atomic_write(ckpt_path, lambda fh: torch.save(payload, fh))
 
         def results(finished: bool, interrupted: bool) -> dict[str, Any]:
             """The results dict (and results.json) as the run stands."""
@@ -678,7 +654,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "checkpoint": str(ckpt_path),
             }
             text = json.dumps(res, indent=2).encode()
-            _atomic_write(out / RESULTS, lambda fh: fh.write(text))
+            atomic_write(out / RESULTS, text)
             return res
 
         session_start = wall_start

@@ -368,7 +368,7 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
 
     class FakeKKanji:
         def __init__(self, root, **kwargs):
-            calls.append((root, kwargs))
+            calls.append((Path(root), kwargs))
             n = 24 if kwargs["split"] == "train" else 9
             g = torch.Generator().manual_seed(n)
             self.data = torch.randint(0, 256, (n, 64, 64), dtype=torch.uint8, generator=g)

@@ -1,0 +1,184 @@
+"""File helpers used everywhere the package writes: atomic writes, a per-folder lock, and the
+record of hashes already computed. Torch-free, so the download layer and the CLI's ``available``
+and ``info`` stay quick to start.
+
+Each helper exists once; the datasets, KKanji, the trainer and the harness call these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Union
+
+CHUNK = 1 << 20
+RECORD_NAME = ".kmnist_torch-verified.json"
+TMP_SUFFIX = ".tmp"
+
+Payload = Union[bytes, str, Callable[[BinaryIO], Any]]
+
+
+def _tmp_path(path: Path) -> Path:
+    # Hidden, per process: two writers never share a temporary, and a listing of the folder
+    # (the KKanji tree scan, a user's ls) does not show half-written files.
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write(path: str | os.PathLike, payload: Payload, fsync: bool = True) -> None:
+    """Write ``payload`` (bytes, text as UTF-8, or a function given the open binary file) to
+    ``path`` through a temporary file in the same folder renamed into place, so a crash leaves
+    the old file or the new one, never half of one. The temporary is created exclusively and
+    never through a symbolic link."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by a killed process of the same pid
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            if callable(payload):
+                payload(fh)
+            else:
+                fh.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, doc: Any, indent: int | None = 1) -> None:
+    """``doc`` as JSON (UTF-8, characters kept as they are), written atomically."""
+    text = json.dumps(doc, indent=indent, ensure_ascii=False)
+    atomic_write(path, text + "\n")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporaries that :func:`atomic_write` left behind in ``folder`` when a
+    process was killed mid-write. Call it while holding the folder's lock."""
+    with contextlib.suppress(OSError):
+        for p in folder.glob(f".*{TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str = ".kmnist_torch.lock") -> Iterator[None]:
+    """Hold an exclusive, inter-process lock on ``folder`` (a file ``name`` in it), creating the
+    folder if needed. A second process waits here, then finds the work already done."""
+    from filelock import FileLock
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / name)):
+        yield
+
+
+@contextlib.contextmanager
+def folder_lock_if_writable(folder: str | os.PathLike, name: str = ".kmnist_torch.lock"):
+    """:func:`folder_lock`, or no lock where the folder is read-only (a shared copy prepared by
+    someone else: nothing could be written there anyway)."""
+    from filelock import FileLock
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / name))
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def hash_file(path: str | os.PathLike) -> tuple[str, str]:
+    """The md5 and sha256 hex digests of a file, read once."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            md5.update(chunk)
+            sha.update(chunk)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+class HashRecord:
+    """Remembers the hashes of files in one folder, keyed by size and mtime, so a file is
+    hashed once and later loads stay fast. Best effort: a damaged record is treated as empty
+    (everything is hashed again), and a read-only folder just means hashing again next time."""
+
+    def __init__(self, folder: str | os.PathLike, name: str = RECORD_NAME):
+        self.path = Path(folder) / name
+        self.entries: dict[str, dict] = {}
+        try:
+            loaded = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return
+        if isinstance(loaded, dict):
+            self.entries = {k: v for k, v in loaded.items() if _valid_entry(v)}
+
+    @staticmethod
+    def stamp(path: Path) -> tuple[int, int]:
+        """(size, mtime in ns) of ``path``: what says a file may have changed."""
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def lookup(self, path: Path) -> dict | None:
+        """What is recorded of ``path``, if the file is unchanged since (same size and mtime)."""
+        entry = self.entries.get(path.name)
+        if entry is None:
+            return None
+        size, mtime = self.stamp(path)
+        if entry.get("size") == size and entry.get("mtime_ns") == mtime:
+            return entry
+        return None
+
+    def hashes(self, path: Path) -> tuple[str, str]:
+        """md5 and sha256 of ``path``: from the record if the file is unchanged, else computed
+        (and remembered)."""
+        entry = self.lookup(path)
+        if entry is not None:
+            return entry["md5"], entry["sha256"]
+        md5, sha = hash_file(path)
+        self.remember(path, md5, sha)
+        return md5, sha
+
+    def remember(self, path: Path, md5: str, sha256: str, **extra: Any) -> None:
+        """Record the hashes of ``path`` as it is now (and anything else worth keeping)."""
+        size, mtime = self.stamp(path)
+        self.entries[path.name] = {
+            "size": size,
+            "mtime_ns": mtime,
+            "md5": md5,
+            "sha256": sha256,
+            **extra,
+        }
+        self.save()
+
+    def forget(self, name: str) -> None:
+        """Drop what is recorded of a file name."""
+        if self.entries.pop(name, None) is not None:
+            self.save()
+
+    def save(self) -> None:
+        """Write the record atomically; silently skipped where the folder is read-only."""
+        with contextlib.suppress(OSError):
+            atomic_write(self.path, json.dumps(self.entries, indent=1, sort_keys=True), False)
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("mtime_ns"), int)
+        and isinstance(entry.get("md5"), str)
+        and isinstance(entry.get("sha256"), str)
+    )

@@ -1,0 +1,143 @@
+"""Where files come from and where they go: the data root, the mirror bases and the settings a
+user changes through the environment. Torch-free.
+
+- ``$KMNIST_TORCH_ROOT``: the default data folder (else ``~/.cache/kmnist_torch``).
+- ``$KMNIST_TORCH_MIRRORS``: base URLs tried in order before the official host.
+- ``$KMNIST_TORCH_OFFICIAL=0``: never contact the official host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from pathlib import Path
+
+from . import catalog
+from ._io import HashRecord, folder_lock
+from .catalog import RemoteFile
+from .fetch import DownloadError, FetchConfig, Target, check, download
+
+DOWNLOAD_LOCK = ".download.lock"
+
+NO_SOURCE = (
+    "no download source: $KMNIST_TORCH_OFFICIAL=0 and $KMNIST_TORCH_MIRRORS is empty; set "
+    "$KMNIST_TORCH_MIRRORS to a mirror or place the files by hand"
+)
+
+
+def default_root() -> Path:
+    """``$KMNIST_TORCH_ROOT``, else ``~/.cache/kmnist_torch``."""
+    env = os.environ.get("KMNIST_TORCH_ROOT")
+    return Path(env).expanduser() if env else Path("~/.cache/kmnist_torch").expanduser()
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """``root`` as a path (``~`` expanded), or :func:`default_root` when None."""
+    return Path(root).expanduser() if root is not None else default_root()
+
+
+def mirrors() -> list[str]:
+    """Base URLs to try, in order: ``$KMNIST_TORCH_MIRRORS`` (commas or spaces), then the
+    official host (left out when ``$KMNIST_TORCH_OFFICIAL=0``, for sites that must not reach
+    it). Each base has the official layout (``<base>/kmnist/<file>``...).
+
+    Empty when neither is set: files placed by hand still load; only a download then fails,
+    with :data:`NO_SOURCE`."""
+    bases = [b for b in re.split(r"[,\s]+", os.environ.get("KMNIST_TORCH_MIRRORS", "")) if b]
+    if os.environ.get("KMNIST_TORCH_OFFICIAL", "1").strip().lower() not in ("0", "no", "false"):
+        bases.append(catalog.OFFICIAL_BASE)
+    out: list[str] = []
+    for b in bases:
+        b = b if b.endswith("/") else b + "/"
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def urls_for(remote: RemoteFile) -> list[str]:
+    """Every URL an official file can be fetched from, in the order they are tried."""
+    return [base + remote.path for base in mirrors()]
+
+
+def target_for(remote: RemoteFile, folder: Path) -> Target:
+    """Where an official file lives under ``folder`` and where it can be fetched from."""
+    return Target(
+        dest=folder / remote.name,
+        urls=urls_for(remote),
+        size=remote.size,
+        md5=remote.md5,
+        sha256=remote.sha256,
+        stale_md5=dict(remote.stale_md5),
+    )
+
+
+class DataFilesError(RuntimeError):
+    """Files a dataset needs are missing, damaged, stale, or could not be downloaded."""
+
+
+def ensure_files(
+    targets: list[Target],
+    download_missing: bool,
+    verify: bool = True,
+    name: str = "the dataset",
+    config: FetchConfig | None = None,
+    extras: list[Target] = (),
+) -> None:
+    """Make sure every target is on disk and passes its checks; download what is missing, bad
+    or stale when ``download_missing``. Raises one :class:`DataFilesError` naming every file
+    that is still not right, with its URLs, size, md5 and the path to put it at.
+
+    ``extras`` (the class map) are fetched along when something is downloaded anyway, so a
+    complete (or read-only) root is never touched for them.
+    """
+    if not targets:
+        return
+    folder = targets[0].dest.parent
+    record = HashRecord(folder)
+    problems = {id(t): check(t, verify, record) for t in targets}
+    bad = [t for t in targets if problems[id(t)]]
+    if not bad:
+        return
+    if download_missing:
+        bad += [t for t in extras if check(t, verify, record)]
+    if not download_missing or not mirrors():
+        # One error naming every file: what is wrong, where it comes from, where to put it.
+        if download_missing:
+            lines = [f"{name}: {len(bad)} file(s) to download into {folder}, but {NO_SOURCE}:"]
+        else:
+            lines = [f"{name}: {len(bad)} file(s) not usable in {folder}:"]
+        for t in bad:  # extras (the class map) were not checked above: they are missing or bad
+            lines.append(f"- {t.dest.name}: {problems.get(id(t)) or 'missing or not usable'}")
+            lines.append(t.describe())
+        if not download_missing:
+            lines.append(
+                "Pass download=True (or run `python -m kmnist_torch download "
+                f"{name.lower()}`) to fetch them, or place the files above by hand."
+            )
+        raise DataFilesError("\n".join(lines))
+    failures = []
+    # One lock per folder: a second process waits, then finds the files already in place.
+    with folder_lock(folder, DOWNLOAD_LOCK):
+        record = HashRecord(folder)
+        for t in bad:
+            problem = check(t, verify, record)
+            if problem is None:
+                continue
+            if not verify:  # users' own re-encodings: take what the mirror serves
+                t = dataclasses.replace(t, size=None, md5=None, sha256=None, stale_md5={})
+            elif problem.startswith("stale"):
+                warnings.warn(f"{t.dest}: {problem}; replacing it with the current release",
+                              stacklevel=3)  # fmt: skip
+            try:
+                md5, sha = download(t, config)
+            except DownloadError as exc:
+                failures.append(str(exc))
+                continue
+            record.remember(t.dest, md5, sha)
+    if failures:
+        raise DataFilesError(
+            f"{name}: download failed for {len(failures)} file(s). Set $KMNIST_TORCH_MIRRORS "
+            "to a mirror, or fetch the files by hand:\n" + "\n".join(failures)
+        )
