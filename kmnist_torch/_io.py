@@ -110,6 +110,19 @@ def hash_file(path: str | os.PathLike) -> tuple[str, str]:
     return md5.hexdigest(), sha.hexdigest()
 
 
+def stamp(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, mtime in ns) of a file: what says it may have changed since it was hashed."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def unchanged(path: str | os.PathLike, entry: dict) -> bool:
+    """Whether ``path`` has the size and mtime recorded in ``entry`` (so its recorded hashes
+    still hold, short of someone restoring both after changing the bytes)."""
+    size, mtime = stamp(path)
+    return entry.get("size") == size and entry.get("mtime_ns") == mtime
+
+
 class HashRecord:
     """Remembers the hashes of files in one folder, keyed by size and mtime, so a file is
     hashed once and later loads stay fast. Best effort: a damaged record is treated as empty
@@ -125,21 +138,10 @@ class HashRecord:
         if isinstance(loaded, dict):
             self.entries = {k: v for k, v in loaded.items() if _valid_entry(v)}
 
-    @staticmethod
-    def stamp(path: Path) -> tuple[int, int]:
-        """(size, mtime in ns) of ``path``: what says a file may have changed."""
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-
     def lookup(self, path: Path) -> dict | None:
         """What is recorded of ``path``, if the file is unchanged since (same size and mtime)."""
         entry = self.entries.get(path.name)
-        if entry is None:
-            return None
-        size, mtime = self.stamp(path)
-        if entry.get("size") == size and entry.get("mtime_ns") == mtime:
-            return entry
-        return None
+        return entry if entry is not None and unchanged(path, entry) else None
 
     def hashes(self, path: Path) -> tuple[str, str]:
         """md5 and sha256 of ``path``: from the record if the file is unchanged, else computed
@@ -153,7 +155,7 @@ class HashRecord:
 
     def remember(self, path: Path, md5: str, sha256: str, **extra: Any) -> None:
         """Record the hashes of ``path`` as it is now (and anything else worth keeping)."""
-        size, mtime = self.stamp(path)
+        size, mtime = stamp(path)
         self.entries[path.name] = {
             "size": size,
             "mtime_ns": mtime,

@@ -6,7 +6,9 @@ No network and no torch here. Every error names the file, what was expected and 
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -108,6 +110,55 @@ def read_npz(path: os.PathLike | str, shape: tuple[int, ...] | None = None) -> n
     ):
         raise _fail(path, f"shape {_shape_str(shape)}", f"shape {_shape_str(arr.shape)}")
     return arr
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_problem(data: bytes, size: tuple[int, int]) -> str | None:
+    """Why ``data`` is not a ``size`` (width, height) 8-bit grayscale PNG, judged from its
+    header alone (no decoding), or None."""
+    if not data.startswith(PNG_SIGNATURE):
+        return "not a PNG file (no PNG signature)"
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return "a PNG without a complete IHDR header"
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if (width, height, depth, colour) != (*size, 8, 0):
+        kind = (
+            "8-bit grayscale"
+            if (depth, colour) == (8, 0)
+            else f"bit depth {depth}, colour type {colour}"
+        )
+        return f"a {width}x{height} PNG ({kind}); expected {size[0]}x{size[1]} 8-bit grayscale"
+    return None
+
+
+def read_gray_png(path: os.PathLike | str, size: tuple[int, int]) -> np.ndarray:
+    """One ``size`` 8-bit grayscale PNG as a uint8 (height x width) array; a FormatError naming
+    the file for anything else (checked from the header first, then by decoding)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    problem = png_problem(data, size)
+    if problem is None:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+                if im.size == tuple(size) and im.mode == "L":
+                    return np.asarray(im, dtype=np.uint8)
+                problem = f"a {im.size[0]}x{im.size[1]} image of mode {im.mode}"
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            problem = f"an undecodable PNG ({exc})"
+    raise _fail(path, f"a {size[0]}x{size[1]} 8-bit grayscale PNG", problem)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A 2-d uint8 array encoded as an 8-bit grayscale PNG, as the KKanji images are."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def read_classmap(path: os.PathLike | str) -> list[tuple[int, str, str]]:

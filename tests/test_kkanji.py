@@ -26,7 +26,8 @@ from conftest import SHARED_REAL, Server, mirror_env
 
 from kmnist_torch import catalog
 from kmnist_torch import kkanji as kk
-from kmnist_torch.datasets import DataFilesError
+from kmnist_torch.kkanji import cache as kkcache
+from kmnist_torch.sources import DataFilesError
 from kmnist_torch.formats import FormatError
 from kmnist_torch.kkanji import ArchiveError, KKanji, KKanjiWarning, write_split
 
@@ -255,7 +256,7 @@ def test_second_construction_touches_no_png(subset, real_dir, monkeypatch):
     before = npy.stat().st_mtime_ns
 
     monkeypatch.setattr(PIL.Image, "open", _fail)
-    monkeypatch.setattr(kk, "_decode_chunk", _fail)
+    monkeypatch.setattr(kkcache, "_decode_chunk", _fail)
     ds = KKanji(subset.root, split="all", verify=False)
     assert torch.equal(ds.data, subset.ds.data) and npy.stat().st_mtime_ns == before
 
@@ -406,8 +407,8 @@ def test_a_damaged_png_in_a_tree_is_named_and_no_cache_written(top100_files, tmp
     victim = sorted((tree / "U+4E0A").iterdir())[2]
     victim.write_bytes(victim.read_bytes()[:-60])
     # Through the process pool, small chunks: a worker's error must reach the caller.
-    monkeypatch.setattr(kk, "POOL_MIN_IMAGES", 0)
-    monkeypatch.setattr(kk, "CHUNK_IMAGES", 16)
+    monkeypatch.setattr(kkcache, "POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(kkcache, "CHUNK_IMAGES", 16)
     monkeypatch.setenv("KMNIST_TORCH_DECODE_WORKERS", "2")
     with pytest.raises(FormatError, match=victim.name):
         KKanji(tmp_path, verify=False)
@@ -461,7 +462,7 @@ def test_recorded_tar_sha256_is_checked_on_later_use(top100_files, tmp_path, htt
     # 4. the original bytes again: accepted; the re-extracted tree keeps its fingerprint (member
     # times are restored), so the decoded cache is still valid and no PNG is decoded
     http_server.add(TAR_PATH, tar1)
-    fast_net.setattr(kk, "_decode_chunk", _fail)
+    fast_net.setattr(kkcache, "_decode_chunk", _fail)
     again = KKanji(tmp_path, split="all", download=True)
     assert torch.equal(again.data, ds.data)
 

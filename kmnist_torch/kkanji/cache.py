@@ -1,0 +1,284 @@
+"""The extracted Kuzushiji-Kanji tree as arrays: listing and fingerprinting it (names, sizes
+and mtimes only), decoding every PNG once into a memory-mapped ``.npy`` cache keyed on that
+fingerprint, and finding that cache again."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import sys
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import catalog
+from .._io import folder_lock_if_writable, write_json
+from ..formats import read_gray_png
+from ..sources import DataFilesError, resolve_root
+from .archive import ensure_tree
+from .layout import (
+    CACHE_DIR,
+    CACHE_VERSION,
+    CHUNK_IMAGES,
+    LOCK_NAME,
+    POOL_MIN_IMAGES,
+    SIDE,
+    TAR_NAME,
+    TREE_NAME,
+    class_codepoint,
+    codepoint_name,
+    expected,
+    warn,
+)
+
+
+@dataclass
+class Listing:
+    """The images of a tree, classes in numeric codepoint order, names sorted in each class."""
+
+    tree: Path
+    folders: list[str]  # class folder names as on disk
+    codepoints: list[int]
+    names: list[list[str]]
+    fingerprint: str  # of (path, size, mtime) of every image: changes when the source does
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(n) for n in self.names]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def relpaths(self) -> list[str]:
+        """Every image as ``kkanji2/U+XXXX/<name>.png``, in cache order."""
+        return [f"{TREE_NAME}/{f}/{n}" for f, names in zip(self.folders, self.names) for n in names]
+
+
+def _scan(tree: Path, verify: bool) -> Listing:
+    """List and fingerprint the tree (stat only, no image is opened); check its counts."""
+    classes: dict[int, str] = {}
+    unexpected: list[str] = []
+    with os.scandir(tree) as it:
+        entries = list(it)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        cp = class_codepoint(entry.name) if entry.is_dir() else None
+        if cp is None:
+            unexpected.append(entry.name)
+        elif cp in classes:
+            raise DataFilesError(
+                f"{tree}: folders {classes[cp]!r} and {entry.name!r} name the same codepoint"
+            )
+        else:
+            classes[cp] = entry.name
+    codepoints = sorted(classes)
+    folders = [classes[cp] for cp in codepoints]
+    names: list[list[str]] = []
+    digest = hashlib.sha256(f"kkanji-cache-v{CACHE_VERSION}\n".encode())
+    for folder in folders:
+        stats = []
+        with os.scandir(tree / folder) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                if not (entry.name.endswith(".png") and entry.is_file()):
+                    unexpected.append(f"{folder}/{entry.name}")
+                    continue
+                st = entry.stat()
+                stats.append((entry.name, st.st_size, st.st_mtime_ns))
+        stats.sort()
+        names.append([s[0] for s in stats])
+        digest.update(
+            "".join(f"{folder}/{n}\t{size}\t{mtime}\n" for n, size, mtime in stats).encode()
+        )
+    keep = [i for i, n in enumerate(names) if n]  # an empty folder is no class
+    listing = Listing(
+        tree,
+        [folders[i] for i in keep],
+        [codepoints[i] for i in keep],
+        [names[i] for i in keep],
+        digest.hexdigest(),
+    )
+    n_classes, n_images = expected()
+    found = (len(listing.codepoints), listing.total)
+    if listing.total == 0:
+        raise DataFilesError(f"{tree} holds no image (expected {TREE_NAME}/U+XXXX/<name>.png)")
+    shown = ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+    if verify and (unexpected or found != (n_classes, n_images)):
+        why = f"unexpected entries ({shown}); " if unexpected else ""
+        raise DataFilesError(
+            f"KKanji: {tree} holds {why}{found[0]} classes and {found[1]} images; the full "
+            f"Kuzushiji-Kanji has {n_classes} and {n_images}. Delete {TREE_NAME}/ (and "
+            f"{TAR_NAME} if it came from there) and download again, or pass verify=False to "
+            "use a subset."
+        )
+    if unexpected:
+        warn(f"KKanji: ignoring unexpected entries in {tree}: {shown}")
+    if found != (n_classes, n_images):
+        warn(
+            f"KKanji: verify=False: {tree} holds {found[0]} classes and {found[1]} images, not "
+            f"the full {n_classes} and {n_images}; using it as it is."
+        )
+    return listing
+
+
+def open_source(folder: Path, download_missing: bool, verify: bool) -> Listing:
+    return _scan(ensure_tree(folder, download_missing, verify), verify)
+
+
+# --------------------------------------------------------------------------- the decoded cache
+
+
+def _decode_chunk(paths: Sequence[str]) -> bytes:
+    """The images of ``paths``, decoded and concatenated (runs in a worker process)."""
+    out = bytearray(len(paths) * SIDE * SIDE)
+    for i, p in enumerate(paths):
+        out[i * SIDE * SIDE : (i + 1) * SIDE * SIDE] = read_gray_png(p, (SIDE, SIDE)).tobytes()
+    return bytes(out)
+
+
+def decode_workers() -> int:
+    """Processes used to decode: ``$KMNIST_TORCH_DECODE_WORKERS``, else the usable CPU cores."""
+    env = os.environ.get("KMNIST_TORCH_DECODE_WORKERS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(paths), unit="img", desc="KKanji: decoding PNGs", leave=False,
+               disable=not sys.stderr.isatty())  # fmt: skip
+    starts = range(0, len(paths), CHUNK_IMAGES)
+    try:
+        if workers <= 1 or len(paths) < POOL_MIN_IMAGES:
+            for s in starts:
+                chunk = paths[s : s + CHUNK_IMAGES]
+                out[s : s + len(chunk)] = np.frombuffer(_decode_chunk(chunk), np.uint8).reshape(
+                    -1, SIDE, SIDE
+                )
+                bar.update(len(chunk))
+            return
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+            pending = {pool.submit(_decode_chunk, paths[s : s + CHUNK_IMAGES]): s for s in starts}
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                    for fut in done:
+                        s = pending.pop(fut)
+                        buf = fut.result()  # re-raises a worker's FormatError
+                        n = len(buf) // (SIDE * SIDE)
+                        out[s : s + n] = np.frombuffer(buf, np.uint8).reshape(n, SIDE, SIDE)
+                        bar.update(n)
+            except BaseException:
+                for fut in pending:  # one bad image fails the whole build: stop at once
+                    fut.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+def _cache_paths(folder: Path, fingerprint: str) -> tuple[Path, Path]:
+    cache = folder / CACHE_DIR
+    return cache / f"images-{fingerprint[:20]}.npy", cache / f"index-{fingerprint[:20]}.json"
+
+
+def _load_cache(folder: Path, listing: Listing) -> np.ndarray | None:
+    """The cached images of exactly this tree, memory-mapped, or None."""
+    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    if not index_path.is_file():  # written last: its presence means the .npy is complete
+        return None
+    try:
+        arr = np.load(images_path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if arr.dtype != np.uint8 or arr.shape != (listing.total, SIDE, SIDE):
+        return None
+    return arr
+
+
+def _build_cache(
+    folder: Path, listing: Listing, workers: int | None = None
+) -> tuple[np.ndarray, bool]:
+    """Decode every image of the tree into ``folder/cache/images-<fp>.npy`` and write the index
+    beside it; returns the memory-mapped array and whether it could be written to disk (a
+    read-only root gets an in-memory array instead)."""
+    workers = decode_workers() if workers is None else workers
+    paths = [str(listing.tree.parent / p) for p in listing.relpaths()]
+    shape = (listing.total, SIDE, SIDE)
+    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    tmp = images_path.with_name(f"{images_path.name}.{os.getpid()}.tmp")
+    try:
+        images_path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    except OSError as exc:
+        msg = f"cannot write the decoded cache in {folder} ({exc}); decoding into memory"
+        warn(f"KKanji: {msg}, again at every construction")
+        arr = np.empty(shape, np.uint8)
+        _decode_into(arr, paths, workers)
+        return arr, False
+    try:
+        _decode_into(out, paths, workers)
+        out.flush()
+        del out
+        os.replace(tmp, images_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    index = {
+        "version": CACHE_VERSION,
+        "fingerprint": listing.fingerprint,
+        "images": images_path.name,
+        "shape": list(shape),
+        "codepoints": [codepoint_name(cp) for cp in listing.codepoints],
+        "counts": listing.counts,
+        "targets_note": "image i belongs to class k when sum(counts[:k]) <= i < sum(counts[:k+1])",
+        "files": listing.relpaths(),
+    }
+    write_json(index_path, index, indent=None)
+    for old in images_path.parent.iterdir():  # caches of earlier versions of the tree
+        if old.name not in (images_path.name, index_path.name) and old.suffix in (".npy", ".json"):
+            with contextlib.suppress(OSError):  # still mapped by a live dataset (Windows)
+                old.unlink()
+    return np.load(images_path, mmap_mode="c", allow_pickle=False), True
+
+
+def images(folder: Path, listing: Listing, workers: int | None = None) -> np.ndarray:
+    arr = _load_cache(folder, listing)
+    if arr is not None:
+        return arr
+    with folder_lock_if_writable(folder, LOCK_NAME):
+        arr = _load_cache(folder, listing)  # built by another process while we waited
+        return arr if arr is not None else _build_cache(folder, listing, workers)[0]
+
+
+def prepare_cache(
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    verify: bool = True,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Make sure ``root/KKanji`` has the extracted tree and its decoded cache (downloading,
+    extracting and decoding what is missing); returns where the cache is and what it holds:
+    ``{"images": Path, "index": Path, "n_images", "n_classes", "fingerprint"}``."""
+    folder = resolve_root(root) / catalog.KKANJI.folder
+    listing = open_source(folder, download, verify)
+    images(folder, listing, workers)
+    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    return {
+        "images": images_path,
+        "index": index_path,
+        "n_images": listing.total,
+        "n_classes": len(listing.codepoints),
+        "fingerprint": listing.fingerprint,
+    }

@@ -1,0 +1,112 @@
+"""The :class:`KKanji` dataset: the tree, its decoded cache and a split, as tensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import catalog
+from ..datasets import ImageDataset
+from ..sources import resolve_root
+from .archive import read_record
+from .cache import images as load_images
+from .cache import open_source
+from .layout import codepoint_name, expected
+from .split import check_split_args, make_split
+
+
+class KKanji(ImageDataset):
+    """Kuzushiji-Kanji: 3,832 kanji classes, 140,424 images of 64x64 grayscale, imbalanced
+    (1,768 to 1 images per class), with a deterministic stratified train/test split.
+
+    Files live in ``root/KKanji/``: ``kkanji.tar`` (optional once extracted), ``kkanji2/``
+    (the extracted PNGs) and ``cache/`` (the decoded images). ``split`` is "train", "test" or
+    "all" (both). In each class ``floor(n * test_fraction)`` images, chosen by ``seed``, are the
+    test part; ``min_per_class`` drops smaller classes (and renumbers the rest), ``shots=k``
+    keeps at most ``k`` training images per class. ``verify=False`` accepts a subset of the
+    tree and a tar that differs from the recorded one, with a warning.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        split: str = "train",
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        download: bool = False,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        min_per_class: int = 1,
+        shots: int | None = None,
+        verify: bool = True,
+    ) -> None:
+        super().__init__(
+            str(resolve_root(root)), transform=transform, target_transform=target_transform
+        )
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"KKanji: split must be 'train', 'test' or 'all', got {split!r}")
+        check_split_args(test_fraction, seed, min_per_class, shots)
+        self.split = split
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.min_per_class = min_per_class
+        self.shots = shots
+        self.verify = verify
+        folder = Path(self.folder)
+        listing = open_source(folder, download, verify)
+        images = load_images(folder, listing)
+        parts = make_split(listing, test_fraction, seed, min_per_class, shots)
+        self._listing, self._parts = listing, parts
+        if split == "all":
+            index = np.union1d(parts.train, parts.test)
+        else:
+            index = parts.train if split == "train" else parts.test
+        # Every image, in order: use the memory map as it is rather than copying 575 MB.
+        whole = len(index) == listing.total
+        self.data = torch.from_numpy(images if whole else images[index])
+        self.targets = torch.from_numpy(parts.labels[index])
+        self.codepoints = [codepoint_name(listing.codepoints[p]) for p in parts.classes]
+        self.classes = [chr(listing.codepoints[p]) for p in parts.classes]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        n_classes, n_images = expected()
+        self.complete = (len(listing.codepoints), listing.total) == (n_classes, n_images)
+        rec = read_record(folder)
+        self.tar_sha256: str | None = rec["sha256"] if rec else None
+
+    @property
+    def folder(self) -> str:
+        """``root/KKanji``, where the tar, the extracted tree and the cache live."""
+        return os.path.join(self.root, catalog.KKANJI.folder)
+
+    def split_indices(self) -> dict[str, list[str]]:
+        """The image files of each part (``"train"``, ``"test"``) for this dataset's arguments,
+        as paths inside the tar (``kkanji2/U+XXXX/<name>.png``), sorted."""
+        paths = self._listing.relpaths()
+        return {
+            "train": [paths[i] for i in self._parts.train],
+            "test": [paths[i] for i in self._parts.test],
+        }
+
+    def extra_repr(self) -> str:
+        counts = torch.bincount(self.targets, minlength=len(self.classes))
+        lo, hi = (int(counts.min()), int(counts.max())) if len(counts) else (0, 0)
+        n_classes, n_images = expected()
+        checked = (
+            f"complete ({n_classes} classes, {n_images} images)"
+            if self.complete
+            else f"a subset ({len(self._listing.codepoints)} classes, {self._listing.total} images)"
+        )
+        tar = f"sha256 {self.tar_sha256} as first recorded" if self.tar_sha256 else "not recorded"
+        return "\n".join([
+            f"Split: {self.split} (test_fraction={self.test_fraction}, seed={self.seed}, "
+            f"min_per_class={self.min_per_class}, shots={self.shots})",
+            f"Parts: train {len(self._parts.train)}, test {len(self._parts.test)}",
+            f"Classes: {len(self.classes)}, images per class here: {lo} to {hi}",
+            f"Tree: {checked}, every image checked to be 64x64 L",
+            f"Tar: {tar} (no official checksum exists)",
+            f"Licence: {catalog.LICENSE}",
+        ])  # fmt: skip

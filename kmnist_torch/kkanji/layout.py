@@ -1,0 +1,80 @@
+"""The layout of Kuzushiji-Kanji on disk: file and folder names, class folder names
+(``U+XXXX``), the counts of the full set, and the errors and warning of the KKanji modules."""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+
+from .. import catalog
+from ..sources import DataFilesError
+
+TAR_NAME = "kkanji.tar"
+TREE_NAME = "kkanji2"
+RECORD_NAME = "kkanji.tar.record.json"
+CACHE_DIR = "cache"
+LOCK_NAME = ".kkanji.lock"
+SIDE = 64
+# Bumped whenever the cache layout or the decoding changes, so old caches are rebuilt.
+CACHE_VERSION = 1
+# Part of every split key: changing the split algorithm must change this, never silently.
+SPLIT_VERSION = "kkanji-split-v1"
+# A 64x64 grayscale PNG is a few KiB; anything far larger is not one of ours (a tar bomb).
+MAX_MEMBER_BYTES = 1 << 20
+# Below this many images a process pool costs more than it saves.
+POOL_MIN_IMAGES = 4096
+CHUNK_IMAGES = 512
+
+# What is and is not verified, shown by `python -m kmnist_torch info kkanji` and in the README.
+VERIFICATION_NOTE = (
+    "no checksum of kkanji.tar is published, so the tar itself cannot be checked against the "
+    "release. Verified: at extraction every member is a regular file kkanji2/U+XXXX/<name>.png "
+    "(links, devices, absolute paths and '..' refused), the archive is complete (end-of-archive "
+    "marker), and the tree holds 3,832 classes and 140,424 images; at decoding every image is a "
+    "64x64 8-bit grayscale PNG. Recorded: the tar's size and sha256 at first use "
+    "(KKanji/kkanji.tar.record.json), checked whenever the tar changes and required of every "
+    "later download. Not verified: that the first tar is the publisher's own bytes. "
+    "verify=False accepts a subset of the tree (with a warning)."
+)
+
+CLASS_RE = re.compile(r"U\+([0-9A-Fa-f]{4,6})")
+NAME_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_\-]*\.png")
+
+
+class ArchiveError(DataFilesError):
+    """``kkanji.tar`` is unsafe (a member outside ``kkanji2/U+XXXX/*.png``, a link, a device),
+    damaged (truncated, not a tar) or holds something other than 64x64 grayscale PNGs."""
+
+
+class KKanjiWarning(UserWarning):
+    """The data was used although not everything could be verified (``verify=False``)."""
+
+
+def expected() -> tuple[int, int]:
+    """(classes, images) of the full dataset, read from the catalog at call time."""
+    info = catalog.KKANJI
+    return info.num_classes, info.split_sizes["all"]
+
+
+def codepoint_name(cp: int) -> str:
+    return f"U+{cp:04X}"
+
+
+def class_codepoint(folder_name: str) -> int | None:
+    """The codepoint a class folder names, or None if it is not a valid ``U+XXXX`` name."""
+    m = CLASS_RE.fullmatch(folder_name)
+    if m is None:
+        return None
+    cp = int(m.group(1), 16)
+    if cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:  # not a character chr() can stand for
+        return None
+    return cp
+
+
+def warn(message: str) -> None:
+    """Warn at the user's line: the first caller outside this module, however deep we are."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, KKanjiWarning, stacklevel=level)
