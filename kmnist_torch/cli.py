@@ -68,9 +68,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if f.sha256:
             print(f"      sha256: {f.sha256}")
     if info.name == "kkanji":
-        from . import kkanji
-
-        note = textwrap.fill("verification: " + kkanji.VERIFICATION_NOTE, width=96,
+        note = textwrap.fill("verification: " + catalog.KKANJI_VERIFICATION_NOTE, width=96,
                              initial_indent="  ", subsequent_indent="    ")  # fmt: skip
         print("\n" + note)
     print(f"\n  mirrors tried, in order: {', '.join(mirrors()) or '(none: ' + NO_SOURCE + ')'}")

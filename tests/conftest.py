@@ -156,3 +156,17 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "real_data: needs the real files in ../shared/data/real (skips cleanly)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that asks for the real files carries the ``real_data`` marker, so
+    ``-m "not real_data"`` runs exactly what a fresh clone without ../shared can run."""
+    for item in items:
+        if "real_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)

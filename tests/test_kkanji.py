@@ -26,10 +26,11 @@ from conftest import SHARED_REAL, Server, mirror_env
 
 from kmnist_torch import catalog
 from kmnist_torch import kkanji as kk
-from kmnist_torch.kkanji import cache as kkcache
-from kmnist_torch.sources import DataFilesError
+from kmnist_torch.fixtures import kkanji_files, kkanji_tar, write_kkanji_tree
 from kmnist_torch.formats import FormatError
 from kmnist_torch.kkanji import ArchiveError, KKanji, KKanjiWarning, write_split
+from kmnist_torch.kkanji import cache as kkcache
+from kmnist_torch.sources import DataFilesError
 
 SUBSET2 = "kkanji2-subset-2perclass"  # 3,832 classes, 6,849 images (815 singletons)
 TOP100 = "kkanji2-top100-50perclass"  # the 100 largest classes, 50 images each
@@ -54,46 +55,17 @@ def _files(tree: Path, classes: int | None = None, per_class: int | None = None)
     return out
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None, **kw) -> None:
-    info = tarfile.TarInfo(name)
-    info.mtime = MTIME
-    for k, v in kw.items():
-        setattr(info, k, v)
-    if data is None:
-        tf.addfile(info)
-    else:
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-
-
 def _pack(files, extra=(), mtime: int = MTIME) -> bytes:
-    """A tar in the official layout (kkanji2/U+XXXX/<name>.png), plus ``extra`` members given as
-    (name, bytes or None, TarInfo attributes)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        _add(tf, "kkanji2", type=tarfile.DIRTYPE, mode=0o755)
-        done = set()
-        for folder, name, data in files:
-            if folder not in done:
-                _add(tf, f"kkanji2/{folder}", type=tarfile.DIRTYPE, mode=0o755)
-                done.add(folder)
-            _add(tf, f"kkanji2/{folder}/{name}", data, mode=0o644, mtime=mtime)
-        for name, data, attrs in extra:
-            _add(tf, name, data, **attrs)
-    return buf.getvalue()
+    return kkanji_tar(files, extra, mtime)
 
 
 def _write_tree(folder: Path, files, order_seed: int | None = None) -> Path:
-    """Write ``files`` as an extracted ``kkanji2/`` under ``folder`` (writable, unlike a copy of
-    the read-only shared tree), optionally in a shuffled order."""
+    """Write ``files`` as an extracted ``kkanji2/`` under ``folder``, optionally in a shuffled
+    order (so the filesystem lists them differently)."""
     files = list(files)
     if order_seed is not None:
         random.Random(order_seed).shuffle(files)
-    for cls, name, data in files:
-        d = folder / "kkanji2" / cls
-        d.mkdir(parents=True, exist_ok=True)
-        (d / name).write_bytes(data)
-    return folder / "kkanji2"
+    return write_kkanji_tree(folder, files)
 
 
 def _png(image: PIL.Image.Image) -> bytes:
@@ -157,7 +129,9 @@ def subset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def top100_files():
-    return _files(_real_tree(TOP100))
+    """100 classes of 50 synthetic 64x64 grayscale PNGs, written by the package's own writer:
+    the extraction, cache and split tests run on any clone, with or without ../shared."""
+    return kkanji_files(100, 50, seed=0)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::kmnist_torch.kkanji.KKanjiWarning")
@@ -292,12 +266,19 @@ def test_split_is_the_same_in_two_roots_whatever_the_listing_order(
     assert a.split_indices() == b.split_indices()
     assert torch.equal(a.data, b.data) and torch.equal(a.targets, b.targets)
     assert len(a) == 4000 and torch.equal(torch.bincount(a.targets), torch.full((100,), 40))
-    # A published split must never change: these are the seed-0 test files of U+4E00.
     test = a.split_indices()["test"]
-    assert [t for t in test if "/U+4E00/" in t] == GOLDEN_U4E00_TEST and len(test) == 1000
-    assert hashlib.sha256("\n".join(test).encode()).hexdigest() == GOLDEN_TOP100_TEST_SHA256
     other = KKanji(tmp_path / "a", verify=False, seed=1).split_indices()
     assert other["test"] != test and len(other["test"]) == 1000
+
+
+@pytest.mark.real_data
+def test_published_split_of_the_real_top100_never_changes(real_dir, tmp_path):
+    # A published split must never change: these are the seed-0 test files of U+4E00 in the
+    # 100 largest real classes (50 images each).
+    _write_tree(tmp_path / "KKanji", _files(_real_tree(TOP100)))
+    test = KKanji(tmp_path, verify=False).split_indices()["test"]
+    assert [t for t in test if "/U+4E00/" in t] == GOLDEN_U4E00_TEST and len(test) == 1000
+    assert hashlib.sha256("\n".join(test).encode()).hexdigest() == GOLDEN_TOP100_TEST_SHA256
 
 
 GOLDEN_U4E00_TEST = [
@@ -382,7 +363,7 @@ def test_cache_is_rebuilt_when_the_source_changes(top100_files, tmp_path):
     assert np.array_equal(second.data[0].numpy(), np.asarray(inverted))
     assert torch.equal(second.data[0], 255 - first.data[0])
     assert not old_npy.exists() and len(list((tmp_path / "KKanji" / "cache").iterdir())) == 2
-    sorted((tree / "U+4E09").iterdir())[3].unlink()
+    sorted((tree / "U+4E01").iterdir())[3].unlink()
     assert len(KKanji(tmp_path, split="all", verify=False)) == 99
 
 
@@ -404,7 +385,7 @@ def test_missing_data_says_what_to_fetch(tmp_path, fast_net):
 
 def test_a_damaged_png_in_a_tree_is_named_and_no_cache_written(top100_files, tmp_path, monkeypatch):
     tree = _write_tree(tmp_path / "KKanji", _subset_of(top100_files, 4, 30))
-    victim = sorted((tree / "U+4E0A").iterdir())[2]
+    victim = sorted((tree / "U+4E02").iterdir())[2]
     victim.write_bytes(victim.read_bytes()[:-60])
     # Through the process pool, small chunks: a worker's error must reach the caller.
     monkeypatch.setattr(kkcache, "POOL_MIN_IMAGES", 0)
@@ -612,15 +593,15 @@ def test_cli_kkanji_split_without_data_is_an_error_not_a_traceback(tmp_path, fas
     assert "no download source" in capsys.readouterr().err
 
 
-def test_trainer_runs_on_real_kkanji_images(top100_files, tmp_path, one_thread):
+def test_trainer_runs_on_real_kkanji_images(real_dir, tmp_path, one_thread):
     from kmnist_torch import train
 
-    _write_tree(tmp_path / "KKanji", _subset_of(top100_files, 4, 30))
+    _write_tree(tmp_path / "KKanji", _subset_of(_files(_real_tree(TOP100)), 4, 30))
     res = train.main(["--dataset", "kkanji", "--root", str(tmp_path), "--no-download",
                       "--no-verify", "--out", str(tmp_path / "run"), "--device", "cpu",
                       "--no-progress", "--recipe", "cnn", "--epochs", "1",
                       "--batch-size", "16", "--shots", "10", "--split-seed", "1"])  # fmt: skip
     ds = KKanji(tmp_path, split="test", seed=1, shots=10, verify=False)
     assert res["image_size"] == 64 and res["num_classes"] == 4
-    assert res["num_test"] == len(ds) == 4 * 6
-    assert 0.0 <= res["test_accuracy"] <= 1.0
+    assert res["num_test"] == len(ds) == 4 * 6 and res["num_train"] == 4 * 10
+    assert res["epochs_done"] == 1 and res["finished"]

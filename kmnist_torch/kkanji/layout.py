@@ -26,17 +26,7 @@ MAX_MEMBER_BYTES = 1 << 20
 POOL_MIN_IMAGES = 4096
 CHUNK_IMAGES = 512
 
-# What is and is not verified, shown by `python -m kmnist_torch info kkanji` and in the README.
-VERIFICATION_NOTE = (
-    "no checksum of kkanji.tar is published, so the tar itself cannot be checked against the "
-    "release. Verified: at extraction every member is a regular file kkanji2/U+XXXX/<name>.png "
-    "(links, devices, absolute paths and '..' refused), the archive is complete (end-of-archive "
-    "marker), and the tree holds 3,832 classes and 140,424 images; at decoding every image is a "
-    "64x64 8-bit grayscale PNG. Recorded: the tar's size and sha256 at first use "
-    "(KKanji/kkanji.tar.record.json), checked whenever the tar changes and required of every "
-    "later download. Not verified: that the first tar is the publisher's own bytes. "
-    "verify=False accepts a subset of the tree (with a warning)."
-)
+VERIFICATION_NOTE = catalog.KKANJI_VERIFICATION_NOTE
 
 CLASS_RE = re.compile(r"U\+([0-9A-Fa-f]{4,6})")
 NAME_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_\-]*\.png")
