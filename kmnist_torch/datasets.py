@@ -164,10 +164,29 @@ def _read_idx_cached(gz_path: Path, ndim: int, shape: tuple[int, int] | None) ->
 
 
 class KMNIST(_ArrayDataset):
-    """Kuzushiji-MNIST: 10 hiragana, 60,000 train and 10,000 test images of 28x28.
+    """Kuzushiji-MNIST: 10 hiragana, 60,000 train and 10,000 test images of 28x28 grayscale.
 
-    Files live in ``root/KMNIST/raw/`` as in torchvision, so either package reuses the other's
-    download. ``format="npz"`` reads the NumPy release instead of the idx.gz one.
+    A drop-in for ``torchvision.datasets.KMNIST``: the same signature, attributes, items and
+    folder (``root/KMNIST/raw/``), so either package reuses the other's download. The files are
+    checked against their published md5/sha256 (hashed once, then remembered by size and
+    mtime) and decoded with format checks; ``classes`` are the real characters.
+
+    Args:
+        root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
+        train: the training split (True) or the test split (False).
+        transform: applied to each PIL image (mode ``"L"``) in ``__getitem__``.
+        target_transform: applied to each int class index in ``__getitem__``.
+        download: fetch missing, damaged or stale files from the mirrors
+            (``$KMNIST_TORCH_MIRRORS``, then the official host).
+        format: ``"mnist"`` (the idx.gz release) or ``"npz"`` (the NumPy release).
+        verify: check checksums; False accepts re-encodings and subsets (format checks
+            still apply).
+
+    Attributes:
+        data (torch.Tensor): uint8, N x 28 x 28.
+        targets (torch.Tensor): int64, N.
+        classes (list[str]): the characters, in class-index order; ``codepoints``
+            (``"U+304A"``), ``romaji`` and ``class_to_idx`` alongside.
     """
 
     info = catalog.KMNIST
@@ -187,7 +206,23 @@ class KMNIST(_ArrayDataset):
 
 class K49(_ArrayDataset):
     """Kuzushiji-49: 48 hiragana and one iteration mark, 232,365 train and 38,547 test images
-    of 28x28, imbalanced (report balanced accuracy). Files live in ``root/K49/raw/``."""
+    of 28x28 grayscale, imbalanced (417 to 6,000 training images a class: report balanced
+    accuracy). Files live in ``root/K49/raw/``; only the npz release exists.
+
+    Args:
+        root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
+        train: the training split (True) or the test split (False).
+        transform: applied to each PIL image (mode ``"L"``) in ``__getitem__``.
+        target_transform: applied to each int class index in ``__getitem__``.
+        download: fetch missing, damaged or stale files from the mirrors.
+        verify: check checksums; False accepts re-encodings and subsets.
+
+    Attributes:
+        data (torch.Tensor): uint8, N x 28 x 28.
+        targets (torch.Tensor): int64, N.
+        classes (list[str]): the 49 characters; ``codepoints``, ``romaji`` and
+            ``class_to_idx`` alongside.
+    """
 
     info = catalog.K49
 

@@ -9,12 +9,22 @@ import torch
 
 
 class TensorLoader:
-    """Yields ``(float32 B x 1 x H x W in [0, 1], int64 B)`` batches of a dataset's ``data``
-    and ``targets``, kept whole on ``device``.
+    """The whole split as one uint8 tensor on ``device``; batches are indexed, cast to float32
+    and scaled to [0, 1] there, instead of one PIL image per item on the CPU.
 
     Works with every dataset of this package (and any object with ``data`` N x H x W uint8 and
     ``targets`` tensors). The dataset's ``transform`` is not applied: augment on the device.
-    ``seed`` makes the shuffle order reproducible; each epoch draws a new order.
+
+    Args:
+        dataset: an object with uint8 ``data`` (N x H x W or N x C x H x W) and ``targets``.
+        batch_size: images per batch.
+        shuffle: draw a new order every epoch.
+        device: where the data lives and the batches are made.
+        drop_last: leave out the last, smaller batch.
+        seed: makes the shuffle order reproducible (None: a fresh random seed).
+
+    Yields:
+        ``(images, targets)``: float32 B x C x H x W in [0, 1] and int64 B, on ``device``.
     """
 
     def __init__(

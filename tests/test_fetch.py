@@ -9,6 +9,7 @@ import multiprocessing as mp
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from conftest import mirror_env
 
 from kmnist_torch import KMNIST, DataFilesError, FormatError
 from kmnist_torch.fetch import DownloadError, FetchConfig, Target, _NoDowngradeRedirect, download
+from kmnist_torch.fixtures import random_split, write_split
 from kmnist_torch.formats import read_idx, read_npz, write_idx
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -120,13 +122,23 @@ def test_https_to_http_redirect_is_refused():
     assert ok.full_url == "https://other.example/f"
 
 
-def test_dataset_download_uses_mirror_after_a_broken_one(tmp_path, http_server, fast_net, real_dir):
-    for name in ("kmnist-test-imgs.npz", "kmnist-test-labels.npz", "kmnist_classmap.csv"):
-        http_server.add(f"/good/kmnist/{name}", (real_dir / "kmnist" / name).read_bytes())
+def _serve_fixture_split(server, prefix: str, tmp_path, n: int = 40) -> np.ndarray:
+    """Serve a KMNIST test split written by the package's own writer (npz), at ``prefix``."""
+    images, labels = random_split(n)
+    folder = write_split(tmp_path / "src", "kmnist", "test", images, labels, fmt="npz")
+    for f in folder.iterdir():
+        server.add(f"{prefix}/kmnist/{f.name}", f.read_bytes())
+    return labels
+
+
+def test_dataset_download_uses_mirror_after_a_broken_one(tmp_path, http_server, fast_net):
+    labels = _serve_fixture_split(http_server, "/good", tmp_path)
     http_server.script("/bad/kmnist/kmnist-test-imgs.npz", 500, 500, 500)
     mirror_env(fast_net, f"{http_server.url}/bad", f"{http_server.url}/good")
-    ds = KMNIST(tmp_path, train=False, download=True, format="npz")
-    assert len(ds) == 10000
+    with pytest.warns(UserWarning, match="verify=False"):
+        ds = KMNIST(tmp_path / "root", train=False, download=True, format="npz", verify=False)
+    assert ds.targets.tolist() == labels.tolist()
+    assert len(http_server.hits("/bad/kmnist/kmnist-test-imgs.npz")) == 3
 
 
 def test_dataset_all_mirrors_fail_lists_files(tmp_path, http_server, fast_net):
@@ -146,15 +158,16 @@ def _download_in_process(root, url, q):
     os.environ.update(KMNIST_TORCH_MIRRORS=url, KMNIST_TORCH_OFFICIAL="0",
                       KMNIST_TORCH_TIMEOUT="5", no_proxy="127.0.0.1")  # fmt: skip
     try:
-        ds = KMNIST(root, train=False, download=True, format="npz")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # verify=False says so once per process
+            ds = KMNIST(root, train=False, download=True, format="npz", verify=False)
         q.put(int(ds.targets.sum()))
     except Exception as exc:  # report, don't hang the parent
         q.put(repr(exc))
 
 
-def test_two_processes_download_into_one_root(tmp_path, http_server, fast_net, real_dir):
-    for name in ("kmnist-test-imgs.npz", "kmnist-test-labels.npz", "kmnist_classmap.csv"):
-        http_server.add(f"/kmnist/{name}", (real_dir / "kmnist" / name).read_bytes())
+def test_two_processes_download_into_one_root(tmp_path, http_server, fast_net):
+    labels = _serve_fixture_split(http_server, "", tmp_path)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_download_in_process, args=(str(tmp_path), http_server.url, q))
@@ -164,7 +177,7 @@ def test_two_processes_download_into_one_root(tmp_path, http_server, fast_net, r
     results = [q.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
-    assert results == [45000, 45000]
+    assert results == [int(labels.sum())] * 2
     # The lock makes the second process wait and reuse: each file fetched exactly once.
     assert len(http_server.hits("/kmnist/kmnist-test-imgs.npz")) == 1
     raw = tmp_path / "KMNIST" / "raw"

@@ -24,11 +24,28 @@ class KKanji(ImageDataset):
     (1,768 to 1 images per class), with a deterministic stratified train/test split.
 
     Files live in ``root/KKanji/``: ``kkanji.tar`` (optional once extracted), ``kkanji2/``
-    (the extracted PNGs) and ``cache/`` (the decoded images). ``split`` is "train", "test" or
-    "all" (both). In each class ``floor(n * test_fraction)`` images, chosen by ``seed``, are the
-    test part; ``min_per_class`` drops smaller classes (and renumbers the rest), ``shots=k``
-    keeps at most ``k`` training images per class. ``verify=False`` accepts a subset of the
-    tree and a tar that differs from the recorded one, with a warning.
+    (the extracted PNGs) and ``cache/`` (the decoded images, memory-mapped). In each class
+    ``floor(n * test_fraction)`` images, chosen by a keyed hash of ``seed``, codepoint and file
+    name, are the test part.
+
+    Args:
+        root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
+        split: ``"train"``, ``"test"`` or ``"all"`` (both parts).
+        transform: applied to each PIL image (mode ``"L"``) in ``__getitem__``.
+        target_transform: applied to each int class index in ``__getitem__``.
+        download: fetch ``kkanji.tar`` from the mirrors when neither it nor the tree is there.
+        test_fraction: share of each class that goes to the test part, in [0, 1).
+        seed: seed of the split (not of training).
+        min_per_class: drop classes with fewer images and renumber the rest.
+        shots: keep at most this many training images per class (test unchanged).
+        verify: require the complete tree and the recorded tar; False accepts a subset of the
+            tree and a changed tar, with a :class:`KKanjiWarning`.
+
+    Attributes:
+        data (torch.Tensor): uint8, N x 64 x 64.
+        targets (torch.Tensor): int64, N.
+        classes (list[str]): the kanji, ordered by numeric codepoint; ``codepoints`` and
+            ``class_to_idx`` alongside.
     """
 
     def __init__(
