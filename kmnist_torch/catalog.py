@@ -26,6 +26,18 @@ STALE_RELEASE_DATE = "2019-02-05"
 
 
 @dataclass(frozen=True)
+class LocalFile:
+    """A file made from an official one: the idx file inside an idx.gz, as torchvision
+    extracts it. Its size always follows from the format; its checksums are known only where
+    we could compute them from a real copy of the official file."""
+
+    name: str
+    size: int
+    md5: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class RemoteFile:
     """One official file: its path relative to a mirror base, size and published checksums."""
 
@@ -35,6 +47,7 @@ class RemoteFile:
     sha256: str | None = None
     # md5 -> description of known stale versions of this file (same name, older release).
     stale_md5: dict[str, str] = field(default_factory=dict)
+    extracted: LocalFile | None = None  # what gunzip makes of it (idx.gz files only)
 
     @property
     def name(self) -> str:
@@ -70,6 +83,8 @@ class DatasetInfo:
     archive: RemoteFile | None = None  # KKanji: one tar, no published checksum
     # split -> images per class, as counted in the official label files.
     class_counts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Where the publisher serves the files (each base + RemoteFile.path is a URL).
+    bases: tuple[str, ...] = (OFFICIAL_BASE,)
 
     def files(self, split: str | None = None, fmt: str | None = None) -> list[RemoteFile]:
         """The official files of this dataset, optionally only one split and/or one format."""
@@ -135,10 +150,14 @@ KMNIST = DatasetInfo(
             "mnist": (
                 _f("kmnist/train-images-idx3-ubyte.gz", 18165135,
                    "bdb82020997e1d708af4cf47b453dcf7",
-                   "51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4"),
+                   "51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4",
+                   extracted=LocalFile("train-images-idx3-ubyte", 47040016)),
                 _f("kmnist/train-labels-idx1-ubyte.gz", 29497,
                    "e144d726b3acfaa3e44228e80efcd344",
-                   "e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17"),
+                   "e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17",
+                   extracted=LocalFile(
+                       "train-labels-idx1-ubyte", 60008, "949e75301f8813e0dc5800dcc320fc52",
+                       "2a16eeae62da984b8bd24fa32e31d47291f01dac3fe84d5594f304f71e7d374b")),
             ),
             "npz": (
                 _f("kmnist/kmnist-train-imgs.npz", 18384171,
@@ -152,10 +171,16 @@ KMNIST = DatasetInfo(
             "mnist": (
                 _f("kmnist/t10k-images-idx3-ubyte.gz", 3041136,
                    "5c965bf0a639b31b8f53240b1b52f4d7",
-                   "edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5"),
+                   "edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5",
+                   extracted=LocalFile(
+                       "t10k-images-idx3-ubyte", 7840016, "bf305b8cd328700fbc17f5acbc2856d2",
+                       "76fbd229ce87db80dd281af5e6670de4ad0e42fb30a7bd643972994c47c1f42e")),
                 _f("kmnist/t10k-labels-idx1-ubyte.gz", 5120,
                    "7320c461ea6c1c855c0b718fb2a4b134",
-                   "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c"),
+                   "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c",
+                   extracted=LocalFile(
+                       "t10k-labels-idx1-ubyte", 10008, "9f55f451c0988b028eccdf7d5cc265ab",
+                       "a11dc742be8e781a40a92f53d6a4957e7b7d36df2faa097659131ebfd8fd60c6")),
             ),
             "npz": (
                 _f("kmnist/kmnist-test-imgs.npz", 3079479,
@@ -220,6 +245,48 @@ K49 = DatasetInfo(
 )  # fmt: skip
 
 # What is and is not verified, shown by `python -m kmnist_torch info kkanji` and in the README.
+MNIST = DatasetInfo(
+    name="mnist",
+    title="MNIST",
+    folder="MNIST",
+    image_shape=(28, 28),
+    num_classes=10,
+    splits={
+        "train": {
+            "mnist": (
+                _f("mnist/train-images-idx3-ubyte.gz", 9912422, "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                   extracted=LocalFile("train-images-idx3-ubyte", 47040016)),
+                _f("mnist/train-labels-idx1-ubyte.gz", 28881, "d53e105ee54ea40749a09fcbcd1e9432",
+                   extracted=LocalFile("train-labels-idx1-ubyte", 60008)),
+            ),
+        },
+        "test": {
+            "mnist": (
+                _f("mnist/t10k-images-idx3-ubyte.gz", 1648877, "9fb629c4189551a2d022fa330f9573f3",
+                   extracted=LocalFile("t10k-images-idx3-ubyte", 7840016)),
+                _f("mnist/t10k-labels-idx1-ubyte.gz", 4542, "ec29112dd5afa0611ce80d1b7f02629c",
+                   extracted=LocalFile("t10k-labels-idx1-ubyte", 10008)),
+            ),
+        },
+    },
+    split_sizes={"train": 60000, "test": 10000},
+    classmap=None,
+    classes=tuple(
+        ClassInfo(i, f"U+{0x30 + i:04X}", str(i), word)
+        for i, word in enumerate(
+            "zero one two three four five six seven eight nine".split()
+        )
+    ),
+    class_counts={
+        "train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+        "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+    },
+    description="The handwritten digits, 60,000 train / 10,000 test, 28x28 grayscale: the "
+    "baseline the Kuzushiji table compares with (md5s as torchvision publishes them).",
+    # torchvision's two sources, in its order; the Kuzushiji host does not serve MNIST.
+    bases=("https://ossci-datasets.s3.amazonaws.com/", "http://yann.lecun.com/exdb/"),
+)  # fmt: skip
+
 KKANJI_VERIFICATION_NOTE = (
     "no checksum of kkanji.tar is published, so the tar itself cannot be checked against the "
     "release. Verified: at extraction every member is a regular file kkanji2/U+XXXX/<name>.png "
@@ -248,7 +315,7 @@ KKANJI = DatasetInfo(
     archive=RemoteFile("kkanji/kkanji.tar", None, None),
 )
 
-DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (KMNIST, K49, KKANJI)}
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (KMNIST, K49, KKANJI, MNIST)}
 
 
 def get(name: str) -> DatasetInfo:

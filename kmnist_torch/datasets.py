@@ -1,5 +1,7 @@
-"""KMNIST and K49 in the torchvision mould: download, verify and cache the official files, then
-expose ``data``/``targets`` tensors, the real characters as ``classes``, and transforms."""
+"""MNIST, KMNIST and K49 as members of torchvision's MNIST family (each is an instance of
+``torchvision.datasets.MNIST``; KMNIST of ``torchvision.datasets.KMNIST`` too): download, verify
+and cache the official files, then expose ``data``/``targets`` tensors, the real characters as
+``classes``, and transforms. Also the registry: :func:`create_dataset`, :func:`list_datasets`."""
 
 from __future__ import annotations
 
@@ -11,14 +13,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import datasets as tv_datasets
 from torchvision.datasets import VisionDataset
 
-from . import catalog, formats
-from ._io import HashRecord, atomic_write, hash_file
+from . import arrays, catalog
 from .catalog import DatasetInfo
 from .sources import DataFilesError, ensure_files, resolve_root, target_for
 
-__all__ = ["K49", "KMNIST", "DataFilesError", "ImageDataset", "create_dataset", "list_datasets"]
+__all__ = [
+    "K49",
+    "KMNIST",
+    "MNIST",
+    "DataFilesError",
+    "ImageDataset",
+    "create_dataset",
+    "list_datasets",
+]
 
 
 def _writable(arr: np.ndarray) -> np.ndarray:
@@ -46,11 +56,18 @@ class ImageDataset(VisionDataset):
         return img, target
 
 
-class _ArrayDataset(ImageDataset):
-    """Shared base of the datasets published as whole arrays (KMNIST, K49): a subclass only
-    names its catalog entry."""
+class _MNISTFamily(ImageDataset):
+    """Shared base of the datasets published as whole arrays (MNIST, KMNIST, K49): a subclass
+    names its catalog entry and the torchvision class it stands in for.
+
+    Every public attribute of ``torchvision.datasets.MNIST`` is there and behaves as it does
+    there (``resources``, ``mirrors``, ``raw_folder``, ``processed_folder``, ``download()``,
+    ``class_to_idx``, the deprecated ``train_data``/``train_labels``/``test_data``/
+    ``test_labels``), with two differences: ``classes`` are the characters, and the files are
+    verified (:mod:`kmnist_torch.arrays` says in which forms a root may hold them)."""
 
     info: DatasetInfo
+    legacy = False  # whether torchvision ever wrote processed/*.pt files for this dataset
 
     def __init__(
         self,
@@ -59,12 +76,13 @@ class _ArrayDataset(ImageDataset):
         transform: Callable | None = None,
         target_transform: Callable | None = None,
         download: bool = False,
-        format: str = "npz",
+        format: str = "mnist",
         verify: bool = True,
     ) -> None:
-        # Not called directly: KMNIST and K49 give the user-facing signatures.
-        super().__init__(
-            str(resolve_root(root)), transform=transform, target_transform=target_transform
+        # Not called directly: MNIST, KMNIST and K49 give the user-facing signatures.
+        root = resolve_root(root)
+        VisionDataset.__init__(
+            self, str(root), transform=transform, target_transform=target_transform
         )
         if format not in self.info.formats:
             raise ValueError(
@@ -78,96 +96,86 @@ class _ArrayDataset(ImageDataset):
             warnings.warn(
                 f"{type(self).__name__}: verify=False, checksums are not checked (format "
                 "checks still are)",
-                stacklevel=2,
+                stacklevel=3,
             )
-        images_file, labels_file = self.info.splits[self.split][format]
-        folder = Path(self.raw_folder)
-        targets = [target_for(images_file, folder), target_for(labels_file, folder)]
-        extras = [target_for(self.info.classmap, folder)] if self.info.classmap else []
-        ensure_files(targets, download, verify, name=type(self).__name__, extras=extras)
-        images, labels = self._decode(targets[0].dest, targets[1].dest)
-        self.data = torch.from_numpy(_writable(images))
-        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.data, self.targets = self._load_data(download)
         cls = self.info.classes
-        self.classes = [c.char for c in cls]
+        self.classes = [c.char for c in cls]  # class_to_idx follows, as in torchvision
         self.codepoints = [c.codepoint for c in cls]
         self.romaji = [c.romaji for c in cls]
-        self.class_to_idx = {c.char: c.index for c in cls}
 
-    # torchvision compatibility: same folder layout as torchvision.datasets.KMNIST.
+    # torchvision's layout: root/<Folder>/raw and root/<Folder>/processed.
     @property
     def raw_folder(self) -> str:
         """``root/<Folder>/raw``, where torchvision keeps the same files."""
-        return os.path.join(self.root, self.info.folder, "raw")
+        return str(arrays.raw_folder(Path(self.root), self.info))
 
-    def _decode(self, images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-        shape = self.info.image_shape
-        if self.format == "mnist":
-            images = _read_idx_cached(images_path, 3, shape)
-            labels = _read_idx_cached(labels_path, 1, None)
-        else:
-            images = formats.read_npz(images_path, (-1, *shape))
-            labels = formats.read_npz(labels_path, (-1,))
-        if len(images) != len(labels):
-            raise formats.FormatError(
-                f"{images_path} holds {len(images)} images but {labels_path} holds "
-                f"{len(labels)} labels; they must match: delete both and download again."
-            )
-        if labels.size and int(labels.max()) >= self.info.num_classes:
-            raise formats.FormatError(
-                f"{labels_path}: expected labels below {self.info.num_classes}, found "
-                f"{int(labels.max())}."
-            )
-        expected = self.info.split_sizes[self.split]
-        if self.verify and len(images) != expected:
-            raise formats.FormatError(
-                f"{images_path}: expected {expected} images in the {self.split} split, "
-                f"found {len(images)}."
-            )
-        return images, labels
+    @property
+    def processed_folder(self) -> str:
+        """``root/<Folder>/processed``, where older torchvision releases wrote ``training.pt``."""
+        return str(arrays.processed_folder(Path(self.root), self.info))
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        """Character -> class index."""
+        return {c: i for i, c in enumerate(self.classes)}
+
+    def _check_exists(self) -> bool:
+        folder = Path(self.raw_folder)
+        pair = self.info.splits[self.split][self.format]
+        return all(arrays.present(f, folder) for f in pair)
+
+    def _load_data(self, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        loaded = arrays.load(self.info, Path(self.root), self.split, self.format, download,
+                             self.verify, type(self).__name__, legacy=self.legacy)  # fmt: skip
+        self.source, self.verified = loaded.source, loaded.verified
+        images = torch.from_numpy(_writable(loaded.images))
+        return images, torch.from_numpy(loaded.labels.astype(np.int64))
+
+    def download(self) -> None:
+        """Download (and verify) every official file of this format, both splits and the
+        class map, into :attr:`raw_folder`, as torchvision's ``download()`` fetches its
+        resources; files already there and correct are kept."""
+        folder = Path(self.raw_folder)
+        remotes = [f for pairs in self.info.splits.values() for f in pairs[self.format]]
+        if self.info.classmap is not None:
+            remotes.append(self.info.classmap)
+        targets = [target_for(f, folder, self.info.bases) for f in remotes]
+        ensure_files(targets, True, self.verify, name=type(self).__name__)
 
     def extra_repr(self) -> str:
         counts = torch.bincount(self.targets, minlength=self.info.num_classes)
+        checked = "verified against published checksums"
+        if not self.verified:
+            checked = "size and format checked, content not verified"
         return "\n".join([
             f"Split: {self.split.capitalize()}",
-            f"Format: {self.format}",
+            f"Format: {self.format} (read from {self.source}; {checked})",
             f"Classes: {self.info.num_classes} ({''.join(self.classes)})",
             f"Images per class: {int(counts.min())} to {int(counts.max())}",
             f"Licence: {catalog.LICENSE}",
         ])  # fmt: skip
 
 
-def _read_idx_cached(gz_path: Path, ndim: int, shape: tuple[int, int] | None) -> np.ndarray:
-    """Decode an idx.gz, using (and keeping) the extracted copy torchvision also reads.
-
-    The extracted copy is read only when the record says it was written from this very gz
-    (same md5, neither file touched since); otherwise the gz is decoded and the copy rewritten.
-    """
-    full_shape = None if shape is None else (-1, *shape)
-    plain = gz_path.with_suffix("")  # train-images-idx3-ubyte, as torchvision extracts it
-    record = HashRecord(gz_path.parent)
-    gz_md5 = record.hashes(gz_path)[0]  # remembered after the first load
-    entry = record.entries.get(plain.name)
-    if plain.is_file() and entry and entry.get("from_md5") == gz_md5:
-        st = plain.stat()
-        if entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-            return formats.read_idx(plain, ndim, full_shape)
-    raw = formats.read_gzip(gz_path)
-    arr = formats.parse_idx(raw, gz_path, ndim, full_shape)
-    try:
-        atomic_write(plain, raw, fsync=False)
-        md5, sha = hash_file(plain)
-        record.remember(plain, md5, sha, from_md5=gz_md5)
-    except OSError:  # read-only root: keep working from the gz
-        pass
-    return arr
+def _torchvision_attributes(info: DatasetInfo, fmt: str) -> dict[str, Any]:
+    """torchvision's class attributes, from the catalog: ``mirrors`` (the publisher's folders;
+    ``$KMNIST_TORCH_MIRRORS`` comes first when we download) and ``resources`` ((file name,
+    md5) of every official file of the format)."""
+    folder = info.splits["train"][fmt][0].path.rsplit("/", 1)[0]
+    return {
+        "mirrors": [base + folder + "/" for base in info.bases],
+        "resources": [(f.name, f.md5) for pairs in info.splits.values() for f in pairs[fmt]],
+    }
 
 
-class KMNIST(_ArrayDataset):
+class KMNIST(_MNISTFamily, tv_datasets.KMNIST):
     """Kuzushiji-MNIST: 10 hiragana, 60,000 train and 10,000 test images of 28x28 grayscale.
 
-    A drop-in for ``torchvision.datasets.KMNIST``: the same signature, attributes, items and
-    folder (``root/KMNIST/raw/``), so either package reuses the other's download. The files are
+    A drop-in for ``torchvision.datasets.KMNIST``, and an instance of it (so of ``MNIST``):
+    the same signature, attributes, items and folder (``root/KMNIST/raw/``), so either package
+    reuses the other's download, and ``wrap_dataset_for_transforms_v2`` works. The files may be
+    the official idx.gz or npz files, the extracted idx files alone, or torchvision's legacy
+    ``processed/*.pt``. The files are
     checked against their published md5/sha256 (hashed once, then remembered by size and
     mtime) and decoded with format checks; ``classes`` are the real characters.
 
@@ -190,6 +198,8 @@ class KMNIST(_ArrayDataset):
     """
 
     info = catalog.KMNIST
+    legacy = True  # older torchvision releases wrote processed/training.pt and test.pt
+    locals().update(_torchvision_attributes(catalog.KMNIST, "mnist"))
 
     def __init__(
         self,
@@ -204,10 +214,11 @@ class KMNIST(_ArrayDataset):
         super().__init__(root, train, transform, target_transform, download, format, verify)
 
 
-class K49(_ArrayDataset):
+class K49(_MNISTFamily, tv_datasets.MNIST):
     """Kuzushiji-49: 48 hiragana and one iteration mark, 232,365 train and 38,547 test images
     of 28x28 grayscale, imbalanced (417 to 6,000 training images a class: report balanced
-    accuracy). Files live in ``root/K49/raw/``; only the npz release exists.
+    accuracy). Files live in ``root/K49/raw/``; only the npz release exists. A 28x28 MNIST-style
+    dataset, so an instance of ``torchvision.datasets.MNIST`` as KMNIST is.
 
     Args:
         root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
@@ -225,6 +236,7 @@ class K49(_ArrayDataset):
     """
 
     info = catalog.K49
+    locals().update(_torchvision_attributes(catalog.K49, "npz"))
 
     def __init__(
         self,
@@ -238,12 +250,43 @@ class K49(_ArrayDataset):
         super().__init__(root, train, transform, target_transform, download, "npz", verify)
 
 
+class MNIST(_MNISTFamily, tv_datasets.MNIST):
+    """MNIST, the handwritten digits the Kuzushiji table compares with: 60,000 train and
+    10,000 test images of 28x28 in ``root/MNIST/raw/``, from torchvision's two sources (after
+    ``$KMNIST_TORCH_MIRRORS``, as ``<base>/mnist/<file>``), md5-verified. ``classes`` are the
+    digits ``"0"`` to ``"9"``.
+
+    Args:
+        root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
+        train: the training split (True) or the test split (False).
+        transform: applied to each PIL image (mode ``"L"``) in ``__getitem__``.
+        target_transform: applied to each int class index in ``__getitem__``.
+        download: fetch missing or damaged files.
+        verify: check checksums; False accepts re-encodings and subsets.
+    """
+
+    info = catalog.MNIST
+    legacy = True
+    locals().update(_torchvision_attributes(catalog.MNIST, "mnist"))
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        train: bool = True,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        download: bool = False,
+        verify: bool = True,
+    ) -> None:
+        super().__init__(root, train, transform, target_transform, download, "mnist", verify)
+
+
 # ------------------------------------------------------------------------------ the registry
 
 
 def list_datasets() -> list[str]:
-    """The names :func:`create_dataset` accepts: every dataset of the catalog, plus MNIST."""
-    return ["mnist", *catalog.DATASETS]
+    """The names :func:`create_dataset` accepts: every dataset of the catalog."""
+    return list(catalog.DATASETS)
 
 
 def create_dataset(
@@ -267,17 +310,11 @@ def create_dataset(
     Returns:
         The dataset, with ``data``, ``targets`` and ``classes``.
     """
-    key = name.lower().replace("-", "").replace("_", "")
-    if key == "mnist":
-        from torchvision.datasets import MNIST
-
-        kwargs.pop("verify", None)  # torchvision checks MNIST's md5s itself
-        return MNIST(str(resolve_root(root)), train=train, **kwargs)
     info = catalog.get(name)  # KeyError naming the datasets there are
     if info.name == "kkanji":
         from .kkanji import KKanji
 
         kwargs.setdefault("split", "train" if train else "test")
         return KKanji(root, **kwargs)
-    cls = {"kmnist": KMNIST, "k49": K49}[info.name]
+    cls = {"mnist": MNIST, "kmnist": KMNIST, "k49": K49}[info.name]
     return cls(root, train=train, **kwargs)

@@ -38,34 +38,35 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return Path(root).expanduser() if root is not None else default_root()
 
 
-def mirrors() -> list[str]:
+def mirrors(bases: tuple[str, ...] | None = None) -> list[str]:
     """Base URLs to try, in order: ``$KMNIST_TORCH_MIRRORS`` (commas or spaces), then the
-    official host (left out when ``$KMNIST_TORCH_OFFICIAL=0``, for sites that must not reach
-    it). Each base has the official layout (``<base>/kmnist/<file>``...).
+    publisher's ``bases`` (default: the official Kuzushiji host), left out when
+    ``$KMNIST_TORCH_OFFICIAL=0``, for sites that must not reach them. Each base has the official
+    layout (``<base>/kmnist/<file>``, ``<base>/mnist/<file>`` ...).
 
     Empty when neither is set: files placed by hand still load; only a download then fails,
     with :data:`NO_SOURCE`."""
-    bases = [b for b in re.split(r"[,\s]+", os.environ.get("KMNIST_TORCH_MIRRORS", "")) if b]
+    found = [b for b in re.split(r"[,\s]+", os.environ.get("KMNIST_TORCH_MIRRORS", "")) if b]
     if os.environ.get("KMNIST_TORCH_OFFICIAL", "1").strip().lower() not in ("0", "no", "false"):
-        bases.append(catalog.OFFICIAL_BASE)
+        found.extend(bases or (catalog.OFFICIAL_BASE,))
     out: list[str] = []
-    for b in bases:
+    for b in found:
         b = b if b.endswith("/") else b + "/"
         if b not in out:
             out.append(b)
     return out
 
 
-def urls_for(remote: RemoteFile) -> list[str]:
+def urls_for(remote: RemoteFile, bases: tuple[str, ...] | None = None) -> list[str]:
     """Every URL an official file can be fetched from, in the order they are tried."""
-    return [base + remote.path for base in mirrors()]
+    return [base + remote.path for base in mirrors(bases)]
 
 
-def target_for(remote: RemoteFile, folder: Path) -> Target:
+def target_for(remote: RemoteFile, folder: Path, bases: tuple[str, ...] | None = None) -> Target:
     """Where an official file lives under ``folder`` and where it can be fetched from."""
     return Target(
         dest=folder / remote.name,
-        urls=urls_for(remote),
+        urls=urls_for(remote, bases),
         size=remote.size,
         md5=remote.md5,
         sha256=remote.sha256,

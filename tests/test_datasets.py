@@ -138,6 +138,9 @@ def test_missing_files_error_lists_urls_sizes_md5_and_paths(tmp_path, fast_net, 
     assert "18165135 bytes" in msg and "bdb82020997e1d708af4cf47b453dcf7" in msg
     assert str(raw / "train-labels-idx1-ubyte.gz") in msg
     assert "download=True" in msg
+    # Every file the run needs, so a user fetching them by hand does not fail a second time.
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "kmnist_classmap.csv"):
+        assert f"{name}: missing" in msg and str(raw / name) in msg
 
 
 def test_wrong_checksum_without_download_raises(tmp_path, real_dir):

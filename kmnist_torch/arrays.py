@@ -1,0 +1,300 @@
+"""One split of an array dataset (KMNIST, K49, MNIST) from whatever form its files have on disk,
+checked and decoded: the official idx.gz or npz files, the idx files torchvision extracts from
+the .gz (alone, as a user who unpacked them by hand or torchvision's own tests leave them), or
+torchvision's legacy ``processed/training.pt`` and ``test.pt``.
+
+What is checked: the official files against their published size, md5 and sha256 (with
+``verify``); an extracted idx file against the size its format implies, and against the md5 and
+sha256 of the extracted official file where we know them (computed from real copies); where no
+checksum is known, only its size and format, with a warning that its content could not be
+checked. Legacy ``.pt`` files were written by torchvision on the user's machine: only their
+shapes, dtypes and label range can be checked.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import formats
+from ._io import HashRecord, atomic_write, hash_file
+from .catalog import DatasetInfo, LocalFile, RemoteFile
+from .fetch import Target
+from .sources import DataFilesError, ensure_files, mirrors, target_for
+
+LEGACY_FILES = {"train": "training.pt", "test": "test.pt"}
+
+# (file path) already warned about in this process: a warning a user reads once, not per load.
+_WARNED: set[str] = set()
+
+
+class UncheckedContentWarning(UserWarning):
+    """A file was used after checking only its size and format: no published checksum exists
+    for it (an extracted training-images idx file, a legacy processed ``.pt``)."""
+
+
+@dataclass
+class Loaded:
+    """Decoded images and labels of one split, and which files they came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str  # "idx.gz", "idx", "npz" or "legacy .pt"
+    verified: bool  # every file checked against a published checksum
+
+
+def raw_folder(root: Path, info: DatasetInfo) -> Path:
+    """``root/<Folder>/raw``, where torchvision keeps the same files."""
+    return root / info.folder / "raw"
+
+
+def processed_folder(root: Path, info: DatasetInfo) -> Path:
+    """``root/<Folder>/processed``, where older torchvision releases wrote ``training.pt``."""
+    return root / info.folder / "processed"
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        warnings.warn(message, UncheckedContentWarning, stacklevel=4)
+
+
+def _extracted_target(remote: RemoteFile, folder: Path) -> Target | None:
+    ex = remote.extracted
+    if ex is None:
+        return None
+    return Target(dest=folder / ex.name, urls=[], size=ex.size, md5=ex.md5, sha256=ex.sha256)
+
+
+def present(remote: RemoteFile, folder: Path) -> str | None:
+    """Which form of ``remote`` is in ``folder``: ``"official"`` (the published file),
+    ``"extracted"`` (only the idx file inside it), or None."""
+    if (folder / remote.name).is_file():
+        return "official"
+    if remote.extracted is not None and (folder / remote.extracted.name).is_file():
+        return "extracted"
+    return None
+
+
+def missing_error(info: DatasetInfo, root: Path, fmt: str, name: str) -> DataFilesError:
+    """One error listing every file of the run (both splits and the class map) that is in no
+    usable form under ``root``: URLs, size, checksums and where to put it."""
+    folder = raw_folder(root, info)
+    files = [f for pairs in info.splits.values() for f in pairs[fmt]]
+    if info.classmap is not None:
+        files.append(info.classmap)
+    missing = [f for f in files if present(f, folder) is None]
+    lines = [f"{name}: {len(missing)} file(s) missing in {folder}:"]
+    for f in missing:
+        lines.append(f"- {f.name}: missing")
+        lines.append(target_for(f, folder, info.bases).describe())
+        if f.extracted is not None:
+            lines.append(f"    (or the extracted {f.extracted.name}, {f.extracted.size} bytes)")
+    if not mirrors():
+        lines.append("No download source is set ($KMNIST_TORCH_OFFICIAL=0, no mirrors).")
+    lines.append(
+        f"Pass download=True (or run `python -m kmnist_torch download {info.name}`) to fetch "
+        "them, or place the files above by hand."
+    )
+    return DataFilesError("\n".join(lines))
+
+
+def _check_extracted(
+    remote: RemoteFile, folder: Path, verify: bool, record: HashRecord
+) -> tuple[str | None, bool]:
+    """(why the extracted copy of ``remote`` is not usable or None, whether its content was
+    checked against a known checksum)."""
+    target = _extracted_target(remote, folder)
+    assert target is not None
+    size = target.dest.stat().st_size
+    if size != target.size:  # the format fixes the size: anything else is damaged
+        return f"wrong size: {size} bytes, expected {target.size}", False
+    known = bool(target.md5 or target.sha256)
+    if not verify or not known:
+        return None, False
+    md5, sha = record.hashes(target.dest)
+    if target.md5 and md5 != target.md5:
+        return f"md5 mismatch: {md5}, expected {target.md5} (of the extracted official file)", True
+    if target.sha256 and sha != target.sha256:
+        return f"sha256 mismatch: {sha}, expected {target.sha256}", True
+    return None, True
+
+
+def load(
+    info: DatasetInfo,
+    root: Path,
+    split: str,
+    fmt: str,
+    download: bool,
+    verify: bool,
+    name: str,
+    legacy: bool = False,
+) -> Loaded:
+    """Find, check (downloading what is missing or bad when ``download``) and decode one split.
+
+    Raises :class:`DataFilesError` naming every file the run needs when files are missing and
+    cannot be fetched, and :class:`~kmnist_torch.formats.FormatError` for a damaged file."""
+    folder = raw_folder(root, info)
+    pair = info.splits[split][fmt]
+    extras = [target_for(info.classmap, folder, info.bases)] if info.classmap else []
+    forms = [present(f, folder) for f in pair]
+    if None in forms:
+        if not download:
+            if legacy and _legacy_exists(root, info):
+                return _load_legacy(root, info, split, verify)
+            raise missing_error(info, root, fmt, name)
+        forms = ["official" if form is None else form for form in forms]
+    record = HashRecord(folder)
+    verified = True
+    for i, (remote, form) in enumerate(zip(pair, forms)):
+        if form != "extracted":
+            continue
+        problem, checked = _check_extracted(remote, folder, verify, record)
+        if problem is None:
+            if not checked:
+                verified = False
+                if verify:
+                    _warn_once(
+                        folder / remote.extracted.name,
+                        f"{name}: {folder / remote.extracted.name}: no published checksum "
+                        "exists for this extracted file; its size and format were checked, "
+                        f"its content could not be. Place {remote.name} beside it to have it "
+                        "verified.",
+                    )
+            continue
+        if not download:
+            raise DataFilesError(
+                f"{name}: {folder / remote.extracted.name} is not usable: {problem}. Delete it "
+                f"and pass download=True, or place the official {remote.name} beside it."
+            )
+        forms[i] = "official"  # fetch the published file instead, and decode that
+    official = [target_for(f, folder, info.bases) for f, form in zip(pair, forms)]
+    official = [t for t, form in zip(official, forms) if form == "official"]
+    ensure_files(official, download, verify, name=name, extras=extras)
+    verified = verified and verify
+    images, labels = _decode(info, folder, pair, forms, fmt)
+    names = [f.extracted.name if form == "extracted" else f.name for f, form in zip(pair, forms)]
+    _check_arrays(info, split, images, labels, (folder / names[0], folder / names[1]), verify)
+    source = "npz" if fmt == "npz" else ("idx" if "extracted" in forms else "idx.gz")
+    return Loaded(images, labels, source, verified)
+
+
+def _decode(
+    info: DatasetInfo, folder: Path, pair, forms: list[str], fmt: str
+) -> tuple[np.ndarray, np.ndarray]:
+    shape = info.image_shape
+    if fmt == "npz":
+        return (
+            formats.read_npz(folder / pair[0].name, (-1, *shape)),
+            formats.read_npz(folder / pair[1].name, (-1,)),
+        )
+    out = []
+    for remote, form, ndim, dims in zip(pair, forms, (3, 1), ((-1, *shape), None)):
+        if form == "extracted":
+            out.append(formats.read_idx(folder / remote.extracted.name, ndim, dims))
+        else:
+            out.append(read_idx_cached(folder / remote.name, remote.extracted, ndim, dims))
+    return out[0], out[1]
+
+
+def _check_arrays(
+    info: DatasetInfo,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    where: tuple[Path, Path],
+    verify: bool,
+) -> None:
+    """Images and labels agree, labels are class indices, and (``verify``) the split has its
+    published size. ``where``: the (images, labels) files, named in the errors."""
+    if len(images) != len(labels):
+        raise formats.FormatError(
+            f"{where[0]} holds {len(images)} images but {where[1]} holds {len(labels)} labels; "
+            "they must match: delete both and download them again."
+        )
+    if labels.size and int(labels.max()) >= info.num_classes:
+        raise formats.FormatError(
+            f"{where[1]}: expected labels below {info.num_classes}, found {int(labels.max())}."
+        )
+    expected = info.split_sizes[split]
+    if verify and len(images) != expected:
+        raise formats.FormatError(
+            f"{where[0]}: expected {expected} images in the {split} split, found {len(images)}."
+        )
+
+
+def read_idx_cached(
+    gz_path: Path, extracted: LocalFile | None, ndim: int, shape: tuple[int, ...] | None
+) -> np.ndarray:
+    """Decode an idx.gz, using (and keeping) the extracted copy torchvision also reads.
+
+    The extracted copy is read only when the record says it was written from this very gz
+    (same md5, neither file touched since); otherwise the gz is decoded and the copy rewritten.
+    """
+    plain = gz_path.with_suffix("") if extracted is None else gz_path.with_name(extracted.name)
+    record = HashRecord(gz_path.parent)
+    gz_md5 = record.hashes(gz_path)[0]  # remembered after the first load
+    entry = record.lookup(plain) if plain.is_file() else None
+    if entry is not None and entry.get("from_md5") == gz_md5:
+        return formats.read_idx(plain, ndim, shape)
+    raw = formats.read_gzip(gz_path)
+    arr = formats.parse_idx(raw, gz_path, ndim, shape)
+    try:
+        atomic_write(plain, raw, fsync=False)
+        md5, sha = hash_file(plain)
+        record.remember(plain, md5, sha, from_md5=gz_md5)
+    except OSError:  # read-only root: keep working from the gz
+        pass
+    return arr
+
+
+# ------------------------------------------------------------------ torchvision's legacy files
+
+
+def _legacy_exists(root: Path, info: DatasetInfo) -> bool:
+    folder = processed_folder(root, info)
+    return all((folder / f).is_file() for f in LEGACY_FILES.values())
+
+
+def _load_legacy(root: Path, info: DatasetInfo, split: str, verify: bool) -> Loaded:
+    """Read torchvision's legacy ``processed/<split>.pt`` (a pickled ``(data, targets)`` pair of
+    tensors), with ``weights_only=True`` so nothing but tensors can be unpickled."""
+    import torch
+
+    path = processed_folder(root, info) / LEGACY_FILES[split]
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure: the file is not what it should be
+        raise formats.FormatError(
+            f"{path}: expected torchvision's legacy (data, targets) tensors, could not read it "
+            f"({type(exc).__name__}: {exc}). Delete {path.parent} and download the raw files."
+        ) from exc
+    ok = isinstance(obj, (tuple, list)) and len(obj) == 2
+    data, targets = obj if ok else (None, None)
+    if not (
+        isinstance(data, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and data.dtype == torch.uint8
+        and tuple(data.shape[1:]) == info.image_shape
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+    ):
+        raise formats.FormatError(
+            f"{path}: expected a (uint8 N x {info.image_shape[0]} x {info.image_shape[1]}, "
+            "integer N) pair of tensors as older torchvision releases wrote it. Delete "
+            f"{path.parent} and download the raw files."
+        )
+    images, labels = data.numpy(), targets.numpy()
+    if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
+        raise formats.FormatError(f"{path}: labels outside 0..{info.num_classes - 1}")
+    _check_arrays(info, split, images, labels, (path, path), verify)
+    if verify:
+        _warn_once(
+            path,
+            f"{info.title}: loaded torchvision's legacy {path}: no published checksum exists for "
+            "it, so only its shapes, dtypes and labels were checked.",
+        )
+    return Loaded(images, labels.astype(np.int64), "legacy .pt", False)
