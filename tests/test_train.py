@@ -3,6 +3,7 @@ on KMNIST fixtures served from 127.0.0.1, results.json, checkpoints, Ctrl-C and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,10 +18,12 @@ import pytest
 import torch
 from conftest import mirror_env
 
-from kmnist_torch import catalog, train
+from kmnist_torch import engine, train
 from kmnist_torch.augment import random_translate
-from kmnist_torch.formats import write_idx
+from kmnist_torch.data import LIMIT_SEED, load_split, stratified_subset
+from kmnist_torch.fixtures import random_split, write_split
 from kmnist_torch.metrics import accuracy, balanced_accuracy
+from kmnist_torch.recipes import RECIPES, Recipe, RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,15 +99,15 @@ def test_translation_is_reproducible_and_zero_is_identity():
 
 
 def test_recipes_hold_the_issues_values():
-    paper = train.RECIPES["paper"]
+    paper = RECIPES["paper"]
     assert (paper.model, paper.optimizer, paper.nesterov) == ("preact18", "sgd", True)
     assert (paper.lr, paper.momentum, paper.weight_decay, paper.batch_size) == (0.1, 0.9, 1e-4, 100)
     assert (paper.schedule, paper.gamma, paper.translate) == ("step", 0.1, 2)
     assert paper.epochs == 200 and paper.milestones == (0.5, 0.75)
-    fast = train.RECIPES["fast"]
+    fast = RECIPES["fast"]
     assert (fast.model, fast.mixup, fast.loss) == (paper.model, paper.mixup, paper.loss)
     assert fast.amp and fast.channels_last and fast.batch_size > paper.batch_size
-    cnn = train.RECIPES["cnn"]
+    cnn = RECIPES["cnn"]
     assert (cnn.model, cnn.optimizer, cnn.lr, cnn.batch_size, cnn.epochs) == (
         "simple_cnn", "adadelta", 1.0, 128, 12
     )  # fmt: skip
@@ -112,21 +115,21 @@ def test_recipes_hold_the_issues_values():
 
 
 def test_step_schedule_decays_at_fractions_of_the_run():
-    r = train.RECIPES["paper"]  # 200 epochs, x0.1 at 100 and 150
-    f = [train.lr_factor(e * 10, 10, r) for e in (0, 99, 100, 149, 150, 199)]
+    r = RECIPES["paper"]  # 200 epochs, x0.1 at 100 and 150
+    f = [engine.lr_factor(e * 10, 10, r) for e in (0, 99, 100, 149, 150, 199)]
     assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_onecycle_warms_up_then_decays_to_zero():
-    r = train.RECIPES["fast"]  # 30 epochs, 20% warm-up
+    r = RECIPES["fast"]  # 30 epochs, 20% warm-up
     total = 30 * 10
-    f = [train.lr_factor(s, 10, r) for s in range(total)]
+    f = [engine.lr_factor(s, 10, r) for s in range(total)]
     peak = int(np.argmax(f))
     assert f[peak] == pytest.approx(1.0) and peak == round(0.2 * total) - 1
     assert all(a < b for a, b in zip(f[:peak], f[1 : peak + 1]))
     assert all(a > b for a, b in zip(f[peak:-1], f[peak + 1 :]))
     assert f[-1] < 0.01
-    assert train.lr_factor(7, 10, train.RECIPES["cnn"]) == 1.0
+    assert engine.lr_factor(7, 10, RECIPES["cnn"]) == 1.0
 
 
 def test_every_recipe_value_is_a_flag(tmp_path):
@@ -143,7 +146,7 @@ def test_every_recipe_value_is_a_flag(tmp_path):
     )  # fmt: skip
     assert r.translate == 1 and r.amp and r.compile
     flags = train.build_parser().format_help()
-    for f in train.dataclasses.fields(train.Recipe):
+    for f in dataclasses.fields(Recipe):
         assert "--" + f.name.replace("_", "-") in flags
     # The default alpha follows the mixup mode, as in the reference.
     for mode, alpha in (("input", 1.0), ("manifold", 2.0)):
@@ -171,42 +174,88 @@ def test_bad_values_are_refused_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_recipes_check_their_values_when_built_in_code():
+    paper = RECIPES["paper"]
+    with pytest.raises(RecipeError, match="epochs must be at least 1") as exc:
+        dataclasses.replace(paper, epochs=0)
+    assert exc.value.problems == [("epochs", "must be at least 1")]
+    with pytest.raises(ValueError, match="lr must be positive.*optimizer must be one of"):
+        paper.override(lr=0.0, optimizer="adam")
+    with pytest.raises(RecipeError, match="warmup is a fraction"):
+        paper.override(warmup=1.0)
+    # override fills alpha from the mode; an alpha given stays; none for no mixup.
+    assert paper.alpha is None and paper.override().alpha == 2.0
+    assert paper.override(mixup="input").alpha == 1.0
+    assert paper.override(mixup="input", alpha=0.3).alpha == 0.3
+    assert RECIPES["cnn"].override().alpha is None
+
+
+# ------------------------------------------------------------------------ --limit-* subsets
+
+
+def test_stratified_subset_keeps_class_proportions_sorted_and_seeded():
+    # Sorted by class, as KKanji is: the first N would be a single class.
+    targets = np.repeat([0, 1, 2, 3], [500, 300, 150, 50])
+    keep = stratified_subset(targets, 100)
+    assert len(keep) == 100 and np.all(np.diff(keep) > 0)  # sorted, no repeats
+    assert np.bincount(targets[keep]).tolist() == [50, 30, 15, 5]
+    # Largest remainders get the leftovers: 7 of (500, 300, 150, 50) is 3.5, 2.1, 1.05, 0.35.
+    assert np.bincount(targets[stratified_subset(targets, 7)], minlength=4).tolist() == [
+        4,
+        2,
+        1,
+        0,
+    ]
+    assert np.array_equal(keep, stratified_subset(torch.as_tensor(targets), 100))
+    assert not np.array_equal(keep, stratified_subset(targets, 100, seed=LIMIT_SEED + 1))
+    assert np.array_equal(stratified_subset(targets, 5000), np.arange(1000))
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        stratified_subset(targets, -1)
+
+
+def test_load_split_limits_are_stratified_subsets(tmp_path):
+    images, _ = random_split(400, "kmnist", 0)
+    labels = np.repeat(np.arange(10), 40).astype(np.uint8)  # sorted by class
+    write_split(tmp_path, "kmnist", "train", images, labels, fmt="npz")
+    write_split(tmp_path, "kmnist", "test", images[:100], labels[::4], fmt="npz")
+    cut = load_split("kmnist", tmp_path, True, limit=50, download=False, verify=False, format="npz")
+    assert np.bincount(cut.targets.numpy()).tolist() == [5] * 10
+    keep = stratified_subset(labels, 50)
+    assert torch.equal(cut.data, torch.from_numpy(images[keep]))
+    test = load_split(
+        "kmnist", tmp_path, False, limit=20, download=False, verify=False, format="npz"
+    )
+    assert np.bincount(test.targets.numpy()).tolist() == [2] * 10
+    whole = load_split("kmnist", tmp_path, False, download=False, verify=False, format="npz")
+    assert len(whole.targets) == 100 and whole.classes == cut.classes
+
+
 # ---------------------------------------------------------------------- runs on fixture data
 
 
 def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable fixtures: class k is a bright bar at its own place, over noise."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    rng.shuffle(labels)
-    images = (rng.random((n, 28, 28)) * 80).astype(np.uint8)
+    """Learnable fixtures: class k is a bright bar at its own place, over random_split's noise."""
+    images, labels = random_split(n, "kmnist", seed)
+    labels = labels.copy()
+    np.random.default_rng(seed).shuffle(labels)
+    images = images // 4  # noise up to 63, under the bars
     for i, k in enumerate(labels):
         r, c = 3 + 12 * (k // 5), 2 + 5 * (k % 5)
         images[i, r : r + 8, c : c + 4] = 255
     return images, labels
 
 
-def _write_kmnist(folder: Path, n_train: int = 200, n_test: int = 100) -> dict[str, Path]:
-    """The four KMNIST idx.gz files and the class map, in the official formats and names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = _images(n, seed)
-        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
-            files[f"{prefix}-{kind}-ubyte.gz"] = path = folder / f"{prefix}-{kind}-ubyte.gz"
-            write_idx(path, arr)
-    rows = [f"{c.index},{c.codepoint},{c.char}" for c in catalog.KMNIST.classes]
-    classmap = folder / "kmnist_classmap.csv"
-    classmap.write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    files[classmap.name] = classmap
-    return files
+def _write_kmnist(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
+    """A KMNIST root in the official formats and names (kmnist_torch.fixtures)."""
+    write_split(root, "kmnist", "train", *_images(n_train, 0), fmt="mnist")
+    return write_split(root, "kmnist", "test", *_images(n_test, 1), fmt="mnist")
 
 
 @pytest.fixture(scope="module")
 def kmnist_root(tmp_path_factory) -> Path:
     """A data root already holding small KMNIST fixtures (no download needed)."""
     root = tmp_path_factory.mktemp("data")
-    _write_kmnist(root / "KMNIST" / "raw")
+    _write_kmnist(root)
     return root
 
 
@@ -236,8 +285,8 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def test_cli_end_to_end_on_kmnist_served_from_loopback(http_server, fast_net, tmp_path):
-    for name, path in _write_kmnist(tmp_path / "served").items():
-        http_server.add(f"/kmnist/{name}", path.read_bytes())
+    for path in _write_kmnist(tmp_path / "served").iterdir():
+        http_server.add(f"/kmnist/{path.name}", path.read_bytes())
     mirror_env(fast_net, http_server.url)
     root, out = tmp_path / "root", tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -284,10 +333,13 @@ def test_results_schema(kmnist_root, tmp_path):
     for e in res["epochs"]:
         assert set(e) >= {"train_loss", "test_loss", "test_accuracy", "test_balanced_accuracy",
                           "images_per_second", "lr"}  # fmt: skip
-        assert 0 <= e["test_accuracy"] <= 1 and 0 <= e["test_balanced_accuracy"] <= 1
         assert e["images_per_second"] > 0
     assert res["test_accuracy"] == res["epochs"][-1]["test_accuracy"]
     assert res["best_test_accuracy"] == max(e["test_accuracy"] for e in res["epochs"])
+    assert res["test_balanced_accuracy"] == res["epochs"][-1]["test_balanced_accuracy"]
+    assert res["best_test_balanced_accuracy"] == max(
+        e["test_balanced_accuracy"] for e in res["epochs"]
+    )
     assert res["wall_seconds"] >= res["device_seconds"] > 0
 
 
@@ -304,7 +356,7 @@ def test_resume_after_an_epoch_ends_with_the_same_numbers(kmnist_root, tmp_path)
 def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, monkeypatch):
     whole = train.main(_argv(kmnist_root, tmp_path / "whole", *SMALL))
     calls = {"n": 0}
-    real = train.random_translate
+    real = engine.random_translate
 
     def translate_then_ctrl_c(*args, **kwargs):
         calls["n"] += 1
@@ -312,14 +364,14 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "random_translate", translate_then_ctrl_c)
+    monkeypatch.setattr(engine, "random_translate", translate_then_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
     stopped = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL))
     assert stopped["interrupted"] and stopped["epochs"] == []
     state = torch.load(tmp_path / "split" / train.CHECKPOINT, weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 3)  # the step under way was finished
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works as before again
-    monkeypatch.setattr(train, "random_translate", real)
+    monkeypatch.setattr(engine, "random_translate", real)
     rest = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
     assert _numbers(rest) == _numbers(whole)
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
