@@ -109,7 +109,7 @@ class Job:
 
     recipe: Recipe
     model: nn.Module
-    train_loader: TensorLoader
+    train_loader: TensorLoader | Any
     test_loader: TensorLoader | None
     device: torch.device
     num_classes: int
@@ -155,8 +155,9 @@ class RunState:
         self.carry = {"loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}  # a part-done epoch
         self.epoch, self.step = 0, 0
         # The loader's state when the current epoch's order was drawn: a checkpoint taken
-        # mid-epoch resumes by drawing the same order and skipping ``step`` batches.
-        self.loader_state = self.loader.state_dict()
+        # mid-epoch resumes by drawing the same order and skipping ``step`` batches. (A loader
+        # without one, e.g. a torch DataLoader timed by a benchmark, cannot be checkpointed.)
+        self.loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where the run stands."""
