@@ -64,7 +64,17 @@ __all__ = [
 
 
 def build_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
-    """SGD or Adadelta over every parameter of ``model``, as the recipe ``r`` says."""
+    """The optimiser a recipe names, over every parameter (weight decay included, as the
+    reference applies it).
+
+    Args:
+        model: the model to optimise.
+        r: the recipe (``optimizer``, ``lr``, ``momentum``, ``nesterov``, ``weight_decay``,
+            ``rho``, ``eps``).
+
+    Returns:
+        ``torch.optim.SGD`` or ``torch.optim.Adadelta``.
+    """
     if r.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -81,7 +91,17 @@ def build_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, steps_per_epoch: int, r: Recipe) -> float:
-    """Multiplier of the peak lr before optimiser step ``step`` (0-based)."""
+    """The learning-rate schedule: the multiplier of the peak lr at one optimiser step.
+
+    Args:
+        step: the optimiser step, 0-based, counted over the whole run.
+        steps_per_epoch: optimiser steps in one epoch.
+        r: the recipe (``schedule``, ``epochs``, ``milestones``, ``gamma``, ``warmup``).
+
+    Returns:
+        The factor: 1 for ``constant``; ``gamma`` per milestone passed for ``step``; a linear
+        warm-up then linear decay for ``onecycle``.
+    """
     if r.schedule == "constant":
         return 1.0
     if r.schedule == "step":
@@ -199,8 +219,18 @@ class RunState:
 
 
 def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on the batch ``(x, y)``: translate, mix, forward, loss, backward,
-    step the optimiser and the schedule. Returns the (detached) batch loss."""
+    """One optimiser step: translate, mix, forward (bf16 autocast on CUDA when the recipe
+    says so), loss, backward, step the optimiser and the schedule.
+
+    Args:
+        job: the model, forward, recipe and device.
+        state: the optimiser, schedule and random streams (advanced in place).
+        x: float32 B x C x H x W images on ``job.device``.
+        y: int64 B labels.
+
+    Returns:
+        The batch loss, detached.
+    """
     r = job.recipe
     x = random_translate(x, r.translate, state.gen)
     if r.channels_last and job.on_cuda:
@@ -224,7 +254,16 @@ def train_one_epoch(
     estimate: CpuEstimate | None = None,
 ) -> None:
     """Train epoch ``state.epoch`` from batch ``state.step`` to its end, or until ``stop`` is
-    requested; ``state.step``, ``state.carry`` and ``state.spent`` follow along."""
+    requested; ``state.step``, ``state.carry`` (loss and time of the epoch so far) and
+    ``state.spent`` follow along.
+
+    Args:
+        job: what is trained.
+        state: where the run stands (advanced in place).
+        stop: checked after each step.
+        progress: show a progress bar (None: on a terminal).
+        estimate: told the time of each step, to warn how long a CPU run will take.
+    """
     r, steps_per_epoch, skip = job.recipe, job.steps_per_epoch, state.step
     job.model.train()
     t0 = sync(job.device)
@@ -313,8 +352,19 @@ def evaluate(
 def summarize(
     info: dict[str, Any], job: Job, state: RunState, finished: bool, interrupted: bool
 ) -> dict[str, Any]:
-    """The results of a run as it stands: ``info`` (what was run: config, dataset, sizes ...),
-    the per-epoch history, the last and best scores, time spent, device and versions."""
+    """The results of a run as it stands (the ``results.json`` document).
+
+    Args:
+        info: what was run (config, dataset, sizes ...), copied in first.
+        job: the model (for its parameter count) and device.
+        state: the history and time spent.
+        finished: every epoch is done.
+        interrupted: the run stopped early (Ctrl-C or ``--stop-after``).
+
+    Returns:
+        ``info`` plus the per-epoch history, the last and best scores, images/s, wall and
+        device seconds, device, torch version and git commit.
+    """
     history, spent = state.history, state.spent
     last = history[-1] if history else {}
     best = max(history, key=lambda e: e["test_accuracy"], default={})
@@ -379,11 +429,24 @@ def fit(
     wall_start: float | None = None,
 ) -> dict[str, Any]:
     """Train from where ``state`` stands to the recipe's last epoch, testing after each epoch,
-    with a checkpoint and ``results.json`` in ``run_dir`` after each; return the results.
+    with a checkpoint and ``results.json`` in ``run_dir`` after each.
 
     A first Ctrl-C stops after the current step with a checkpoint (``"interrupted": True``);
-    so does the end of epoch ``stop_after``. ``wall_start`` is when the session began (for
-    the wall-clock time, which includes loading the data)."""
+    so does the end of epoch ``stop_after``.
+
+    Args:
+        job: what is trained.
+        state: where the run stands (fresh, or loaded from a checkpoint).
+        run_dir: where the checkpoint and results go.
+        config: the run's settings, saved in the checkpoint (checked on resume).
+        info: what was run, for the results (dataset, sizes, seed ...).
+        stop_after: checkpoint and stop once this many epochs are done.
+        progress: progress bar (None: on a terminal).
+        wall_start: when the session began (wall-clock time includes loading the data).
+
+    Returns:
+        The results dict, as written to ``results.json``.
+    """
     r, steps = job.recipe, job.steps_per_epoch
     session = _Session(state.spent, time.perf_counter() if wall_start is None else wall_start)
     info = {**info, "config": config, "checkpoint": str(run_dir.checkpoint)}

@@ -97,7 +97,14 @@ def sync(device: torch.device) -> float:
 
 
 def device_name(device: str | torch.device) -> str:
-    """A device as results and tables name it: the GPU's model, or ``CPU (arch, N threads)``."""
+    """A device as results, tables and benchmarks name it.
+
+    Args:
+        device: a torch device or its name.
+
+    Returns:
+        The GPU's model for CUDA, ``CPU (<arch>, <N> threads)`` for the CPU, else the device.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -109,8 +109,12 @@ def test_recipes_hold_the_issues_values():
     assert fast.amp and fast.channels_last and fast.batch_size > paper.batch_size
     cnn = RECIPES["cnn"]
     assert (cnn.model, cnn.optimizer, cnn.lr, cnn.batch_size, cnn.epochs) == (
-        "simple_cnn", "adadelta", 1.0, 128, 12
-    )  # fmt: skip
+        "simple_cnn",
+        "adadelta",
+        1.0,
+        128,
+        12,
+    )
     assert (cnn.rho, cnn.eps, cnn.mixup, cnn.translate) == (0.95, 1e-7, "none", 0)
 
 
@@ -134,16 +138,42 @@ def test_onecycle_warms_up_then_decays_to_zero():
 
 def test_every_recipe_value_is_a_flag(tmp_path):
     args = train.build_parser().parse_args(
-        ["--epochs", "3", "--batch-size", "7", "--lr", "0.02", "--weight-decay", "0",
-         "--momentum", "0.5", "--no-nesterov", "--alpha", "0.4", "--milestones", "0.3,0.6",
-         "--mixup", "input", "--loss", "ce", "--translate", "1", "--amp", "--compile"]
-    )  # fmt: skip
+        [
+            "--epochs",
+            "3",
+            "--batch-size",
+            "7",
+            "--lr",
+            "0.02",
+            "--weight-decay",
+            "0",
+            "--momentum",
+            "0.5",
+            "--no-nesterov",
+            "--alpha",
+            "0.4",
+            "--milestones",
+            "0.3,0.6",
+            "--mixup",
+            "input",
+            "--loss",
+            "ce",
+            "--translate",
+            "1",
+            "--amp",
+            "--compile",
+        ]
+    )
     name, r = train.resolve_recipe(args)
     assert name == "paper"
     assert (r.epochs, r.batch_size, r.lr, r.weight_decay, r.momentum) == (3, 7, 0.02, 0, 0.5)
     assert (r.nesterov, r.alpha, r.milestones, r.mixup, r.loss) == (
-        False, 0.4, (0.3, 0.6), "input", "ce"
-    )  # fmt: skip
+        False,
+        0.4,
+        (0.3, 0.6),
+        "input",
+        "ce",
+    )
     assert r.translate == 1 and r.amp and r.compile
     flags = train.build_parser().format_help()
     for f in dataclasses.fields(Recipe):
@@ -260,14 +290,37 @@ def kmnist_root(tmp_path_factory) -> Path:
 
 
 def _argv(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["--root", str(root), "--no-download", "--no-verify", "--out", str(out),
-            "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+    return [
+        "--root",
+        str(root),
+        "--no-download",
+        "--no-verify",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # A small but complete recipe: dropout (simple_cnn), manifold mixup and translation all draw
 # random numbers, so resuming must restore every random stream.
-SMALL = ["--model", "simple_cnn", "--mixup", "manifold", "--translate", "2", "--epochs", "2",
-         "--batch-size", "25", "--lr", "0.5", "--deterministic"]  # fmt: skip
+SMALL = [
+    "--model",
+    "simple_cnn",
+    "--mixup",
+    "manifold",
+    "--translate",
+    "2",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "25",
+    "--lr",
+    "0.5",
+    "--deterministic",
+]
 TIMING = {"images_per_second", "train_seconds", "test_seconds"}
 
 
@@ -291,18 +344,41 @@ def test_cli_end_to_end_on_kmnist_served_from_loopback(http_server, fast_net, tm
     root, out = tmp_path / "root", tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kmnist_torch.train", "--dataset", "kmnist", "--recipe", "cnn",
-         "--epochs", "3", "--batch-size", "32", "--root", str(root), "--no-verify",
-         "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kmnist_torch.train",
+            "--dataset",
+            "kmnist",
+            "--recipe",
+            "cnn",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--root",
+            str(root),
+            "--no-verify",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     # Downloaded from the mirror into torchvision's layout.
     assert http_server.hits("/kmnist/train-images-idx3-ubyte.gz")
     assert (root / "KMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").is_file()
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == [
-        "1/3", "2/3", "3/3"
-    ]  # fmt: skip
+        "1/3",
+        "2/3",
+        "3/3",
+    ]
     assert "warning: training on the CPU" in proc.stderr and "need about" in proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] and not res["interrupted"]
@@ -318,11 +394,19 @@ def test_results_schema(kmnist_root, tmp_path):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
     for key, kind in {
-        "config": dict, "epochs": list, "test_accuracy": float, "test_balanced_accuracy": float,
-        "best_test_accuracy": float, "best_test_balanced_accuracy": float,
-        "images_per_second": float, "wall_seconds": float, "device_seconds": float,
-        "device": str, "torch_version": str, "seed": int,
-    }.items():  # fmt: skip
+        "config": dict,
+        "epochs": list,
+        "test_accuracy": float,
+        "test_balanced_accuracy": float,
+        "best_test_accuracy": float,
+        "best_test_balanced_accuracy": float,
+        "images_per_second": float,
+        "wall_seconds": float,
+        "device_seconds": float,
+        "device": str,
+        "torch_version": str,
+        "seed": int,
+    }.items():
         assert isinstance(res[key], kind), key
     assert "git_commit" in res and (res["git_commit"] is None or len(res["git_commit"]) == 40)
     assert res["seed"] == 3 and res["torch_version"] == torch.__version__
@@ -331,8 +415,14 @@ def test_results_schema(kmnist_root, tmp_path):
     assert res["config"]["recipe"] == "cnn" and res["config"]["batch_size"] == 25
     assert [e["epoch"] for e in res["epochs"]] == [1, 2]
     for e in res["epochs"]:
-        assert set(e) >= {"train_loss", "test_loss", "test_accuracy", "test_balanced_accuracy",
-                          "images_per_second", "lr"}  # fmt: skip
+        assert set(e) >= {
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "test_balanced_accuracy",
+            "images_per_second",
+            "lr",
+        }
         assert e["images_per_second"] > 0
     assert res["test_accuracy"] == res["epochs"][-1]["test_accuracy"]
     assert res["best_test_accuracy"] == max(e["test_accuracy"] for e in res["epochs"])
@@ -405,8 +495,18 @@ def test_missing_files_without_download_fail_with_the_dataset_error(tmp_path, ca
 
 
 def test_preact18_trains_through_the_cli(kmnist_root, tmp_path):
-    argv = ["--model", "preact18", "--epochs", "1", "--batch-size", "8", "--limit-train", "16",
-            "--limit-test", "16"]  # fmt: skip
+    argv = [
+        "--model",
+        "preact18",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--limit-train",
+        "16",
+        "--limit-test",
+        "16",
+    ]
     res = train.main(_argv(kmnist_root, tmp_path / "run", *argv))
     assert res["finished"] and res["config"]["mixup"] == "manifold"
     assert res["parameters"] == 11_171_146 - 2 * 64 * 9
@@ -430,14 +530,39 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
     monkeypatch.setitem(
         sys.modules, "kmnist_torch.kkanji", types.SimpleNamespace(KKanji=FakeKKanji)
     )
-    argv = _argv(tmp_path / "root", tmp_path / "run", "--dataset", "kkanji", "--recipe", "cnn",
-                 "--epochs", "1", "--batch-size", "8", "--test-fraction", "0.25",
-                 "--min-per-class", "2", "--shots", "5", "--split-seed", "7")  # fmt: skip
+    argv = _argv(
+        tmp_path / "root",
+        tmp_path / "run",
+        "--dataset",
+        "kkanji",
+        "--recipe",
+        "cnn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--test-fraction",
+        "0.25",
+        "--min-per-class",
+        "2",
+        "--shots",
+        "5",
+        "--split-seed",
+        "7",
+    )
     res = train.main(argv)
-    expected = {"download": False, "verify": False, "test_fraction": 0.25, "min_per_class": 2,
-                "shots": 5, "seed": 7}  # fmt: skip
-    assert calls == [(tmp_path / "root", {"split": "train", **expected}),
-                     (tmp_path / "root", {"split": "test", **expected})]  # fmt: skip
+    expected = {
+        "download": False,
+        "verify": False,
+        "test_fraction": 0.25,
+        "min_per_class": 2,
+        "shots": 5,
+        "seed": 7,
+    }
+    assert calls == [
+        (tmp_path / "root", {"split": "train", **expected}),
+        (tmp_path / "root", {"split": "test", **expected}),
+    ]
     assert res["image_size"] == 64 and res["num_classes"] == 3 and res["num_test"] == 9
     # Options left out are not passed, so KKanji's own defaults apply.
     calls.clear()
