@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -20,13 +18,12 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _kmnist_fixture import write_train_split
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _kmnist_fixture import write_train_split  # noqa: E402
-
-from kmnist_torch import KMNIST, TensorLoader  # noqa: E402
+from kmnist_torch import KMNIST, TensorLoader
+from kmnist_torch.engine import device_name
 
 
 def epoch_images_per_second(loader, device: torch.device) -> float:
@@ -63,15 +60,22 @@ def main() -> None:
         rows["kmnist_torch.TensorLoader"] = epoch_images_per_second(loader, device)
         tv = torchvision.datasets.KMNIST(str(root), train=True, transform=ToTensor())
         for workers in (0, 2):
-            dl = DataLoader(tv, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                            pin_memory=device.type == "cuda")  # fmt: skip
+            dl = DataLoader(
+                tv,
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+            )
             rows[f"torchvision KMNIST+ToTensor+DataLoader(workers={workers})"] = (
                 epoch_images_per_second(dl, device)
             )
     ref = max(v for k, v in rows.items() if k.startswith("torchvision"))
     ratio = rows["kmnist_torch.TensorLoader"] / ref
-    print(f"one shuffled epoch of 60,000 KMNIST-format images, batch {args.batch_size}, "
-          f"device {device}, {os.cpu_count()} CPU cores")  # fmt: skip
+    print(
+        f"one shuffled epoch of 60,000 KMNIST-format images, batch {args.batch_size}, "
+        f"device {device}, {os.cpu_count()} CPU cores"
+    )
     print(f"data: {source}")
     print(f"{'loader':58s} {'images/s':>12s}")
     for k, v in rows.items():
@@ -80,9 +84,7 @@ def main() -> None:
     result = {
         "benchmark": "data_throughput",
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "batch_size": args.batch_size,

@@ -4,8 +4,9 @@
 # loop vs ours, with and without torch.compile), and the `fast` recipe against the `paper` recipe
 # on real images (the KMNIST test split re-split 8,000/2,000), accuracy and device seconds.
 #
-# Here, first (the GPU machine has no ../shared):
-#     python benchmarks/real_resplit.py --write-only --root .gpu-data    # .gpu-data is ignored
+# Here, first (the GPU machine has no ../shared), write the re-split root (.gpu-data is ignored):
+#     python -m kmnist_torch.reproduce --resplit ../shared/data/real/kmnist --write-only \
+#         --root .gpu-data
 # There, with .gpu-data carried:
 #     bash benchmarks/gpu_session.sh            # results in $OUT (or bench-out/gpu)
 # A CPU smoke of the plumbing: GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh
@@ -43,9 +44,9 @@ step "throughput" 90 python benchmarks/train_throughput.py "${tt[@]}" \
 step "throughput, compiled" 150 python benchmarks/train_throughput.py "${tt[@]}" --compile \
     --out "$out/train_throughput_compile.json"
 # The same rows, data and seed under both recipes: accuracy and device seconds side by side.
-step "fast recipe" 100 python benchmarks/real_resplit.py --root .gpu-data \
+step "fast recipe" 100 python -m kmnist_torch.reproduce --resplit --root .gpu-data \
     --rows knn preact18 preact18-manifold --recipe fast --out "$work/fast" "${rs[@]}"
-step "paper recipe" 200 python benchmarks/real_resplit.py --root .gpu-data \
+step "paper recipe" 200 python -m kmnist_torch.reproduce --resplit --root .gpu-data \
     --rows preact18-manifold --recipe paper --out "$work/paper" "${rs[@]}"
 for r in fast paper; do  # only the tables come back: the runs' checkpoints stay there
     cp "$work/$r/table.md" "$out/table_$r.md" 2>/dev/null

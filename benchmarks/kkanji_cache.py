@@ -25,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import _shared
 import numpy as np
 import PIL
 import torch
@@ -33,9 +34,7 @@ from PIL import Image
 from kmnist_torch import catalog
 from kmnist_torch.kkanji import KKanji, decode_workers, prepare_cache, write_split
 
-SHARED_KKANJI = (
-    Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real" / "kkanji"
-)
+SHARED_KKANJI = _shared.KKANJI
 FULL_IMAGES = 140424
 FULL_CLASSES = 3832
 
@@ -148,8 +147,13 @@ def main() -> None:
             t, written = timed(lambda: generate(root, sizes, pool))
             rows.append(("generate the PNG tree", t, f"{written / 2**20:.0f} MiB of PNG"))
             t, info = timed(lambda: prepare_cache(root, verify=verify, workers=workers))
-            rows.append(("build the cache (scan + decode + write)", t,
-                         f"{n_images / t:,.0f} images/s with {workers} worker(s)"))  # fmt: skip
+            rows.append(
+                (
+                    "build the cache (scan + decode + write)",
+                    t,
+                    f"{n_images / t:,.0f} images/s with {workers} worker(s)",
+                )
+            )
             cache_bytes = info["images"].stat().st_size + info["index"].stat().st_size
 
             loads = {
@@ -165,25 +169,33 @@ def main() -> None:
                 rows.append((label + ", first", first, ""))
                 rows.append((label + f", median of {args.repeats}", warm, ""))
                 if isinstance(ds, dict):  # the split document: what the default split holds
-                    split = {"train": len(ds["train"]), "test": len(ds["test"]),
-                             "classes": len(ds["classes"])}  # fmt: skip
+                    split = {
+                        "train": len(ds["train"]),
+                        "test": len(ds["test"]),
+                        "classes": len(ds["classes"]),
+                    }
                 if isinstance(ds, KKanji) and ds.split == "all":
                     t, total = timed(lambda ds=ds: int(ds.data.sum(dtype=torch.int64)))
-                    rows.append(("read every pixel of the memory-mapped cache", t,
-                                 f"checksum {total}"))  # fmt: skip
+                    rows.append(
+                        ("read every pixel of the memory-mapped cache", t, f"checksum {total}")
+                    )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nKuzushiji-Kanji cache: {n_images:,} images in {n_classes:,} classes "
-          f"({size_source}; {image_source}); verify={verify}")  # fmt: skip
+    print(
+        f"\nKuzushiji-Kanji cache: {n_images:,} images in {n_classes:,} classes "
+        f"({size_source}; {image_source}); verify={verify}"
+    )
     print(f"cache on disk: {cache_bytes / 2**20:.0f} MiB; cores usable: {decode_workers()}\n")
     width = max(len(r[0]) for r in rows)
     print(f"{'step'.ljust(width)}  {'seconds':>8}  notes")
     for label, seconds, note in rows:
         print(f"{label.ljust(width)}  {seconds:8.3f}  {note}")
-    print(f"\ndefault split (test_fraction 0.2, seed 0): {split['train']:,} train / "
-          f"{split['test']:,} test images in {split['classes']:,} classes")  # fmt: skip
+    print(
+        f"\ndefault split (test_fraction 0.2, seed 0): {split['train']:,} train / "
+        f"{split['test']:,} test images in {split['classes']:,} classes"
+    )
     result = {
         "benchmark": "kkanji_cache",
         "n_images": n_images,

@@ -18,33 +18,37 @@ import sys
 import time
 from pathlib import Path
 
+import _shared
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
-
-from kmnist_torch import formats  # noqa: E402
-from kmnist_torch.baselines import default_device, knn_predict  # noqa: E402
-
-SHARED_KMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "kmnist"
+from kmnist_torch import formats
+from kmnist_torch.baselines import default_device, knn_predict
+from kmnist_torch.engine import device_name
 
 
 def load_data(
     n_train: int, n_test: int, synthetic: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
     """(train images, train labels, test images, test labels, description of the source)."""
-    images_file = SHARED_KMNIST / "kmnist-test-imgs.npz"
-    if not synthetic and images_file.is_file():
+    real = None if synthetic else _shared.real_kmnist_test_npz()
+    if real is not None:
+        images_file = real[0]
         images = formats.read_npz(images_file, (-1, 28, 28))
-        labels = formats.read_npz(SHARED_KMNIST / "kmnist-test-labels.npz", (-1,))
+        labels = formats.read_npz(real[1], (-1,))
         if n_train + n_test > len(images):
             raise SystemExit(
                 f"the real KMNIST test split has {len(images)} images, fewer than "
                 f"--train {n_train} + --test {n_test}; pass --synthetic for larger sizes"
             )
         source = f"real KMNIST test split ({images_file}), first {n_train} / next {n_test}"
-        return (images[:n_train], labels[:n_train], images[n_train : n_train + n_test],
-                labels[n_train : n_train + n_test], source)  # fmt: skip
+        return (
+            images[:n_train],
+            labels[:n_train],
+            images[n_train : n_train + n_test],
+            labels[n_train : n_train + n_test],
+            source,
+        )
     rng = np.random.default_rng(seed)
 
     # Sparse strokes on black, like the characters, so the neighbours are not all equidistant.
@@ -52,8 +56,13 @@ def load_data(
         x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         return np.where(rng.random((n, 28, 28)) < 0.25, x, 0).astype(np.uint8)
 
-    return (fake(n_train), rng.integers(0, 10, n_train), fake(n_test),
-            rng.integers(0, 10, n_test), f"synthetic uint8 images (seed {seed})")  # fmt: skip
+    return (
+        fake(n_train),
+        rng.integers(0, 10, n_train),
+        fake(n_test),
+        rng.integers(0, 10, n_test),
+        f"synthetic uint8 images (seed {seed})",
+    )
 
 
 def time_ours(train, labels, test, device, batch_size, repeats):
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_s, ours = time_ours(train, labels, test, device, args.batch_size, args.repeats)
     sk_s, ref = time_sklearn(train, labels, test, args.sklearn_jobs, args.repeats)
     mismatches = int((ours != ref).sum())
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     result = {
         "source": source,
         "train_images": len(train),
@@ -121,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "sklearn_accuracy": float((ref == truth).mean()),
         "mismatches": mismatches,
         "device": str(device),
-        "device_name": device_name,
+        "device_name": name,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -131,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
     }
     print(f"4-NN (k=4, distance weights) on {source}")
-    print(f"{len(train)} train x {len(test)} test, ours on {device} ({device_name}), "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"{len(train)} train x {len(test)} test, ours on {device} ({name}), {os.cpu_count()} CPUs"
+    )
     print(f"| {'method':<34} | {'seconds':>8} | {'test img/s':>10} | {'accuracy':>8} |")
     print(f"| {'-' * 34} | {'-' * 8}:| {'-' * 10}:| {'-' * 8}:|")
     rows = [

@@ -12,18 +12,16 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import _shared
 import torchvision
+from _kmnist_fixture import write_train_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _kmnist_fixture import SHARED, write_train_split  # noqa: E402
-
-from kmnist_torch import KMNIST  # noqa: E402
+from kmnist_torch import KMNIST
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -55,13 +53,17 @@ def main() -> None:
         rows["kmnist_torch KMNIST train (60,000, mnist, verify=False)"] = timed(
             lambda: KMNIST(root, train=True, verify=False), args.repeats
         )
-        if (SHARED / "kmnist-test-imgs.npz").is_file():
+        if (_shared.KMNIST / "kmnist-test-imgs.npz").is_file():
             real = root / "real"
             raw = real / "KMNIST" / "raw"
             raw.mkdir(parents=True)
-            for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                      "kmnist-test-imgs.npz", "kmnist-test-labels.npz"):  # fmt: skip
-                shutil.copy(SHARED / f, raw / f)
+            for f in (
+                "t10k-images-idx3-ubyte.gz",
+                "t10k-labels-idx1-ubyte.gz",
+                "kmnist-test-imgs.npz",
+                "kmnist-test-labels.npz",
+            ):
+                shutil.copy(_shared.KMNIST / f, raw / f)
             for fmt in ("mnist", "npz"):
                 rows[f"kmnist_torch KMNIST test (10,000 real, {fmt}, verify=True)"] = timed(
                     lambda fmt=fmt: KMNIST(real, train=False, format=fmt), args.repeats
@@ -72,8 +74,10 @@ def main() -> None:
         print(f"{k:62s} {first:9.3f} {med:9.3f}")
     tv = rows["torchvision KMNIST train (60,000)"][1]
     ours = rows["kmnist_torch KMNIST train (60,000, mnist, verify=False)"][1]
-    print(f"ratio torchvision / kmnist_torch (train, median): {tv / ours:.2f} (>= 1 means ours "
-          "is no slower)")  # fmt: skip
+    print(
+        f"ratio torchvision / kmnist_torch (train, median): {tv / ours:.2f} (>= 1 means ours "
+        "is no slower)"
+    )
     result = {
         "benchmark": "load_speed",
         "cpu_count": os.cpu_count(),

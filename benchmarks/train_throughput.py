@@ -7,7 +7,8 @@ same model, same device, same run.
   whole batch (``kmnist_torch.augment``), bf16 autocast and channels_last on CUDA,
   ``--compile`` optional.
 
-Both do the same optimiser step (SGD Nesterov, mixup by ``kmnist_torch.mixup``). Images: the
+Both time the trainer's own step, ``kmnist_torch.engine.train_step`` (SGD Nesterov, mixup by
+``kmnist_torch.mixup``); only the data path and the speed-ups differ. Images: the
 real KMNIST test split from ../shared when present, else random ones. Prints a table and the
 ratio; writes JSON (--out).
 
@@ -20,25 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import _shared
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
+from kmnist_torch import TensorLoader, formats, mixup
+from kmnist_torch.engine import Job, RunState, device_name, sync, train_step
+from kmnist_torch.models import create_model
+from kmnist_torch.recipes import RECIPES
 
-from kmnist_torch import TensorLoader, formats, mixup  # noqa: E402
-from kmnist_torch.augment import random_translate  # noqa: E402
-from kmnist_torch.models import create_model  # noqa: E402
-
-SHARED_KMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "kmnist"
 NUM_CLASSES = 10
 
 
@@ -58,10 +56,10 @@ class PILDataset(Dataset):
 
 def load_images(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(uint8 N x 28 x 28, int64 N, description): real KMNIST test images when available."""
-    path = SHARED_KMNIST / "kmnist-test-imgs.npz"
-    if path.is_file():
-        x = formats.read_npz(path, (-1, 28, 28))[:n]
-        y = formats.read_npz(SHARED_KMNIST / "kmnist-test-labels.npz", (-1,))[:n]
+    real = _shared.real_kmnist_test_npz()
+    if real is not None:
+        x = formats.read_npz(real[0], (-1, 28, 28))[:n]
+        y = formats.read_npz(real[1], (-1,))[:n]
         source = f"real KMNIST test images ({len(x)})"
     else:
         rng = np.random.default_rng(0)
@@ -69,12 +67,6 @@ def load_images(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         y = rng.integers(0, NUM_CLASSES, n)
         source = f"random images ({n}; ../shared absent)"
     return torch.from_numpy(np.array(x)), torch.from_numpy(np.asarray(y, dtype=np.int64)), source
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _cycle(loader: Any) -> Iterator:
@@ -85,41 +77,41 @@ def _cycle(loader: Any) -> Iterator:
 
 def measure(
     batches: Iterator,
+    loader: Any,
     model: torch.nn.Module,
     forward: Any,
     device: torch.device,
     args: argparse.Namespace,
     fast: bool,
 ) -> dict[str, float]:
-    """Run ``args.warmup`` untimed then ``args.steps`` timed training steps; images/s."""
-    opt = torch.optim.SGD(
-        model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4
+    """Run ``args.warmup`` untimed then ``args.steps`` timed steps of the trainer's
+    ``train_step``; images/s. ``fast``: translation on the device (the reference translates
+    per item in its transform), and bf16 + channels_last on CUDA."""
+    cuda = device.type == "cuda"
+    recipe = RECIPES["paper"].override(
+        model=args.model,
+        batch_size=args.batch_size,
+        lr=0.05,
+        schedule="constant",
+        milestones=(),
+        mixup=args.mixup,
+        alpha=args.alpha,
+        translate=2 if fast else 0,
+        amp=fast and cuda,
+        channels_last=fast and cuda,
     )
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    rng = np.random.default_rng(0)
-    layers = tuple(getattr(model, "mix_layers", (0,)))
-    amp = fast and device.type == "cuda"
+    job = Job(recipe, model, loader, None, device, NUM_CLASSES, forward=forward)
+    state = RunState(job, seed=0)
     model.train()
     t0 = 0.0
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
-            t0 = _sync(device)
+            t0 = sync(device)
         x, y = next(batches)
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if fast:
-            x = random_translate(x, 2, gen)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-        plan = mixup.draw(args.mixup, args.alpha, len(y), layers, rng, gen, device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits, soft = mixup.mixed_forward(forward, x, y, NUM_CLASSES, plan)
-        loss = mixup.loss_fn(logits, soft, "bce")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    seconds = _sync(device) - t0
+        loss = train_step(
+            job, state, x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        )
+    seconds = sync(device) - t0
     return {
         "seconds": seconds,
         "steps": args.steps,
@@ -136,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default 512 (CUDA), 32 (CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 / 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10 / 1)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="reference DataLoader workers (default: min(4, CPUs))")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="reference DataLoader workers (default: min(4, CPUs))",
+    )
     p.add_argument("--mixup", default="manifold", choices=list(mixup.MODES))
     p.add_argument("--alpha", type=float, default=None, help="default: 2.0 manifold, 1.0 input")
     p.add_argument("--model", default="preact18")
@@ -172,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(0)
     ref_model = create_model(args.model, NUM_CLASSES, in_chans=1).to(device)
-    reference = measure(_cycle(ref_loader), ref_model, ref_model, device, args, False)
+    reference = measure(_cycle(ref_loader), ref_loader, ref_model, ref_model, device, args, False)
     del ref_model, ref_loader  # free the device and the workers before our loop
 
     # Ours: device-resident uint8 split, batch-wide augmentation on the device, bf16 +
@@ -190,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model
-    ours = measure(_cycle(loader), model, forward, device, args, True)
+    ours = measure(_cycle(loader), loader, model, forward, device, args, True)
 
     ratio = ours["images_per_second"] / reference["images_per_second"]
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.machine()})"
+    name = device_name(device)
     result = {
         "source": source,
         "device": str(device),
@@ -214,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         "ours": ours,
         "ratio": ratio,
     }
-    print(f"{args.model} + {args.mixup} mixup, batch {args.batch_size}, {args.steps} timed steps "
-          f"after {args.warmup}, on {name}; {source}")  # fmt: skip
+    print(
+        f"{args.model} + {args.mixup} mixup, batch {args.batch_size}, {args.steps} timed steps "
+        f"after {args.warmup}, on {name}; {source}"
+    )
     print(f"| {'loop':<80} | {'images/s':>9} |")
     print(f"| {'-' * 80} | {'-' * 8}: |")
     ref_name = f"reference: PIL + RandomCrop + ToTensor, DataLoader({args.workers} workers), fp32"
-    ours_name = "ours: TensorLoader + device translate" + (
-        ", bf16, channels_last" if cuda else ", fp32 (bf16/channels_last: CUDA only)"
-    ) + (", compile" if args.compile else "")  # fmt: skip
+    ours_name = (
+        "ours: TensorLoader + device translate"
+        + (", bf16, channels_last" if cuda else ", fp32 (bf16/channels_last: CUDA only)")
+        + (", compile" if args.compile else "")
+    )
     for label, res in ((ref_name, reference), (ours_name, ours)):
         print(f"| {label:<80} | {res['images_per_second']:>9,.1f} |")
     print(f"ratio ours / reference: {ratio:.2f}x")

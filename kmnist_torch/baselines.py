@@ -64,10 +64,18 @@ def knn_predict(
       distance 0 from some neighbours, those weigh 1 and the others 0, as in scikit-learn;
     - equal votes go to the smallest label.
 
-    ``train_images`` and ``test_images`` are N x ... arrays or tensors (flattened per image),
-    ``train_labels`` N integers. ``batch_size`` test images are scored at a time (default: as
-    many as keep one distance matrix near 64 MiB on a CPU, 512 MiB on a GPU). ``device`` defaults
-    to CUDA when available. Returns a CPU int64 tensor of labels, one per test image.
+    Args:
+        train_images: N x ... array or tensor of training images (flattened per image).
+        train_labels: N integer labels.
+        test_images: M x ... array or tensor of the images to classify.
+        k: how many neighbours vote.
+        weights: ``"distance"`` (1 / distance) or ``"uniform"``.
+        batch_size: test images scored at a time (default: as many as keep one distance
+            matrix near 64 MiB on a CPU, 512 MiB on a GPU).
+        device: where the distances are computed (default: CUDA when available).
+
+    Returns:
+        A CPU int64 tensor of M predicted labels.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")

@@ -1,10 +1,12 @@
-"""The reproduction harness (benchmarks/reproduce.py): targets, --check, the table and JSON it
-writes, and quick runs end to end on fixture data (served from 127.0.0.1, or placed by hand)."""
+"""The reproduction harness (kmnist_torch.reproduce, its table in kmnist_torch.table): targets,
+--check, the table and JSON it writes, quick runs end to end on fixture data (served from
+127.0.0.1, or placed by hand), the real-image re-split, and every owned command's --help."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -14,53 +16,43 @@ import pytest
 import torch
 from conftest import mirror_env
 
-from kmnist_torch import catalog
+from kmnist_torch import catalog, reproduce, table
 from kmnist_torch.baselines import knn_predict
-from kmnist_torch.formats import write_idx
+from kmnist_torch.fixtures import random_split, raw_folder, write_split
 
-HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "reproduce.py"
-
-
-@pytest.fixture(scope="module")
-def harness():
-    spec = importlib.util.spec_from_file_location("reproduce_harness", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+REPO = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------- targets and --check
 
 
-def test_targets_prefer_todays_data(harness):
-    assert harness.target_for("knn", "kmnist") == (0.9210, "today")
-    assert harness.target_for("cnn", "k49") == (0.8936, "today")
+def test_targets_prefer_todays_data():
+    assert table.target_for("knn", "kmnist") == (0.9210, "today")
+    assert table.target_for("cnn", "k49") == (0.8936, "today")
     # Never re-run upstream, and MNIST never changed: the published table.
-    assert harness.target_for("preact18-manifold", "kmnist") == (0.9883, "old")
-    assert harness.target_for("knn", "mnist") == (0.9714, "old")
-    assert harness.target_for("knn", "kkanji") == (None, None)
-    assert harness.metric_name("k49") == "balanced_accuracy"
-    assert harness.metric_name("kmnist") == "accuracy"
+    assert table.target_for("preact18-manifold", "kmnist") == (0.9883, "old")
+    assert table.target_for("knn", "mnist") == (0.9714, "old")
+    assert table.target_for("knn", "kkanji") == (None, None)
+    assert table.metric_name("k49") == "balanced_accuracy"
+    assert table.metric_name("kmnist") == "accuracy"
 
 
-def _cell(harness, row, dataset, ours=None, error=None, comparable=True):
-    cell = harness.new_cell(row, dataset, comparable)
+def _cell(row, dataset, ours=None, error=None, comparable=True):
+    cell = table.new_cell(row, dataset, comparable)
     if ours is not None:
-        harness.finish_cell(cell, ours, ours)
+        table.finish_cell(cell, ours, ours)
     cell["error"] = error
     return cell
 
 
-def test_check_cells_tolerance_below_target_only(harness):
+def test_check_cells_tolerance_below_target_only():
     # cnn on KMNIST: target 94.63% (today's data), tolerance 0.5 points.
-    at = _cell(harness, "cnn", "kmnist", 0.9463)
-    within = _cell(harness, "cnn", "kmnist", 0.9414)
-    above = _cell(harness, "cnn", "kmnist", 0.99)
-    below = _cell(harness, "cnn", "kmnist", 0.9412)
-    assert harness.check_cells([at, within, above]) == []
-    failures = harness.check_cells([at, below, above])
+    at = _cell("cnn", "kmnist", 0.9463)
+    within = _cell("cnn", "kmnist", 0.9414)
+    above = _cell("cnn", "kmnist", 0.99)
+    below = _cell("cnn", "kmnist", 0.9412)
+    assert table.check_cells([at, within, above]) == []
+    failures = table.check_cells([at, below, above])
     assert len(failures) == 1
     assert "Keras Simple CNN Benchmark on KMNIST" in failures[0]
     assert "94.12%" in failures[0] and "0.51 points below" in failures[0]
@@ -68,33 +60,33 @@ def test_check_cells_tolerance_below_target_only(harness):
     # The difference is ours minus the target, in fractions.
     assert below["difference"] == pytest.approx(0.9412 - 0.9463)
     # One tolerance for every row overrides the per-row ones.
-    assert harness.check_cells([within], tolerance=0.001) != []
-    assert harness.check_cells([below], tolerance=0.01) == []
+    assert table.check_cells([within], tolerance=0.001) != []
+    assert table.check_cells([below], tolerance=0.01) == []
 
 
-def test_check_cells_errors_fail_and_untargeted_cells_pass(harness):
-    broken = _cell(harness, "preact18", "k49", error="DataFilesError: K49: 2 file(s) ...")
-    kkanji = _cell(harness, "knn", "kkanji", 0.01)  # our extension: no target
-    smoke = _cell(harness, "knn", "kmnist", 0.10, comparable=False)
-    failures = harness.check_cells([broken, kkanji, smoke])
+def test_check_cells_errors_fail_and_untargeted_cells_pass():
+    broken = _cell("preact18", "k49", error="DataFilesError: K49: 2 file(s) ...")
+    kkanji = _cell("knn", "kkanji", 0.01)  # our extension: no target
+    smoke = _cell("knn", "kmnist", 0.10, comparable=False)
+    failures = table.check_cells([broken, kkanji, smoke])
     assert failures == ["PreActResNet-18 on K49: did not run: DataFilesError: K49: 2 file(s) ..."]
     assert smoke["target"] is None and smoke["upstream_today"] == 0.9210
     # K49 is held to its balanced accuracy, not top-1.
-    k49 = harness.finish_cell(harness.new_cell("knn", "k49"), 0.95, 0.80)
+    k49 = table.finish_cell(table.new_cell("knn", "k49"), 0.95, 0.80)
     assert k49["ours"] == 0.80
-    assert harness.check_cells([k49]) != []
+    assert table.check_cells([k49]) != []
 
 
-def test_render_table(harness):
+def test_render_table():
     cells = [
-        _cell(harness, "knn", "mnist", 0.9714),
-        _cell(harness, "knn", "kmnist", 0.9210),
-        _cell(harness, "cnn", "kmnist", 0.90),
-        _cell(harness, "cnn", "mnist", error="RuntimeError: out of memory"),
-        _cell(harness, "knn", "kkanji", 0.5),
+        _cell("knn", "mnist", 0.9714),
+        _cell("knn", "kmnist", 0.9210),
+        _cell("cnn", "kmnist", 0.90),
+        _cell("cnn", "mnist", error="RuntimeError: out of memory"),
+        _cell("knn", "kkanji", 0.5),
     ]
     cells[1]["device_seconds"] = 1.234
-    text = harness.render_table(cells)
+    text = table.render_table(cells)
     lines = text.splitlines()
     # Upstream's layout first: one line per model, one column per dataset, in table order.
     assert lines[0] == "| Model | MNIST | KMNIST | KKanji |"
@@ -126,19 +118,16 @@ def _fixture_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels.astype(np.uint8)
 
 
+def _write_root(root: Path) -> Path:
+    """A KMNIST root (official names and formats) of the fixture splits; its raw folder."""
+    write_split(root, "kmnist", "train", *_fixture_split(1, 400), fmt="mnist")
+    return write_split(root, "kmnist", "test", *_fixture_split(2, 120), fmt="mnist")
+
+
 def _kmnist_files() -> dict[str, bytes]:
     """The official KMNIST file names (mnist format) with fixture contents."""
-    files = {}
     with tempfile.TemporaryDirectory() as tmp:
-        splits = (("train", _fixture_split(1, 400)), ("t10k", _fixture_split(2, 120)))
-        for prefix, (x, y) in splits:
-            for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
-                name = f"{prefix}-{kind}-ubyte.gz"
-                write_idx(Path(tmp) / name, arr)
-                files[name] = (Path(tmp) / name).read_bytes()
-    rows = [f"{c.index},{c.codepoint},{c.char}" for c in catalog.KMNIST.classes]
-    files["kmnist_classmap.csv"] = ("index,codepoint,char\n" + "\n".join(rows) + "\n").encode()
-    return files
+        return {f.name: f.read_bytes() for f in _write_root(Path(tmp)).iterdir()}
 
 
 def _offline(monkeypatch) -> None:
@@ -148,10 +137,7 @@ def _offline(monkeypatch) -> None:
 
 
 def _place(root: Path) -> None:
-    raw = root / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name, data in _kmnist_files().items():
-        (raw / name).write_bytes(data)
+    _write_root(root)
 
 
 def _expected_knn_accuracy() -> float:
@@ -160,14 +146,27 @@ def _expected_knn_accuracy() -> float:
     return float((knn_predict(x, y, xt).numpy() == yt).mean())
 
 
-def test_quick_knn_run_downloads_from_a_mirror(harness, http_server, fast_net, tmp_path):
+def test_quick_knn_run_downloads_from_a_mirror(http_server, fast_net, tmp_path):
     for name, data in _kmnist_files().items():
         http_server.add(f"/kmnist/{name}", data)
     mirror_env(fast_net, http_server.url)
     out = tmp_path / "out"
-    argv = ["--datasets", "kmnist", "--rows", "knn", "--quick", "--check", "--no-verify",
-            "--root", str(tmp_path / "root"), "--out", str(out), "--device", "cpu"]  # fmt: skip
-    assert harness.main(argv) == 0
+    argv = [
+        "--datasets",
+        "kmnist",
+        "--rows",
+        "knn",
+        "--quick",
+        "--check",
+        "--no-verify",
+        "--root",
+        str(tmp_path / "root"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert reproduce.main(argv) == 0
     assert http_server.hits("/kmnist/t10k-images-idx3-ubyte.gz")
     assert (tmp_path / "root" / "KMNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file()
     results = json.loads((out / "results.json").read_text())
@@ -181,83 +180,116 @@ def test_quick_knn_run_downloads_from_a_mirror(harness, http_server, fast_net, t
     assert f"{100 * cell['ours']:.2f}%" in table and "not comparable (cut-down run)" in table
 
 
-def test_check_fails_below_target_and_no_download_uses_placed_files(harness, tmp_path, monkeypatch):
+def test_check_fails_below_target_and_no_download_uses_placed_files(tmp_path, monkeypatch):
     _offline(monkeypatch)
     _place(tmp_path / "root")
     expected = _expected_knn_accuracy()
-    argv = ["--datasets", "kmnist", "--rows", "knn", "--check", "--no-download", "--no-verify",
-            "--root", str(tmp_path / "root"), "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--datasets",
+        "kmnist",
+        "--rows",
+        "knn",
+        "--check",
+        "--no-download",
+        "--no-verify",
+        "--root",
+        str(tmp_path / "root"),
+        "--device",
+        "cpu",
+    ]
     # A full (not --quick) run is held to its target: here set just above and just below.
-    monkeypatch.setitem(harness.UPSTREAM_TODAY, ("knn", "kmnist"), expected + 0.01)
-    assert harness.main([*argv, "--out", str(tmp_path / "miss")]) == 1
+    monkeypatch.setitem(table.UPSTREAM_TODAY, ("knn", "kmnist"), expected + 0.01)
+    assert reproduce.main([*argv, "--out", str(tmp_path / "miss")]) == 1
     failures = json.loads((tmp_path / "miss" / "results.json").read_text())["failures"]
     assert len(failures) == 1 and "4-Nearest Neighbour Baseline on KMNIST" in failures[0]
     assert "| FAIL |" in (tmp_path / "miss" / "table.md").read_text()
-    monkeypatch.setitem(harness.UPSTREAM_TODAY, ("knn", "kmnist"), expected - 0.01)
-    assert harness.main([*argv, "--out", str(tmp_path / "pass")]) == 0
+    monkeypatch.setitem(table.UPSTREAM_TODAY, ("knn", "kmnist"), expected - 0.01)
+    assert reproduce.main([*argv, "--out", str(tmp_path / "pass")]) == 0
     cell = json.loads((tmp_path / "pass" / "results.json").read_text())["cells"][0]
     assert cell["difference"] == pytest.approx(0.01)
 
 
-def test_missing_files_are_a_cell_error(harness, tmp_path, monkeypatch):
+def test_missing_files_are_a_cell_error(tmp_path, monkeypatch):
     _offline(monkeypatch)
     out = tmp_path / "out"
-    argv = ["--datasets", "kmnist", "--rows", "knn", "--no-download", "--root",
-            str(tmp_path / "empty"), "--out", str(out), "--device", "cpu"]  # fmt: skip
-    assert harness.main(argv) == 1
+    argv = [
+        "--datasets",
+        "kmnist",
+        "--rows",
+        "knn",
+        "--no-download",
+        "--root",
+        str(tmp_path / "empty"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert reproduce.main(argv) == 1
     (cell,) = json.loads((out / "results.json").read_text())["cells"]
     assert cell["error"].startswith("DataFilesError: KMNIST: 2 file(s) not usable")
     assert "train-images-idx3-ubyte.gz" in cell["error"] and "put it at" in cell["error"]
 
 
-def test_train_argv(harness, tmp_path):
-    args = harness.build_parser().parse_args(
+def test_train_argv(tmp_path):
+    args = reproduce.build_parser().parse_args(
         ["--out", "o", "--quick", "--no-download", "--no-verify", "--root", "r", "--recipe", "fast"]
     )
-    cnn = harness.train_argv(harness.new_cell("cnn", "k49"), args, tmp_path)
+    cnn = reproduce.train_argv(table.new_cell("cnn", "k49"), args, tmp_path)
     assert cnn[cnn.index("--recipe") + 1] == "cnn" and cnn[cnn.index("--model") + 1] == "simple_cnn"
-    for flag in ("--no-download", "--no-verify", "--resume", *harness.QUICK_TRAIN):
+    for flag in ("--no-download", "--no-verify", "--resume", *reproduce.QUICK_TRAIN):
         assert flag in cnn
     assert cnn[cnn.index("--device") + 1] == "cpu" and cnn[cnn.index("--root") + 1] == "r"
-    pre = harness.train_argv(harness.new_cell("preact18-input", "mnist"), args, tmp_path)
+    pre = reproduce.train_argv(table.new_cell("preact18-input", "mnist"), args, tmp_path)
     assert pre[pre.index("--recipe") + 1] == "fast" and pre[pre.index("--mixup") + 1] == "input"
-    full = harness.build_parser().parse_args(["--out", "o", "--device", "cuda:1"])
-    argv = harness.train_argv(harness.new_cell("preact18-manifold", "kmnist"), full, tmp_path)
+    full = reproduce.build_parser().parse_args(["--out", "o", "--device", "cuda:1"])
+    argv = reproduce.train_argv(table.new_cell("preact18-manifold", "kmnist"), full, tmp_path)
     assert "--download" in argv and "--epochs" not in argv and "--limit-train" not in argv
     assert argv[argv.index("--device") + 1] == "cuda:1" and "--root" not in argv
 
 
-def test_quick_cnn_cell_trains(harness, tmp_path, monkeypatch):
+def test_quick_cnn_cell_trains(tmp_path, monkeypatch):
     pytest.importorskip("kmnist_torch.train")
     _offline(monkeypatch)
     _place(tmp_path / "root")
     out = tmp_path / "out"
-    argv = ["--datasets", "kmnist", "--rows", "cnn", "--quick", "--check", "--no-download",
-            "--no-verify", "--root", str(tmp_path / "root"), "--out", str(out)]  # fmt: skip
+    argv = [
+        "--datasets",
+        "kmnist",
+        "--rows",
+        "cnn",
+        "--quick",
+        "--check",
+        "--no-download",
+        "--no-verify",
+        "--root",
+        str(tmp_path / "root"),
+        "--out",
+        str(out),
+    ]
     torch.manual_seed(0)
-    assert harness.main(argv) == 0
+    assert reproduce.main(argv) == 0
     (cell,) = json.loads((out / "results.json").read_text())["cells"]
-    assert cell["error"] is None and 0.0 <= cell["ours"] <= 1.0
+    assert cell["error"] is None and cell["target"] is None
     assert cell["epochs_done"] == 1 and cell["num_train"] == 256 and cell["num_test"] == 120
     assert cell["device_seconds"] > 0 and cell["device"].startswith("CPU")
     run = json.loads((out / "runs" / "kmnist-cnn" / "results.json").read_text())
     assert run["test_accuracy"] == cell["ours"]
     # Rerun: the finished run is picked up from its checkpoint, not trained again.
-    assert harness.main(argv) == 0
+    assert reproduce.main(argv) == 0
     (again,) = json.loads((out / "results.json").read_text())["cells"]
     assert again["ours"] == cell["ours"]
 
 
+@pytest.mark.real_data
 def test_real_resplit_root_is_the_real_test_split_cut_8000_2000(real_dir, tmp_path):
     from kmnist_torch import KMNIST
     from kmnist_torch.formats import read_idx
 
-    spec = importlib.util.spec_from_file_location(
-        "real_resplit", HARNESS.parent / "real_resplit.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.write_root(tmp_path, real_dir / "kmnist", seed=0) == {"train": 8000, "test": 2000}
+    assert reproduce.write_resplit(tmp_path, real_dir / "kmnist", seed=0) == {
+        "train": 8000,
+        "test": 2000,
+    }
     with pytest.warns(UserWarning, match="verify=False"):
         train = KMNIST(tmp_path, train=True, verify=False)
         test = KMNIST(tmp_path, train=False, verify=False)
@@ -269,8 +301,70 @@ def test_real_resplit_root_is_the_real_test_split_cut_8000_2000(real_dir, tmp_pa
         return sorted(bytes(x) + bytes([int(y)]) for x, y in zip(flat, labels))
 
     # The same 10,000 (image, label) pairs as the real test split, each exactly once.
-    source = rows(read_idx(real_dir / "kmnist" / "t10k-images-idx3-ubyte.gz", 3),
-                  read_idx(real_dir / "kmnist" / "t10k-labels-idx1-ubyte.gz", 1))  # fmt: skip
-    ours = rows(np.concatenate([train.data.numpy(), test.data.numpy()]),
-                np.concatenate([train.targets.numpy(), test.targets.numpy()]))  # fmt: skip
+    source = rows(
+        read_idx(real_dir / "kmnist" / "t10k-images-idx3-ubyte.gz", 3),
+        read_idx(real_dir / "kmnist" / "t10k-labels-idx1-ubyte.gz", 1),
+    )
+    ours = rows(
+        np.concatenate([train.data.numpy(), test.data.numpy()]),
+        np.concatenate([train.targets.numpy(), test.targets.numpy()]),
+    )
     assert ours == source
+
+
+def test_resplit_writes_a_root_runs_knn_on_it_and_reuses_it(tmp_path, capsys):
+    # A stand-in for the real test split: 10,000 images in the official t10k files.
+    source = write_split(tmp_path / "src", "kmnist", "test", *random_split(10000), fmt="mnist")
+    out = tmp_path / "out"
+    argv = ["--rows", "knn", "--device", "cpu", "--out", str(out)]
+    assert reproduce.main(["--resplit", str(source), "--write-only", *argv]) == 0
+    raw = raw_folder(out / "resplit-data", "kmnist")
+    assert (raw / "train-images-idx3-ubyte.gz").is_file() and not (out / "results.json").exists()
+    # No SOURCE_DIR: the root written before is used (a machine without the source).
+    assert reproduce.main(["--resplit", *argv]) == 0
+    assert "using the re-split already in" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    (cell,) = results["cells"]
+    assert (cell["dataset"], cell["num_train"], cell["num_test"]) == ("kmnist", 8000, 2000)
+    assert cell["target"] is None and not results["comparable"] and results["resplit"]
+    # Nothing to read from: one clear line, exit 1.
+    empty = ["--resplit", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]
+    assert reproduce.main(empty) == 1
+    assert "--resplit needs a folder holding the real KMNIST test split" in capsys.readouterr().err
+    assert reproduce.main(["--resplit", "--out", str(tmp_path / "o3")]) == 1
+    assert "holds no re-split" in capsys.readouterr().err
+
+
+def test_out_has_a_default_and_write_only_needs_resplit(capsys):
+    assert reproduce.build_parser().parse_args([]).out == "reproduce-out"
+    with pytest.raises(SystemExit):
+        reproduce.main(["--write-only"])
+    assert "--write-only goes with --resplit" in capsys.readouterr().err
+
+
+COMMANDS = [
+    ["-m", "kmnist_torch.train"],
+    ["-m", "kmnist_torch.reproduce"],
+    *[[str(p.relative_to(REPO))] for p in sorted((REPO / "benchmarks").glob("[!_]*.py"))],
+]
+
+
+def test_every_command_line_answers_help():
+    # All at once: each pays the torch import, and the machine is shared.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *cmd, "--help"],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for cmd in COMMANDS
+    ]
+    assert len(COMMANDS) == 7  # train, reproduce and the five Python timing scripts
+    for cmd, proc in zip(COMMANDS, procs):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (cmd, stderr)
+        assert stdout.startswith("usage:") and "--help" in stdout, cmd

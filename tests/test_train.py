@@ -3,6 +3,7 @@ on KMNIST fixtures served from 127.0.0.1, results.json, checkpoints, Ctrl-C and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,10 +18,12 @@ import pytest
 import torch
 from conftest import mirror_env
 
-from kmnist_torch import catalog, train
+from kmnist_torch import engine, train
 from kmnist_torch.augment import random_translate
-from kmnist_torch.formats import write_idx
+from kmnist_torch.data import LIMIT_SEED, load_split, stratified_subset
+from kmnist_torch.fixtures import random_split, write_split
 from kmnist_torch.metrics import accuracy, balanced_accuracy
+from kmnist_torch.recipes import RECIPES, Recipe, RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,54 +99,84 @@ def test_translation_is_reproducible_and_zero_is_identity():
 
 
 def test_recipes_hold_the_issues_values():
-    paper = train.RECIPES["paper"]
+    paper = RECIPES["paper"]
     assert (paper.model, paper.optimizer, paper.nesterov) == ("preact18", "sgd", True)
     assert (paper.lr, paper.momentum, paper.weight_decay, paper.batch_size) == (0.1, 0.9, 1e-4, 100)
     assert (paper.schedule, paper.gamma, paper.translate) == ("step", 0.1, 2)
     assert paper.epochs == 200 and paper.milestones == (0.5, 0.75)
-    fast = train.RECIPES["fast"]
+    fast = RECIPES["fast"]
     assert (fast.model, fast.mixup, fast.loss) == (paper.model, paper.mixup, paper.loss)
     assert fast.amp and fast.channels_last and fast.batch_size > paper.batch_size
-    cnn = train.RECIPES["cnn"]
+    cnn = RECIPES["cnn"]
     assert (cnn.model, cnn.optimizer, cnn.lr, cnn.batch_size, cnn.epochs) == (
-        "simple_cnn", "adadelta", 1.0, 128, 12
-    )  # fmt: skip
+        "simple_cnn",
+        "adadelta",
+        1.0,
+        128,
+        12,
+    )
     assert (cnn.rho, cnn.eps, cnn.mixup, cnn.translate) == (0.95, 1e-7, "none", 0)
 
 
 def test_step_schedule_decays_at_fractions_of_the_run():
-    r = train.RECIPES["paper"]  # 200 epochs, x0.1 at 100 and 150
-    f = [train.lr_factor(e * 10, 10, r) for e in (0, 99, 100, 149, 150, 199)]
+    r = RECIPES["paper"]  # 200 epochs, x0.1 at 100 and 150
+    f = [engine.lr_factor(e * 10, 10, r) for e in (0, 99, 100, 149, 150, 199)]
     assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_onecycle_warms_up_then_decays_to_zero():
-    r = train.RECIPES["fast"]  # 30 epochs, 20% warm-up
+    r = RECIPES["fast"]  # 30 epochs, 20% warm-up
     total = 30 * 10
-    f = [train.lr_factor(s, 10, r) for s in range(total)]
+    f = [engine.lr_factor(s, 10, r) for s in range(total)]
     peak = int(np.argmax(f))
     assert f[peak] == pytest.approx(1.0) and peak == round(0.2 * total) - 1
     assert all(a < b for a, b in zip(f[:peak], f[1 : peak + 1]))
     assert all(a > b for a, b in zip(f[peak:-1], f[peak + 1 :]))
     assert f[-1] < 0.01
-    assert train.lr_factor(7, 10, train.RECIPES["cnn"]) == 1.0
+    assert engine.lr_factor(7, 10, RECIPES["cnn"]) == 1.0
 
 
 def test_every_recipe_value_is_a_flag(tmp_path):
     args = train.build_parser().parse_args(
-        ["--epochs", "3", "--batch-size", "7", "--lr", "0.02", "--weight-decay", "0",
-         "--momentum", "0.5", "--no-nesterov", "--alpha", "0.4", "--milestones", "0.3,0.6",
-         "--mixup", "input", "--loss", "ce", "--translate", "1", "--amp", "--compile"]
-    )  # fmt: skip
+        [
+            "--epochs",
+            "3",
+            "--batch-size",
+            "7",
+            "--lr",
+            "0.02",
+            "--weight-decay",
+            "0",
+            "--momentum",
+            "0.5",
+            "--no-nesterov",
+            "--alpha",
+            "0.4",
+            "--milestones",
+            "0.3,0.6",
+            "--mixup",
+            "input",
+            "--loss",
+            "ce",
+            "--translate",
+            "1",
+            "--amp",
+            "--compile",
+        ]
+    )
     name, r = train.resolve_recipe(args)
     assert name == "paper"
     assert (r.epochs, r.batch_size, r.lr, r.weight_decay, r.momentum) == (3, 7, 0.02, 0, 0.5)
     assert (r.nesterov, r.alpha, r.milestones, r.mixup, r.loss) == (
-        False, 0.4, (0.3, 0.6), "input", "ce"
-    )  # fmt: skip
+        False,
+        0.4,
+        (0.3, 0.6),
+        "input",
+        "ce",
+    )
     assert r.translate == 1 and r.amp and r.compile
     flags = train.build_parser().format_help()
-    for f in train.dataclasses.fields(train.Recipe):
+    for f in dataclasses.fields(Recipe):
         assert "--" + f.name.replace("_", "-") in flags
     # The default alpha follows the mixup mode, as in the reference.
     for mode, alpha in (("input", 1.0), ("manifold", 2.0)):
@@ -171,54 +204,123 @@ def test_bad_values_are_refused_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_recipes_check_their_values_when_built_in_code():
+    paper = RECIPES["paper"]
+    with pytest.raises(RecipeError, match="epochs must be at least 1") as exc:
+        dataclasses.replace(paper, epochs=0)
+    assert exc.value.problems == [("epochs", "must be at least 1")]
+    with pytest.raises(ValueError, match="lr must be positive.*optimizer must be one of"):
+        paper.override(lr=0.0, optimizer="adam")
+    with pytest.raises(RecipeError, match="warmup is a fraction"):
+        paper.override(warmup=1.0)
+    # override fills alpha from the mode; an alpha given stays; none for no mixup.
+    assert paper.alpha is None and paper.override().alpha == 2.0
+    assert paper.override(mixup="input").alpha == 1.0
+    assert paper.override(mixup="input", alpha=0.3).alpha == 0.3
+    assert RECIPES["cnn"].override().alpha is None
+
+
+# ------------------------------------------------------------------------ --limit-* subsets
+
+
+def test_stratified_subset_keeps_class_proportions_sorted_and_seeded():
+    # Sorted by class, as KKanji is: the first N would be a single class.
+    targets = np.repeat([0, 1, 2, 3], [500, 300, 150, 50])
+    keep = stratified_subset(targets, 100)
+    assert len(keep) == 100 and np.all(np.diff(keep) > 0)  # sorted, no repeats
+    assert np.bincount(targets[keep]).tolist() == [50, 30, 15, 5]
+    # Largest remainders get the leftovers: 7 of (500, 300, 150, 50) is 3.5, 2.1, 1.05, 0.35.
+    assert np.bincount(targets[stratified_subset(targets, 7)], minlength=4).tolist() == [
+        4,
+        2,
+        1,
+        0,
+    ]
+    assert np.array_equal(keep, stratified_subset(torch.as_tensor(targets), 100))
+    assert not np.array_equal(keep, stratified_subset(targets, 100, seed=LIMIT_SEED + 1))
+    assert np.array_equal(stratified_subset(targets, 5000), np.arange(1000))
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        stratified_subset(targets, -1)
+
+
+def test_load_split_limits_are_stratified_subsets(tmp_path):
+    images, _ = random_split(400, "kmnist", 0)
+    labels = np.repeat(np.arange(10), 40).astype(np.uint8)  # sorted by class
+    write_split(tmp_path, "kmnist", "train", images, labels, fmt="npz")
+    write_split(tmp_path, "kmnist", "test", images[:100], labels[::4], fmt="npz")
+    cut = load_split("kmnist", tmp_path, True, limit=50, download=False, verify=False, format="npz")
+    assert np.bincount(cut.targets.numpy()).tolist() == [5] * 10
+    keep = stratified_subset(labels, 50)
+    assert torch.equal(cut.data, torch.from_numpy(images[keep]))
+    test = load_split(
+        "kmnist", tmp_path, False, limit=20, download=False, verify=False, format="npz"
+    )
+    assert np.bincount(test.targets.numpy()).tolist() == [2] * 10
+    whole = load_split("kmnist", tmp_path, False, download=False, verify=False, format="npz")
+    assert len(whole.targets) == 100 and whole.classes == cut.classes
+
+
 # ---------------------------------------------------------------------- runs on fixture data
 
 
 def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable fixtures: class k is a bright bar at its own place, over noise."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    rng.shuffle(labels)
-    images = (rng.random((n, 28, 28)) * 80).astype(np.uint8)
+    """Learnable fixtures: class k is a bright bar at its own place, over random_split's noise."""
+    images, labels = random_split(n, "kmnist", seed)
+    labels = labels.copy()
+    np.random.default_rng(seed).shuffle(labels)
+    images = images // 4  # noise up to 63, under the bars
     for i, k in enumerate(labels):
         r, c = 3 + 12 * (k // 5), 2 + 5 * (k % 5)
         images[i, r : r + 8, c : c + 4] = 255
     return images, labels
 
 
-def _write_kmnist(folder: Path, n_train: int = 200, n_test: int = 100) -> dict[str, Path]:
-    """The four KMNIST idx.gz files and the class map, in the official formats and names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = _images(n, seed)
-        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
-            files[f"{prefix}-{kind}-ubyte.gz"] = path = folder / f"{prefix}-{kind}-ubyte.gz"
-            write_idx(path, arr)
-    rows = [f"{c.index},{c.codepoint},{c.char}" for c in catalog.KMNIST.classes]
-    classmap = folder / "kmnist_classmap.csv"
-    classmap.write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    files[classmap.name] = classmap
-    return files
+def _write_kmnist(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
+    """A KMNIST root in the official formats and names (kmnist_torch.fixtures)."""
+    write_split(root, "kmnist", "train", *_images(n_train, 0), fmt="mnist")
+    return write_split(root, "kmnist", "test", *_images(n_test, 1), fmt="mnist")
 
 
 @pytest.fixture(scope="module")
 def kmnist_root(tmp_path_factory) -> Path:
     """A data root already holding small KMNIST fixtures (no download needed)."""
     root = tmp_path_factory.mktemp("data")
-    _write_kmnist(root / "KMNIST" / "raw")
+    _write_kmnist(root)
     return root
 
 
 def _argv(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["--root", str(root), "--no-download", "--no-verify", "--out", str(out),
-            "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+    return [
+        "--root",
+        str(root),
+        "--no-download",
+        "--no-verify",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # A small but complete recipe: dropout (simple_cnn), manifold mixup and translation all draw
 # random numbers, so resuming must restore every random stream.
-SMALL = ["--model", "simple_cnn", "--mixup", "manifold", "--translate", "2", "--epochs", "2",
-         "--batch-size", "25", "--lr", "0.5", "--deterministic"]  # fmt: skip
+SMALL = [
+    "--model",
+    "simple_cnn",
+    "--mixup",
+    "manifold",
+    "--translate",
+    "2",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "25",
+    "--lr",
+    "0.5",
+    "--deterministic",
+]
 TIMING = {"images_per_second", "train_seconds", "test_seconds"}
 
 
@@ -236,24 +338,47 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def test_cli_end_to_end_on_kmnist_served_from_loopback(http_server, fast_net, tmp_path):
-    for name, path in _write_kmnist(tmp_path / "served").items():
-        http_server.add(f"/kmnist/{name}", path.read_bytes())
+    for path in _write_kmnist(tmp_path / "served").iterdir():
+        http_server.add(f"/kmnist/{path.name}", path.read_bytes())
     mirror_env(fast_net, http_server.url)
     root, out = tmp_path / "root", tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kmnist_torch.train", "--dataset", "kmnist", "--recipe", "cnn",
-         "--epochs", "3", "--batch-size", "32", "--root", str(root), "--no-verify",
-         "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kmnist_torch.train",
+            "--dataset",
+            "kmnist",
+            "--recipe",
+            "cnn",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--root",
+            str(root),
+            "--no-verify",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     # Downloaded from the mirror into torchvision's layout.
     assert http_server.hits("/kmnist/train-images-idx3-ubyte.gz")
     assert (root / "KMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").is_file()
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == [
-        "1/3", "2/3", "3/3"
-    ]  # fmt: skip
+        "1/3",
+        "2/3",
+        "3/3",
+    ]
     assert "warning: training on the CPU" in proc.stderr and "need about" in proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] and not res["interrupted"]
@@ -269,11 +394,19 @@ def test_results_schema(kmnist_root, tmp_path):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
     for key, kind in {
-        "config": dict, "epochs": list, "test_accuracy": float, "test_balanced_accuracy": float,
-        "best_test_accuracy": float, "best_test_balanced_accuracy": float,
-        "images_per_second": float, "wall_seconds": float, "device_seconds": float,
-        "device": str, "torch_version": str, "seed": int,
-    }.items():  # fmt: skip
+        "config": dict,
+        "epochs": list,
+        "test_accuracy": float,
+        "test_balanced_accuracy": float,
+        "best_test_accuracy": float,
+        "best_test_balanced_accuracy": float,
+        "images_per_second": float,
+        "wall_seconds": float,
+        "device_seconds": float,
+        "device": str,
+        "torch_version": str,
+        "seed": int,
+    }.items():
         assert isinstance(res[key], kind), key
     assert "git_commit" in res and (res["git_commit"] is None or len(res["git_commit"]) == 40)
     assert res["seed"] == 3 and res["torch_version"] == torch.__version__
@@ -282,12 +415,21 @@ def test_results_schema(kmnist_root, tmp_path):
     assert res["config"]["recipe"] == "cnn" and res["config"]["batch_size"] == 25
     assert [e["epoch"] for e in res["epochs"]] == [1, 2]
     for e in res["epochs"]:
-        assert set(e) >= {"train_loss", "test_loss", "test_accuracy", "test_balanced_accuracy",
-                          "images_per_second", "lr"}  # fmt: skip
-        assert 0 <= e["test_accuracy"] <= 1 and 0 <= e["test_balanced_accuracy"] <= 1
+        assert set(e) >= {
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "test_balanced_accuracy",
+            "images_per_second",
+            "lr",
+        }
         assert e["images_per_second"] > 0
     assert res["test_accuracy"] == res["epochs"][-1]["test_accuracy"]
     assert res["best_test_accuracy"] == max(e["test_accuracy"] for e in res["epochs"])
+    assert res["test_balanced_accuracy"] == res["epochs"][-1]["test_balanced_accuracy"]
+    assert res["best_test_balanced_accuracy"] == max(
+        e["test_balanced_accuracy"] for e in res["epochs"]
+    )
     assert res["wall_seconds"] >= res["device_seconds"] > 0
 
 
@@ -304,7 +446,7 @@ def test_resume_after_an_epoch_ends_with_the_same_numbers(kmnist_root, tmp_path)
 def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, monkeypatch):
     whole = train.main(_argv(kmnist_root, tmp_path / "whole", *SMALL))
     calls = {"n": 0}
-    real = train.random_translate
+    real = engine.random_translate
 
     def translate_then_ctrl_c(*args, **kwargs):
         calls["n"] += 1
@@ -312,14 +454,14 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "random_translate", translate_then_ctrl_c)
+    monkeypatch.setattr(engine, "random_translate", translate_then_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
     stopped = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL))
     assert stopped["interrupted"] and stopped["epochs"] == []
     state = torch.load(tmp_path / "split" / train.CHECKPOINT, weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 3)  # the step under way was finished
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works as before again
-    monkeypatch.setattr(train, "random_translate", real)
+    monkeypatch.setattr(engine, "random_translate", real)
     rest = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
     assert _numbers(rest) == _numbers(whole)
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
@@ -353,8 +495,18 @@ def test_missing_files_without_download_fail_with_the_dataset_error(tmp_path, ca
 
 
 def test_preact18_trains_through_the_cli(kmnist_root, tmp_path):
-    argv = ["--model", "preact18", "--epochs", "1", "--batch-size", "8", "--limit-train", "16",
-            "--limit-test", "16"]  # fmt: skip
+    argv = [
+        "--model",
+        "preact18",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--limit-train",
+        "16",
+        "--limit-test",
+        "16",
+    ]
     res = train.main(_argv(kmnist_root, tmp_path / "run", *argv))
     assert res["finished"] and res["config"]["mixup"] == "manifold"
     assert res["parameters"] == 11_171_146 - 2 * 64 * 9
@@ -378,14 +530,39 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
     monkeypatch.setitem(
         sys.modules, "kmnist_torch.kkanji", types.SimpleNamespace(KKanji=FakeKKanji)
     )
-    argv = _argv(tmp_path / "root", tmp_path / "run", "--dataset", "kkanji", "--recipe", "cnn",
-                 "--epochs", "1", "--batch-size", "8", "--test-fraction", "0.25",
-                 "--min-per-class", "2", "--shots", "5", "--split-seed", "7")  # fmt: skip
+    argv = _argv(
+        tmp_path / "root",
+        tmp_path / "run",
+        "--dataset",
+        "kkanji",
+        "--recipe",
+        "cnn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--test-fraction",
+        "0.25",
+        "--min-per-class",
+        "2",
+        "--shots",
+        "5",
+        "--split-seed",
+        "7",
+    )
     res = train.main(argv)
-    expected = {"download": False, "verify": False, "test_fraction": 0.25, "min_per_class": 2,
-                "shots": 5, "seed": 7}  # fmt: skip
-    assert calls == [(tmp_path / "root", {"split": "train", **expected}),
-                     (tmp_path / "root", {"split": "test", **expected})]  # fmt: skip
+    expected = {
+        "download": False,
+        "verify": False,
+        "test_fraction": 0.25,
+        "min_per_class": 2,
+        "shots": 5,
+        "seed": 7,
+    }
+    assert calls == [
+        (tmp_path / "root", {"split": "train", **expected}),
+        (tmp_path / "root", {"split": "test", **expected}),
+    ]
     assert res["image_size"] == 64 and res["num_classes"] == 3 and res["num_test"] == 9
     # Options left out are not passed, so KKanji's own defaults apply.
     calls.clear()

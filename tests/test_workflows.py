@@ -76,8 +76,11 @@ def test_ci_runs_the_readme_commands():
     assert set(ci["on"]) == {"push", "pull_request"}
     (job,) = ci["jobs"].values()
     assert job["runs-on"] == "ubuntu-latest"
-    # Exactly the README's commands, in its order, and nothing else run.
-    assert [r.strip() for r in _runs(ci)] == commands
+    # The README's commands, in its order, then the harness's CPU smoke run, nothing else.
+    runs = [r.strip() for r in _runs(ci)]
+    assert runs[:-1] == commands
+    smoke = runs[-1].split()
+    assert smoke[:3] == ["python", "-m", "kmnist_torch.reproduce"] and "--quick" in smoke
     setup = next(s for s in _uses(ci) if s["uses"].startswith("actions/setup-python@"))
     assert setup["with"]["python-version"] == "3.11" and setup["with"]["cache"] == "pip"
 
@@ -89,7 +92,7 @@ def test_reproduce_runs_on_the_gpu_runner_with_check():
     assert job["runs-on"] == ["self-hosted", "linux", "x64", "gpu"]
     runs = " ".join(" ".join(r.split()) for r in _runs(wf))
     assert "python -m kmnist_torch download kmnist k49 --root" in runs
-    harness = next(r for r in _runs(wf) if "benchmarks/reproduce.py" in r)
+    harness = next(r for r in _runs(wf) if "python -m kmnist_torch.reproduce" in r)
     args = harness.split()
     for flag in ("--check", "--out", "reproduce-out"):
         assert flag in args
@@ -98,6 +101,7 @@ def test_reproduce_runs_on_the_gpu_runner_with_check():
     rows = args[args.index("--rows") + 1 : args.index("--rows") + 6]
     assert rows == ["knn", "cnn", "preact18", "preact18-input", "preact18-manifold"]
     # The first step of each action: the main dataset root (the KKanji steps come later).
+    assert not any("benchmarks/" in r for r in _runs(wf))  # the harness is in the package
     uses = {}
     for s in _uses(wf):
         uses.setdefault(s["uses"].split("@")[0], s)
@@ -122,7 +126,7 @@ def test_reproduce_runs_the_kkanji_rows_on_request_without_check():
     steps = [s for s in job["steps"] if s.get("if", "").startswith("inputs.kkanji")]
     runs = [" ".join(s["run"].split()) for s in steps if "run" in s]
     assert 'python -m kmnist_torch download kkanji --root "$KMNIST_TORCH_ROOT"' in runs
-    (harness,) = [r for r in runs if "benchmarks/reproduce.py" in r]
+    (harness,) = [r for r in runs if "python -m kmnist_torch.reproduce" in r]
     args = harness.split()
     assert args[args.index("--datasets") + 1] == "kkanji" and "--check" not in args
     caches = [s for s in steps if s.get("uses", "").startswith("actions/cache/")]

@@ -26,9 +26,19 @@ def list_models() -> list[str]:
 def create_model(
     name: str, num_classes: int, in_chans: int = 1, img_size: int = 28, **kwargs
 ) -> nn.Module:
-    """Build the model ``name`` for ``num_classes`` classes of ``in_chans``-channel,
-    ``img_size`` x ``img_size`` images. Every model's ``forward(x, mix_layer, lam, perm)``
-    supports (manifold) mixup at the layers listed in its ``mix_layers``."""
+    """Build a model by name, as ``timm.create_model`` does.
+
+    Args:
+        name: a name of :func:`list_models` (``"preact18"``, ``"simple_cnn"``).
+        num_classes: size of the output layer (at least 1).
+        in_chans: channels of the input images.
+        img_size: height and width of the input images.
+        **kwargs: passed on to the model's builder.
+
+    Returns:
+        The model. Its ``forward(x, mix_layer, lam, perm)`` supports (manifold) mixup at the
+        layers listed in its ``mix_layers``.
+    """
     try:
         builder = _MODELS[name]
     except KeyError:

@@ -1,0 +1,429 @@
+"""Reproduce the upstream benchmark table: every (row, dataset) cell run here, side by side with
+upstream's figures, written to OUT/table.md and OUT/results.json.
+
+    python -m kmnist_torch.reproduce --datasets mnist kmnist k49 \\
+        --rows knn cnn preact18 preact18-input preact18-manifold --out reproduce-out --check
+    python -m kmnist_torch.reproduce --datasets kmnist --rows knn cnn --out smoke --quick
+    python -m kmnist_torch.reproduce --resplit SOURCE_DIR --rows knn cnn --out resplit-out
+
+Rows: ``knn`` is kmnist_torch.baselines.knn_predict (scikit-learn's 4-NN, exactly); the others
+train with kmnist_torch.train (``cnn``: the Keras benchmark network and recipe; ``preact18*``:
+PreActResNet-18, no mixup / input mixup / manifold mixup, recipe ``--recipe``, default
+``paper``). The metric is top-1 accuracy, balanced accuracy for K49 (as upstream) and KKanji.
+Both kinds of row read the data through kmnist_torch.data.load_split (the same stratified
+``--limit-*`` subsets).
+
+Targets are upstream's figures on today's data where upstream published them, else on the data
+released before 2019-02-05 (MNIST never changed). ``--check`` exits 1 when a cell falls more
+than its row's tolerance below its target, or when a cell fails to run. ``--quick`` is a CPU
+smoke test on a few hundred images (no targets apply). KKanji (``--datasets kkanji``) is our
+own extension of the table, with the KKanji class's default split: no targets.
+
+``--resplit SOURCE_DIR`` runs the KMNIST rows on real images where the official training
+images are out of reach: the real KMNIST test split (SOURCE_DIR holds
+``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz`` and ``kmnist_classmap.csv``)
+re-split 8,000 train / 2,000 test and written as an official-format root in ``--root``
+(default OUT/resplit-data). Not the benchmark protocol: no target applies. ``--resplit``
+without SOURCE_DIR uses a root written before (e.g. carried to a machine without the source);
+``--write-only`` writes the root and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._io import atomic_write
+from .data import load_split
+from .engine import TrainError, device_name
+from .fixtures import raw_folder, write_split
+from .formats import FormatError, read_idx
+from .sources import DataFilesError
+from .table import (
+    DATASET_TITLES,
+    DATASETS,
+    ROWS,
+    TOLERANCE,
+    UPSTREAM_OLD,
+    UPSTREAM_TODAY,
+    _pct,
+    check_cells,
+    finish_cell,
+    new_cell,
+    render_table,
+)
+
+# --quick: sizes for a CPU smoke run of a few minutes over every cell.
+QUICK_KNN = {"limit_train": 2000, "limit_test": 500}
+QUICK_TRAIN = [
+    "--epochs",
+    "1",
+    "--limit-train",
+    "256",
+    "--limit-test",
+    "256",
+    "--batch-size",
+    "32",
+    "--eval-batch-size",
+    "256",
+]
+# --resplit: the real KMNIST test split cut into these many training and test images.
+RESPLIT_TRAIN, RESPLIT_TEST = 8000, 2000
+
+
+# ---------------------------------------------------------------------------- the re-split
+
+
+def write_resplit(root: str | os.PathLike, source: str | os.PathLike, seed: int = 0) -> dict:
+    """Write ``root/KMNIST/raw/`` (official names and formats) with the real KMNIST test split
+    in ``source`` shuffled by ``seed`` and cut 8,000 train / 2,000 test.
+
+    Args:
+        root: the data root to write.
+        source: a folder with the real ``t10k-images-idx3-ubyte.gz`` and
+            ``t10k-labels-idx1-ubyte.gz``.
+        seed: the shuffle before the cut.
+
+    Returns:
+        The split sizes, ``{"train": 8000, "test": 2000}``.
+    """
+    images_gz = Path(source) / "t10k-images-idx3-ubyte.gz"
+    if not images_gz.is_file():
+        raise DataFilesError(
+            f"{images_gz} is absent: --resplit needs a folder holding the real KMNIST test "
+            "split (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)"
+        )
+    x = read_idx(images_gz, 3)
+    y = read_idx(Path(source) / "t10k-labels-idx1-ubyte.gz", 1)
+    order = np.random.default_rng(seed).permutation(len(x))
+    train, test = order[:RESPLIT_TRAIN], order[RESPLIT_TRAIN : RESPLIT_TRAIN + RESPLIT_TEST]
+    write_split(root, "kmnist", "train", x[train], y[train], fmt="mnist")
+    write_split(root, "kmnist", "test", x[test], y[test], fmt="mnist")
+    return {"train": len(train), "test": len(test)}
+
+
+def _prepare_resplit(args: argparse.Namespace) -> None:
+    """Write (or find) the re-split root and point the run at it, as a cut-down KMNIST run."""
+    args.root = args.root or str(Path(args.out) / "resplit-data")
+    raw = raw_folder(args.root, "kmnist")
+    if args.resplit:
+        sizes = write_resplit(args.root, args.resplit, args.resplit_seed)
+        print(
+            f"wrote {raw}: real KMNIST test images re-split "
+            f"{sizes['train']:,} train / {sizes['test']:,} test"
+        )
+    elif (raw / "train-images-idx3-ubyte.gz").is_file():
+        print(f"using the re-split already in {raw}")
+    else:
+        raise DataFilesError(f"{raw} holds no re-split; pass --resplit SOURCE_DIR to write one")
+    # The limits mark the cells as not comparable with upstream: no target applies.
+    args.datasets, args.download, args.verify = ["kmnist"], False, False
+    args.limit_train = args.limit_train or RESPLIT_TRAIN
+    args.limit_test = args.limit_test or RESPLIT_TEST
+
+
+# --------------------------------------------------------------------------- running cells
+
+
+def _load(dataset: str, args: argparse.Namespace, train: bool, limit: int | None) -> Any:
+    # The KKanji class's default split, as the trained rows use.
+    return load_split(dataset, args.root, train, limit, args.download, args.verify)
+
+
+def run_knn(cell: dict[str, Any], args: argparse.Namespace) -> None:
+    """Score the 4-NN baseline on one dataset (device seconds: the prediction only)."""
+    from .baselines import default_device, knn_predict
+    from .metrics import accuracy, balanced_accuracy
+
+    limit_train = args.limit_train or (QUICK_KNN["limit_train"] if args.quick else None)
+    limit_test = args.limit_test or (QUICK_KNN["limit_test"] if args.quick else None)
+    train_set = _load(cell["dataset"], args, True, limit_train)
+    test_set = _load(cell["dataset"], args, False, limit_test)
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    pred = knn_predict(
+        train_set.data, train_set.targets, test_set.data, k=4, weights="distance", device=device
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cell.update(
+        device_seconds=time.perf_counter() - t0,
+        device=device_name(device),
+        num_train=len(train_set.data),
+        num_test=len(test_set.data),
+    )
+    y = test_set.targets
+    finish_cell(cell, accuracy(pred, y), balanced_accuracy(pred, y))
+
+
+def train_argv(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> list[str]:
+    """The ``python -m kmnist_torch.train`` arguments of a trained cell."""
+    spec = ROWS[cell["row"]]
+    recipe = "cnn" if cell["row"] == "cnn" else args.recipe
+    argv = [
+        "--dataset",
+        cell["dataset"],
+        "--model",
+        spec["model"],
+        "--mixup",
+        spec["mixup"],
+        "--recipe",
+        recipe,
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+        # --resume: a rerun after an interruption continues each run where it stopped
+        # (a run that finished is not repeated).
+        "--resume",
+        "--no-progress",
+    ]
+    if args.root is not None:
+        argv += ["--root", str(args.root)]
+    if args.device is not None:
+        argv += ["--device", args.device]
+    argv.append("--download" if args.download else "--no-download")
+    if not args.verify:
+        argv.append("--no-verify")
+    if args.quick:
+        argv += QUICK_TRAIN
+        if args.device is None:
+            argv += ["--device", "cpu"]
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--limit-train", args.limit_train),
+        ("--limit-test", args.limit_test),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_trained(cell: dict[str, Any], args: argparse.Namespace) -> None:
+    """Train one cell with kmnist_torch.train and take its last epoch's scores."""
+    from . import train  # imported here: the knn rows work without the trainer
+
+    out = Path(args.out) / "runs" / f"{cell['dataset']}-{cell['row']}"
+    argv = train_argv(cell, args, out)
+    cell["train_argv"] = argv
+    res = train.main(argv)
+    if res.get("interrupted"):
+        raise RuntimeError(f"training was interrupted; rerun to resume from {out}")
+    for key in (
+        "device_seconds",
+        "wall_seconds",
+        "device",
+        "images_per_second",
+        "best_test_accuracy",
+        "best_test_balanced_accuracy",
+        "epochs_done",
+        "num_train",
+        "num_test",
+    ):
+        cell[key] = res.get(key)
+    cell["run_dir"] = str(out)
+    # The last epoch, not the best: picking the best epoch on the test set flatters a run.
+    finish_cell(cell, res["test_accuracy"], res["test_balanced_accuracy"])
+
+
+def write_outputs(
+    out: Path, cells: list[dict[str, Any]], meta: dict[str, Any], tolerance: float | None
+) -> list[str]:
+    """Write table.md and results.json into ``out``; return the --check failures."""
+    failures = check_cells(cells, tolerance)
+    out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# Reproduction of the Kuzushiji benchmark table\n\n"
+        f"{meta['command']}\n\nMachine: {meta['machine']}; torch {meta['torch']}.\n\n"
+    )
+    atomic_write(out / "table.md", header + render_table(cells, tolerance), fsync=False)
+    payload = {
+        **meta,
+        "targets": {
+            "upstream_old": {f"{r}/{d}": v for (r, d), v in UPSTREAM_OLD.items()},
+            "upstream_today": {f"{r}/{d}": v for (r, d), v in UPSTREAM_TODAY.items()},
+            "tolerance": TOLERANCE if tolerance is None else dict.fromkeys(TOLERANCE, tolerance),
+        },
+        "cells": cells,
+        "failures": failures,
+    }
+    atomic_write(out / "results.json", json.dumps(payload, indent=2) + "\n", fsync=False)
+    return failures
+
+
+def _machine(device: str | None) -> str:
+    cpu = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+        return f"{device_name(device or 'cuda')}; {cpu}"
+    return f"no GPU used; {cpu}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The harness's command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m kmnist_torch.reproduce",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=["mnist", "kmnist", "k49"])
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument(
+        "--out",
+        default="reproduce-out",
+        metavar="DIR",
+        help="table.md, results.json, runs/ (default: reproduce-out)",
+    )
+    p.add_argument("--quick", action="store_true", help="CPU smoke run on a few hundred images")
+    p.add_argument("--check", action="store_true", help="exit 1 if a cell misses its target")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="one tolerance for all rows, in percentage points (default: per row)",
+    )
+    p.add_argument(
+        "--root",
+        default=None,
+        help="data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch; "
+        "with --resplit, OUT/resplit-data)",
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download missing files (default: yes); --no-download for files placed by hand",
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checksums (your own copies of the files)",
+    )
+    p.add_argument(
+        "--recipe",
+        default="paper",
+        choices=["paper", "fast"],
+        help="recipe of the preact18 rows (default paper; cnn has its own)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
+    p.add_argument(
+        "--limit-train",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a stratified subset of N training images (kmnist_torch.data)",
+    )
+    p.add_argument(
+        "--limit-test",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a stratified subset of N test images",
+    )
+    rs = p.add_argument_group("real-image re-split (KMNIST rows only)")
+    rs.add_argument(
+        "--resplit",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SOURCE_DIR",
+        help="run on the real KMNIST test split re-split 8,000/2,000, written from "
+        "SOURCE_DIR into --root (no SOURCE_DIR: --root holds one already)",
+    )
+    rs.add_argument("--resplit-seed", type=int, default=0, help="seed of the 8,000/2,000 cut")
+    rs.add_argument("--write-only", action="store_true", help="write the re-split and stop")
+    return p
+
+
+def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
+    """Run one cell, recording an error in it instead of raising (but not Ctrl-C)."""
+    t0 = time.perf_counter()
+    try:
+        (run_knn if cell["row"] == "knn" else run_trained)(cell, args)
+    except KeyboardInterrupt:
+        cell["error"] = "interrupted"
+        raise
+    except Exception as exc:  # one failing cell must not lose the others' results
+        cell["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (DataFilesError, FormatError, TrainError)):
+            print(f"error: {exc}", file=sys.stderr)  # the message says what to do
+        else:
+            traceback.print_exc()
+    finally:
+        if cell["wall_seconds"] is None:
+            cell["wall_seconds"] = time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every requested cell, writing the outputs after each; return the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.write_only and args.resplit is None:
+        build_parser().error("--write-only goes with --resplit SOURCE_DIR")
+    if args.resplit is not None:
+        try:
+            _prepare_resplit(args)
+        except (DataFilesError, FormatError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.write_only:
+            return 0
+    tolerance = None if args.tolerance is None else args.tolerance / 100
+    # A smoke run or cut-down data is not a reproduction: no targets apply to it.
+    comparable = not (args.quick or args.epochs or args.limit_train or args.limit_test)
+    out = Path(args.out)
+    meta = {
+        "command": "python -m kmnist_torch.reproduce " + " ".join(argv or sys.argv[1:]),
+        "machine": _machine(args.device),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "quick": args.quick,
+        "comparable": comparable,
+        "recipe": args.recipe,
+        "seed": args.seed,
+        "resplit": args.resplit is not None,
+    }
+    cells = [new_cell(r, d, comparable) for d in args.datasets for r in args.rows]
+    failures: list[str] = []
+    for cell in cells:
+        print(f"== {cell['title']} on {DATASET_TITLES[cell['dataset']]}", flush=True)
+        try:
+            _run_cell(cell, args)
+        finally:
+            failures = write_outputs(out, cells, meta, tolerance)
+        print(
+            f"   {cell['metric']}: {_pct(cell['ours'])}"
+            + (f" (target {_pct(cell['target'])})" if cell["target"] is not None else "")
+            + (f"  ERROR {cell['error']}" if cell["error"] else ""),
+            flush=True,
+        )
+    print()
+    print(render_table(cells, tolerance))
+    print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
+    errors = [c for c in cells if c["error"]]
+    if args.check and failures:
+        print("--check failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    if errors:
+        print(f"{len(errors)} cell(s) did not run", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""What a run needs around its training loop: its output folder (checkpoint, results), the
+determinism switches, the Ctrl-C stop request, device names and timing, the git commit, and the
+CPU-time estimate. Re-exported by :mod:`kmnist_torch.engine`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+
+from ._io import atomic_write, write_json
+
+if TYPE_CHECKING:
+    from .engine import RunState
+
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue as asked (for example, its output folder is taken)."""
+
+
+# ------------------------------------------------------------------------ run machinery
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic kernels while training when ``enabled``; fast autotuned ones otherwise.
+    Global switches are put back afterwards, for callers that train in-process."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    if enabled and device.type == "cuda":
+        # cuBLAS needs this before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:]
+
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step and checkpoint; a second
+    one aborts at once (the last checkpoint stays)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        # Signal handlers can only be set from the main thread; elsewhere Ctrl-C reaches the
+        # main thread anyway.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:  # None: a handler set outside Python; the default is closest
+            signal.signal(
+                signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous
+            )
+
+
+def sync(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def device_name(device: str | torch.device) -> str:
+    """A device as results, tables and benchmarks name it.
+
+    Args:
+        device: a torch device or its name.
+
+    Returns:
+        The GPU's model for CUDA, ``CPU (<arch>, <N> threads)`` for the CPU, else the device.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def _git_commit() -> dict[str, Any]:
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode != 0:
+            return {"git_commit": None, "git_dirty": None}
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {"git_commit": head.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class CpuEstimate:
+    """Times the first steps of a CPU run and warns once how long the rest will take."""
+
+    def __init__(self, total_steps: int, batch_size: int, probe_steps: int = 3) -> None:
+        self.total_steps, self.batch_size = total_steps, batch_size
+        self.want = min(probe_steps, total_steps)
+        self.steps, self.seconds, self.done = 0, 0.0, False
+
+    def tick(self, seconds: float, steps_done: int) -> None:
+        """One step took ``seconds``; ``steps_done`` steps of the run are done."""
+        if self.done:
+            return
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+        if self.steps == self.want:
+            per_step, left = self.seconds / self.steps, self.total_steps - steps_done
+            print(
+                f"warning: training on the CPU: {per_step:.2f} s per step of {self.batch_size} "
+                f"images, so the {left} steps left need about {_duration(per_step * left)} plus "
+                "testing. Use a CUDA GPU, or --epochs/--limit-train for a quick look.",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.done = True
+
+
+class RunDir:
+    """A run's output folder: ``checkpoint.pt`` and ``results.json``, each written atomically."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self.checkpoint = self.out / CHECKPOINT
+        self.results = self.out / RESULTS
+
+    def open(
+        self, config: dict[str, Any], resume: bool, overwrite: bool, resumable: set[str]
+    ) -> dict[str, Any] | None:
+        """Create the folder; return the checkpoint to resume from, or None to start afresh.
+
+        Raises :class:`TrainError` when the folder holds a run and neither ``resume`` nor
+        ``overwrite`` is set, or when resuming a run whose ``config`` differs in a key that
+        is not in ``resumable``."""
+        state = None
+        if self.checkpoint.exists():
+            if resume:
+                state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+                old = state["config"]
+                changed = sorted(
+                    k
+                    for k in set(config) | set(old)
+                    if k not in resumable and config.get(k) != old.get(k)
+                )
+                if changed:
+                    raise TrainError(
+                        f"{self.checkpoint} was written by a run with other settings: "
+                        + ", ".join(f"{k}={old.get(k)!r} (now {config.get(k)!r})" for k in changed)
+                        + ". Resume with the same settings, or pick another --out."
+                    )
+            elif not overwrite:
+                raise TrainError(
+                    f"{self.out} already holds a run ({CHECKPOINT}); pass --resume to continue "
+                    "it, --overwrite to start again, or another --out"
+                )
+        elif resume:
+            print(f"no checkpoint in {self.out}; starting from scratch", file=sys.stderr)
+        self.out.mkdir(parents=True, exist_ok=True)
+        return state
+
+    def save_checkpoint(self, config: dict[str, Any], state: RunState) -> None:
+        """Write the run's config and state, to continue later with ``--resume``."""
+        payload = {"config": config, **state.state_dict()}
+        atomic_write(self.checkpoint, lambda fh: torch.save(payload, fh))
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """Write ``results.json``."""
+        write_json(self.results, results, indent=2)
