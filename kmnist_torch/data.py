@@ -71,15 +71,13 @@ def load_split(
         limit: keep a stratified subset of this many images (:func:`stratified_subset`,
             seed :data:`LIMIT_SEED`); None keeps them all.
         download: fetch missing files.
-        verify: check the files' checksums (not asked of MNIST: torchvision checks it).
+        verify: check the files' checksums.
         **options: passed on to the dataset (KKanji's ``test_fraction``, ``seed`` ...).
 
     Returns:
         A namespace with uint8 ``data`` (N x H x W), int64 ``targets`` and ``classes``.
     """
-    opts: dict[str, Any] = {"download": download, **options}
-    if name != "mnist":
-        opts["verify"] = verify
+    opts: dict[str, Any] = {"download": download, "verify": verify, **options}
     with warnings.catch_warnings():
         # --no-verify is the caller's explicit choice: it says so once, not per split.
         warnings.filterwarnings("ignore", message=".*verify=False")

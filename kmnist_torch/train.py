@@ -21,6 +21,7 @@ import torch
 
 from . import mixup
 from .data import load_split
+from .datasets import list_datasets
 from .engine import CHECKPOINT, RESULTS, Job, RunDir, RunState, TrainError, determinism, fit
 from .formats import FormatError
 from .loader import TensorLoader
@@ -38,7 +39,7 @@ __all__ = [
     "run_cli",
 ]
 
-DATASETS = ("mnist", "kmnist", "k49", "kkanji")
+DATASETS = tuple(list_datasets())
 # What a resumed run may change: where files go and how they are fetched, where it runs.
 _RESUMABLE_CHANGES = {
     "out",
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = RunDir(out)
     saved = run_dir.open(config, args.resume, args.overwrite, _RESUMABLE_CHANGES)
     with determinism(args.deterministic, device):
-        if not args.verify and args.dataset != "mnist":
+        if not args.verify:
             print("warning: --no-verify: checksums are not checked", file=sys.stderr)
         splits = [
             load_split(
