@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "K49": "datasets",
+    "MNIST": "datasets",
     "KMNIST": "datasets",
     "create_dataset": "datasets",
     "list_datasets": "datasets",

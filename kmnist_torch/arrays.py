@@ -109,11 +109,12 @@ def _check_extracted(
     checked against a known checksum)."""
     target = _extracted_target(remote, folder)
     assert target is not None
+    if not verify:  # subsets and re-encodings: the decoder's format checks still apply
+        return None, False
     size = target.dest.stat().st_size
-    if size != target.size:  # the format fixes the size: anything else is damaged
+    if size != target.size:  # the official split fixes the size: anything else is damaged
         return f"wrong size: {size} bytes, expected {target.size}", False
-    known = bool(target.md5 or target.sha256)
-    if not verify or not known:
+    if not (target.md5 or target.sha256):
         return None, False
     md5, sha = record.hashes(target.dest)
     if target.md5 and md5 != target.md5:

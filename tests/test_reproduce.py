@@ -227,7 +227,7 @@ def test_missing_files_are_a_cell_error(tmp_path, monkeypatch):
     ]
     assert reproduce.main(argv) == 1
     (cell,) = json.loads((out / "results.json").read_text())["cells"]
-    assert cell["error"].startswith("DataFilesError: KMNIST: 2 file(s) not usable")
+    assert cell["error"].startswith("DataFilesError: KMNIST: 5 file(s) missing")
     assert "train-images-idx3-ubyte.gz" in cell["error"] and "put it at" in cell["error"]
 
 
