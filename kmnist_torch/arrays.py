@@ -90,7 +90,7 @@ def missing_error(info: DatasetInfo, root: Path, fmt: str, name: str) -> DataFil
     lines = [f"{name}: {len(missing)} file(s) missing in {folder}:"]
     for f in missing:
         lines.append(f"- {f.name}: missing")
-        lines.append(target_for(f, folder, info.bases).describe())
+        lines.append(target_for(f, folder, info.bases, shown=True).describe())
         if f.extracted is not None:
             lines.append(f"    (or the extracted {f.extracted.name}, {f.extracted.size} bytes)")
     if not mirrors():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import catalog
 from ._io import HashRecord
-from .fetch import check
+from .fetch import Target, check
 from .formats import FormatError
 from .sources import NO_SOURCE, DataFilesError, default_root, mirrors, target_for
 
@@ -26,7 +26,7 @@ def _dataset_class(name: str):
         return KKanji
     from . import datasets
 
-    return {"kmnist": datasets.KMNIST, "k49": datasets.K49}[info.name]
+    return {"mnist": datasets.MNIST, "kmnist": datasets.KMNIST, "k49": datasets.K49}[info.name]
 
 
 def _names(names: list[str]) -> list[str]:
@@ -77,31 +77,76 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _still_missing(info: catalog.DatasetInfo, root: Path, fmts: list[str]) -> list[Target]:
+    """The official files of ``info`` (in ``fmts``) that are in no usable form under ``root``."""
+    if info.archive is not None:  # KKanji: the tar, unless the tree is extracted
+        folder = root / info.folder
+        if (folder / "kkanji2").is_dir() or (folder / info.archive.name).is_file():
+            return []
+        return [target_for(info.archive, folder, info.bases, shown=True)]
+    from .arrays import present, raw_folder
+
+    folder = raw_folder(root, info)
+    remotes = [f for pairs in info.splits.values() for fmt in fmts for f in pairs.get(fmt, ())]
+    if info.classmap is not None:
+        remotes.append(info.classmap)
+    return [
+        target_for(f, folder, info.bases, shown=True) for f in remotes if not present(f, folder)
+    ]
+
+
+def _checked(ds, verify: bool) -> str:
+    """What was checked of a dataset just loaded, in words that never overstate it."""
+    if not verify:
+        return "checksums not checked (--no-verify)"
+    if getattr(ds, "verified", True):
+        return "verified against the published checksums"
+    return "size and format checked; no published checksum for some files (see the warning)"
+
+
 def cmd_download(args: argparse.Namespace) -> int:
-    """Download and verify every split of each named dataset."""
+    """Download and check every split of each named dataset; carry on past a failure, then
+    list every file still missing with its URLs and the path to put it at."""
+    from .datasets import create_dataset
+
     root = Path(args.root) if args.root else default_root()
-    status = 0
+    failed: list[str] = []
+    missing: list[Target] = []
+    if not args.verify:
+        print("--no-verify: checksums are not checked (format checks still are)", file=sys.stderr)
     for name in _names(args.names):
         info = catalog.get(name)
-        try:
-            if info.name == "kkanji":
-                ds = _dataset_class(name)(root, split="all", download=True, verify=args.verify)
-                print(f"{name}: {len(ds):,} images in {root / info.folder}")
-                continue
-            fmts = info.formats if args.format == "all" else [args.format or info.formats[0]]
-            for fmt in fmts:
-                if fmt not in info.formats:
+        fmts = info.formats if args.format == "all" else [args.format or info.formats[0]]
+        jobs = [(None, "all")] if info.archive is not None else [
+            (fmt, split) for fmt in fmts for split in info.splits]  # fmt: skip
+        for fmt, split in jobs:
+            label = f"{name} {split}" + (f" ({fmt})" if fmt else "")
+            try:
+                if fmt is not None and fmt not in info.formats:
                     raise ValueError(f"{name} has no {fmt!r} format; it has {info.formats}")
-                for split in info.splits:
-                    kw = {"format": fmt} if len(info.formats) > 1 else {}
-                    ds = _dataset_class(name)(root, train=split == "train", download=True,
-                                              verify=args.verify, **kw)  # fmt: skip
-                    print(f"{name} {split} ({fmt}): {len(ds):,} images, verified, in "
-                          f"{ds.raw_folder}")  # fmt: skip
-        except (DataFilesError, FormatError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            status = 1
-    return status
+                kw: dict = {"split": split} if fmt is None else {"train": split == "train"}
+                if fmt is not None and len(info.formats) > 1:
+                    kw["format"] = fmt
+                with warnings.catch_warnings():
+                    if not args.verify:  # said once above
+                        warnings.filterwarnings("ignore", message=".*verify=False")
+                    ds = create_dataset(name, root, download=True, verify=args.verify, **kw)
+                where = getattr(ds, "raw_folder", None) or ds.folder
+                print(f"{label}: {len(ds):,} images, {_checked(ds, args.verify)}, in {where}")
+            except (DataFilesError, FormatError, ValueError) as exc:
+                print(f"error: {label}: {exc}", file=sys.stderr)
+                failed.append(label)
+        if all(f in info.formats for f in fmts):
+            missing += _still_missing(info, root, fmts)
+    if not failed:
+        return 0
+    print(f"\n{len(failed)} of the downloads failed: {', '.join(failed)}.", file=sys.stderr)
+    if missing:
+        print("Files still missing (fetch them by hand, or set $KMNIST_TORCH_MIRRORS):",
+              file=sys.stderr)  # fmt: skip
+        for t in missing:
+            print(t.describe(), file=sys.stderr)
+    return 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -62,11 +62,18 @@ def urls_for(remote: RemoteFile, bases: tuple[str, ...] | None = None) -> list[s
     return [base + remote.path for base in mirrors(bases)]
 
 
-def target_for(remote: RemoteFile, folder: Path, bases: tuple[str, ...] | None = None) -> Target:
-    """Where an official file lives under ``folder`` and where it can be fetched from."""
+def target_for(
+    remote: RemoteFile, folder: Path, bases: tuple[str, ...] | None = None, shown: bool = False
+) -> Target:
+    """Where an official file lives under ``folder`` and where it can be fetched from.
+    ``shown=True``: for an error a user reads, where no source is configured the publisher's
+    own URLs are listed all the same (they can be fetched by hand elsewhere)."""
+    urls = urls_for(remote, bases)
+    if shown and not urls:
+        urls = [base + remote.path for base in bases or (catalog.OFFICIAL_BASE,)]
     return Target(
         dest=folder / remote.name,
-        urls=urls_for(remote, bases),
+        urls=urls,
         size=remote.size,
         md5=remote.md5,
         sha256=remote.sha256,

@@ -10,6 +10,7 @@ from PIL import Image
 
 from kmnist_torch import catalog
 from kmnist_torch.cli import main
+from kmnist_torch.fixtures import random_split, write_split
 
 
 def test_available_lists_every_catalog_dataset(capsys):
@@ -83,3 +84,25 @@ def test_montage_draws_one_row_per_class(tmp_path, real_dir, capsys):
     # Tiles hold real strokes: the grid is not blank.
     assert img.crop((64, 0, img.size[0], img.size[1])).getextrema()[0] < 50
     assert "wrote" in capsys.readouterr().out
+
+
+def test_download_carries_on_and_lists_every_missing_file(tmp_path, http_server, fast_net, capsys):
+    # The mirror has only KMNIST's test split (fixture files, so --no-verify): the train split
+    # and all of K49 fail, the test split still downloads, and the end lists what is missing.
+    images, labels = random_split(13)
+    for f in write_split(tmp_path / "src", "kmnist", "test", images, labels).iterdir():
+        http_server.add(f"/kmnist/{f.name}", f.read_bytes())
+    mirror_env(fast_net, http_server.url)
+    root = tmp_path / "root"
+    rc = main(["download", "kmnist", "k49", "--root", str(root), "--no-verify"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "kmnist test (mnist): 13 images, checksums not checked (--no-verify)" in out
+    assert "verified" not in out and "verified" not in err.replace("--no-verify", "")
+    summary = err.split("Files still missing", 1)[1]
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "k49-train-imgs.npz", "k49-test-labels.npz", "k49_classmap.csv"):  # fmt: skip
+        assert "put it at: " in summary and name in summary
+    assert f"{http_server.url}/k49/k49-test-imgs.npz" in summary
+    assert str(root / "K49" / "raw" / "k49-test-imgs.npz") in summary
+    assert "t10k-images-idx3-ubyte.gz" not in summary  # downloaded
