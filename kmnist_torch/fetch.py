@@ -479,6 +479,8 @@ def _reason(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     if isinstance(exc, (_Permanent, _DeadlineExceeded)):
         return str(exc)
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
     return f"{type(exc).__name__}: {reason or exc}"
 
 

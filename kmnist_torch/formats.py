@@ -122,9 +122,13 @@ def read_idx(
             raise
         raise _fail(path, "a complete gzip stream", f"a broken one ({exc})") from exc
     if len(body) != n_bytes or extra:
-        found = f"{len(body)}" if not extra else f"{n_bytes} and more"
-        if not gzipped and extra:
-            found = f"{path.stat().st_size - header_len}"
+        found = f"{len(body)}"
+        if extra:
+            found = (
+                "more data after them (decompression stopped there)"
+                if gzipped
+                else f"{path.stat().st_size - header_len}"
+            )
         raise _fail(path, f"{n_bytes} data bytes for dimensions {_shape_str(dims)}", found)
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -273,6 +274,9 @@ def remove_stale_cache_temporaries(folder: Path) -> None:
 def images(folder: Path, listing: Listing, workers: int | None = None) -> np.ndarray:
     arr = _load_cache(folder, listing)
     if arr is not None:
+        if any((folder / CACHE_DIR).glob("*.tmp")):  # a killed build's leftovers
+            with folder_lock_if_writable(folder, LOCK_NAME):
+                remove_stale_cache_temporaries(folder)
         return arr
     with folder_lock_if_writable(folder, LOCK_NAME):
         remove_stale_cache_temporaries(folder)
@@ -312,8 +316,6 @@ def check_cache(folder: Path, listing: Listing) -> list[str]:
         return []
     problems = []
     try:
-        import json
-
         index = json.loads(index_path.read_text(encoding="utf-8"))
         recorded = index.get("sha256") if isinstance(index, dict) else None
     except (OSError, ValueError) as exc:
