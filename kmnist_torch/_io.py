@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
+import sys
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Union
 
@@ -68,36 +71,150 @@ def remove_stale_temporaries(folder: Path) -> None:
                 p.unlink()
 
 
+class LockTimeout(TimeoutError):
+    """Another process held a folder's lock for longer than we were willing to wait."""
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that never follows a symbolic link at ``path``: a link planted there (in a
+    shared, writable folder) is removed and the open tried again, so nothing outside the folder
+    is ever opened through it."""
+    for _ in range(3):
+        try:
+            return os.open(path, flags | NOFOLLOW, mode)
+        except OSError:
+            if not _is_link(path):
+                raise
+            os.unlink(path)  # a planted link: remove it, never follow it
+    raise OSError(f"{path} keeps being replaced by a symbolic link; refusing to open it")
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return os.path.islink(path)
+    except OSError:
+        return False
+
+
+def remove_unless_regular(path: Path) -> None:
+    """Remove ``path`` if it is anything but a regular file (a symbolic link, a folder left by
+    someone else...), so it is recreated rather than followed."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(f"{path} is a folder where a file is expected")
+            os.unlink(path)
+
+
+def _lock_timeout_from_env() -> float:
+    value = os.environ.get("KMNIST_TORCH_LOCK_TIMEOUT", "").strip()
+    if not value:
+        return 3600.0
+    try:
+        out = float(value)
+    except ValueError:
+        out = -1.0
+    if not (out >= 0 and out != float("inf")):
+        raise ValueError(
+            f"$KMNIST_TORCH_LOCK_TIMEOUT={value!r} is not allowed: use a number of seconds "
+            ">= 0 (default 3600)"
+        )
+    return out
+
+
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, name: str = ".kmnist_torch.lock") -> Iterator[None]:
+def folder_lock(
+    folder: str | os.PathLike,
+    name: str = ".kmnist_torch.lock",
+    timeout: float | None = None,
+    what: str = "working",
+) -> Iterator[None]:
     """Hold an exclusive, inter-process lock on ``folder`` (a file ``name`` in it), creating the
-    folder if needed. A second process waits here, then finds the work already done."""
-    from filelock import FileLock
-
+    folder if needed. A second process says once on stderr that it waits, then finds the work
+    already done; after ``timeout`` seconds (default ``$KMNIST_TORCH_LOCK_TIMEOUT``, else 3600)
+    it gives up with :class:`LockTimeout`. The lock file is opened without following links and
+    never truncated."""
     folder = Path(folder)
+    timeout = _lock_timeout_from_env() if timeout is None else timeout
     folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / name)):
-        yield
+    path = folder / name
+    try:
+        import fcntl
+    except ImportError:  # Windows: filelock's msvcrt lock (it has no symlinks to fear there)
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as exc:
+            raise LockTimeout(_lock_message(path, timeout, what)) from exc
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    try:
+        deadline = time.monotonic() + timeout
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not said:
+                    print(
+                        f"kmnist_torch: another process is {what} in {folder} (it holds "
+                        f"{path}); waiting up to {timeout:g} s ($KMNIST_TORCH_LOCK_TIMEOUT)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    said = True
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(_lock_message(path, timeout, what)) from None
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_message(path: Path, timeout: float, what: str) -> str:
+    return (
+        f"gave up after waiting {timeout:g} s for another process {what} in {path.parent} "
+        f"(it holds {path}). If no other process is running, its lock is stale only in name: "
+        "run again; to wait longer set $KMNIST_TORCH_LOCK_TIMEOUT (seconds)."
+    )
 
 
 @contextlib.contextmanager
-def folder_lock_if_writable(folder: str | os.PathLike, name: str = ".kmnist_torch.lock"):
+def folder_lock_if_writable(
+    folder: str | os.PathLike, name: str = ".kmnist_torch.lock", timeout: float | None = None
+):
     """:func:`folder_lock`, or no lock where the folder is read-only (a shared copy prepared by
     someone else: nothing could be written there anyway)."""
-    from filelock import FileLock
-
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder / name))
-        lock.acquire()
-    except OSError:
+        cm = folder_lock(folder, name, timeout)
+        cm.__enter__()
+    except (PermissionError, OSError) as exc:
+        if isinstance(exc, LockTimeout):
+            raise
         yield
         return
     try:
         yield
-    finally:
-        lock.release()
+    except BaseException:
+        if not cm.__exit__(*sys.exc_info()):
+            raise
+    else:
+        cm.__exit__(None, None, None)
 
 
 def hash_file(path: str | os.PathLike) -> tuple[str, str]:

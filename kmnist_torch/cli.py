@@ -150,47 +150,131 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check every file present under the root against the catalog and decode each split."""
-    root = Path(args.root) if args.root else default_root()
+    """Check every file present under the root in full: rehash each one (no remembered hash is
+    trusted), decode each split, check KKanji's tar against its record and its decoded cache
+    against the PNG tree. Exit 1 naming every bad file; ``--repair`` downloads bad files again
+    and rebuilds the KKanji cache."""
+    root = Path(args.root).expanduser() if args.root else default_root()
+    if not root.is_dir():
+        print(f"error: {root} is not a folder: nothing to verify (pass --root, or set "
+              "$KMNIST_TORCH_ROOT to the data folder)", file=sys.stderr)  # fmt: skip
+        return 1
     status = 0
     for name in _names(args.names):
         info = catalog.get(name)
         if info.name == "kkanji":
-            folder = root / info.folder
-            if not folder.exists():
-                print(f"{name}: not downloaded ({folder})")
-                continue
-            try:
-                ds = _dataset_class(name)(root, split="all")
-                print(f"{name}: OK, {len(ds):,} images in {len(ds.classes):,} classes")
-            except (DataFilesError, FormatError, ValueError, OSError) as exc:
-                print(f"{name}: BAD: {exc}")
-                status = 1
-            continue
-        folder = root / info.folder / "raw"
-        record = HashRecord(folder)
-        found = False
-        for split, formats in info.splits.items():
-            for fmt, pair in formats.items():
-                targets = [target_for(f, folder) for f in pair]
-                present = [t for t in targets if t.dest.exists()]
-                found = found or bool(present)
-                problems = [check(t, True, record) for t in present]
-                for t, problem in zip(present, problems):
-                    print(f"{name} {t.dest.name}: {'OK' if problem is None else 'BAD: ' + problem}")
-                if any(problems):
-                    status = 1
-                elif len(present) == len(targets):  # a whole split: decode it too
-                    kw = {"format": fmt} if len(info.formats) > 1 else {}
-                    try:
-                        ds = _dataset_class(name)(root, train=split == "train", **kw)
-                        print(f"{name} {split} ({fmt}): decodes, {len(ds):,} images")
-                    except (DataFilesError, FormatError) as exc:
-                        print(f"{name} {split} ({fmt}): BAD: {exc}")
-                        status = 1
-        if not found:
-            print(f"{name}: not downloaded ({folder})")
+            status |= _verify_kkanji(root, info, args.repair)
+        else:
+            status |= _verify_arrays(root, info, args.repair)
     return status
+
+
+def _verify_arrays(root: Path, info, repair: bool) -> int:
+    from .sources import ensure_files
+
+    name = info.name
+    folder = root / info.folder / "raw"
+    record = HashRecord(folder)
+    found = False
+    status = 0
+    for split, formats in info.splits.items():
+        for fmt, pair in formats.items():
+            targets = [target_for(f, folder) for f in pair]
+            present = [t for t in targets if t.dest.exists()]
+            found = found or bool(present)
+            problems = [check(t, True, record, full=True) for t in present]
+            for t, problem in zip(present, problems):
+                print(f"{name} {t.dest.name}: {'OK' if problem is None else 'BAD: ' + problem}")
+            if any(problems) and repair:
+                for t, problem in zip(present, problems):
+                    if problem:
+                        t.dest.unlink(missing_ok=True)
+                        record.forget(t.dest.name)
+                        record.forget(t.dest.with_suffix("").name)  # torchvision's extraction
+                try:
+                    ensure_files(targets, True, True, name=name)
+                    problems = [check(t, True, record, full=True) for t in targets]
+                except DataFilesError as exc:
+                    print(f"{name} {split} ({fmt}): repair failed: {exc}")
+                for t, problem in zip(targets, problems):
+                    if problem is None:
+                        print(f"{name} {t.dest.name}: repaired (downloaded again)")
+            if any(problems):
+                status = 1
+            elif all(t.dest.exists() for t in targets):  # a whole split: decode it too
+                kw = {"format": fmt} if len(info.formats) > 1 else {}
+                try:
+                    ds = _dataset_class(name)(root, train=split == "train", **kw)
+                    print(f"{name} {split} ({fmt}): decodes, {len(ds):,} images")
+                except (DataFilesError, FormatError) as exc:
+                    print(f"{name} {split} ({fmt}): BAD: {exc}")
+                    status = 1
+    if not found:
+        print(f"{name}: not downloaded ({folder})")
+    return status
+
+
+def _verify_kkanji(root: Path, info, repair: bool) -> int:
+    import shutil
+
+    from ._io import hash_file
+    from .kkanji import archive, cache, layout
+
+    folder = root / info.folder
+    if not folder.exists():
+        print(f"kkanji: not downloaded ({folder})")
+        return 0
+    bad: list[str] = []
+    tar, tree = folder / layout.TAR_NAME, folder / layout.TREE_NAME
+    tar_bad = tree_bad = False
+    try:
+        rec = archive.read_record(folder)
+    except DataFilesError as exc:
+        rec, tar_bad = None, True
+        bad.append(str(exc))
+    if tar.is_file() and rec is not None:
+        _, sha = hash_file(tar)
+        if sha != rec["sha256"] or tar.stat().st_size != rec["size"]:
+            tar_bad = True
+            bad.append(f"{tar}: sha256 {sha} differs from the one recorded ({rec['sha256']})")
+    listing = None
+    if tree.is_dir():
+        try:
+            listing = cache._scan(tree, verify=True)
+        except DataFilesError as exc:
+            tree_bad = True
+            bad.append(str(exc))
+    elif not tar.is_file():
+        print(f"kkanji: not downloaded ({folder})")
+        return 0
+    cache_problems = cache.check_cache(folder, listing) if listing is not None else []
+    bad += cache_problems
+    png_bad = any(".png" in p.split(":")[0] for p in cache_problems)
+    for line in bad:
+        print(f"kkanji: BAD: {line}")
+    if bad and repair:
+        try:
+            if tar_bad:
+                tar.unlink(missing_ok=True)
+            if tree_bad or png_bad or tar_bad:
+                shutil.rmtree(tree, ignore_errors=True)
+            cache.remove_cache(folder)
+            prepared = cache.prepare_cache(root, download=True)
+            print(f"kkanji: repaired: {prepared['n_images']:,} images, cache rebuilt at "
+                  f"{prepared['images']}")  # fmt: skip
+            return 0
+        except (DataFilesError, FormatError, OSError) as exc:
+            print(f"kkanji: repair failed: {exc}")
+            return 1
+    if bad:
+        return 1
+    if listing is not None:
+        has_cache = cache._cache_paths(folder, listing.fingerprint)[1].is_file()
+        note = "; decoded cache checked against the PNGs" if has_cache else "; no cache yet"
+        print(f"kkanji: OK, {listing.total:,} images in {len(listing.codepoints):,} classes{note}")
+    else:
+        print(f"kkanji: OK, {tar} matches its record (not extracted yet)")
+    return 0
 
 
 # Fonts that have the kana and kanji glyphs, in the places Debian, Ubuntu, Fedora, macOS and
@@ -251,9 +335,38 @@ def montage(dataset, out: Path, per_class: int = 10, max_classes: int = 49, cell
     return font is not None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _output_problem(out: Path, suffixes: tuple[str, ...] | None = None) -> str | None:
+    """Why ``out`` cannot be written as a file (before any work is done), or None."""
+    if out.is_dir():
+        return f"--out {out} is a folder; name a file in it"
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        return f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use one of " + (
+            ", ".join(suffixes)
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"--out {out}: {parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK):
+                return f"--out {out}: {parent} is not writable"
+            break
+    return None
+
+
 def cmd_montage(args: argparse.Namespace) -> int:
     """Save a grid of examples per class, labelled with the character."""
     root = Path(args.root) if args.root else default_root()
+    problem = _output_problem(Path(args.out), IMAGE_SUFFIXES)
+    if problem is None and args.per_class < 1:
+        problem = f"--per-class must be a whole number >= 1, got {args.per_class}"
+    if problem is None and args.max_classes < 1:
+        problem = f"--max-classes must be a whole number >= 1, got {args.max_classes}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cls = _dataset_class(args.name)
     try:
         if catalog.get(args.name).name == "kkanji":
@@ -284,6 +397,10 @@ def cmd_kkanji_split(args: argparse.Namespace) -> int:
     """Write the KKanji split's file names as JSON, so a split can be published and reused."""
     from .kkanji import write_split
 
+    problem = _output_problem(Path(args.out))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         if not args.verify:
             warnings.simplefilter("ignore")
@@ -318,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="check downloaded files against the catalog")
     s.add_argument("names", nargs="*")
     s.add_argument("--root")
+    s.add_argument("--repair", action="store_true",
+                   help="download bad files again and rebuild the KKanji cache")  # fmt: skip
     s.set_defaults(func=cmd_verify)
     s = sub.add_parser("montage", help="save a grid of examples per class as PNG")
     s.add_argument("name")
@@ -350,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:  # unknown dataset name
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (DataFilesError, FormatError, ValueError, OSError) as exc:
+        # Everything a user can act on (a bad setting, a read-only or misplaced root, a damaged
+        # file) as one line, never a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

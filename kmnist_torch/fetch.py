@@ -1,32 +1,49 @@
 """Verified downloads: mirrors, timeouts, retries, ``.part`` + HTTP Range resume, atomic rename,
-a file lock and a progress bar. Knows nothing about Kuzushiji: it is given URLs, a path, a size
-and checksums, and produces a verified file or one clear error.
+a progress bar, and bounds a hostile or broken server cannot push past. Knows nothing about
+Kuzushiji: it is given URLs, a path, a size and checksums, and produces a verified file or one
+clear error.
 
 Settings come from the environment, so that a user behind a slow proxy (or a test of a stalled
-server) can change them without code:
+server) can change them without code (a bad value is an error naming the variable):
 
-- ``KMNIST_TORCH_TIMEOUT``: seconds to wait for a connection and for each read (default 30).
-- ``KMNIST_TORCH_RETRIES``: extra attempts per URL after a transient failure (default 3).
-- ``KMNIST_TORCH_BACKOFF``: first back-off delay in seconds, doubled on each retry (default 1).
+- ``KMNIST_TORCH_TIMEOUT``: seconds to wait for a connection and for each read (> 0, default 30).
+- ``KMNIST_TORCH_RETRIES``: extra attempts per URL after a transient failure (whole number >= 0,
+  default 3).
+- ``KMNIST_TORCH_BACKOFF``: first back-off delay in seconds, doubled on each retry (>= 0,
+  default 1).
+- ``KMNIST_TORCH_MIN_RATE``: the slowest transfer accepted, in bytes/s (> 0, default 16384).
+  Each attempt at a file has an overall deadline of ``GRACE + bytes / MIN_RATE`` covering the
+  connection, status line, headers and body; past it that URL has failed.
+- ``KMNIST_TORCH_GRACE``: the fixed seconds added to every deadline (>= 0, default 60).
+- ``KMNIST_TORCH_MAX_BYTES``: the most bytes written for a file whose size is not known in
+  advance (whole number > 0, default 1 GiB). A file of known size is never written past it.
 
 Proxies are taken from the usual ``http_proxy``/``https_proxy``/``no_proxy`` variables.
+Redirects are followed (never from https to http); symbolic links at the partial file are
+removed, never followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import os
 import socket
+import stat
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ._io import CHUNK, HashRecord, hash_file
+from ._io import CHUNK, HashRecord, hash_file, open_nofollow, write_json
 
 USER_AGENT = "kmnist_torch (+https://pypi.org/project/kmnist-torch/)"
+DEFAULT_MAX_BYTES = 1 << 30
 
 
 class DownloadError(RuntimeError):
@@ -37,29 +54,70 @@ class ChecksumError(ValueError):
     """A file on disk does not match its published size or checksum."""
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
+def _env_number(name: str, default: float, rule: str, integer: bool = False) -> float:
+    """``$name`` as a number obeying ``rule`` (``">0"`` or ``">=0"``), else ``default``; a
+    ValueError naming the variable and the allowed values for anything else."""
+    value = os.environ.get(name, "").strip()
     if not value:
         return default
+    kind = "a whole number" if integer else "a number"
+    allowed = f"{kind} {rule.replace('>=', '>= ').replace('>0', '> 0')} (default {default:g})"
     try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"${name}={value!r} is not a number") from exc
+        out = int(value) if integer else float(value)
+    except ValueError:
+        out = None
+    if out is None or out != out or out == float("inf") or (out < 0 if rule == ">=0" else out <= 0):
+        raise ValueError(f"${name}={value!r} is not allowed: use {allowed}")
+    return out
+
+
+def say(message: str) -> None:
+    """One line on stderr, terminal or not: what the download is doing and why."""
+    print(f"kmnist_torch: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
 class FetchConfig:
-    """Network settings; the defaults read ``$KMNIST_TORCH_TIMEOUT/RETRIES/BACKOFF``."""
+    """Network settings and bounds; the defaults read ``$KMNIST_TORCH_TIMEOUT``, ``_RETRIES``,
+    ``_BACKOFF``, ``_MIN_RATE``, ``_GRACE`` and ``_MAX_BYTES`` (see the module docstring)."""
 
-    timeout: float = field(default_factory=lambda: _env_float("KMNIST_TORCH_TIMEOUT", 30.0))
-    retries: int = field(default_factory=lambda: int(_env_float("KMNIST_TORCH_RETRIES", 3)))
-    backoff: float = field(default_factory=lambda: _env_float("KMNIST_TORCH_BACKOFF", 1.0))
+    timeout: float = field(default_factory=lambda: _env_number("KMNIST_TORCH_TIMEOUT", 30.0, ">0"))
+    retries: int = field(
+        default_factory=lambda: int(_env_number("KMNIST_TORCH_RETRIES", 3, ">=0", True))
+    )
+    backoff: float = field(default_factory=lambda: _env_number("KMNIST_TORCH_BACKOFF", 1.0, ">=0"))
+    min_rate: float = field(
+        default_factory=lambda: _env_number("KMNIST_TORCH_MIN_RATE", 16384.0, ">0")
+    )
+    grace: float = field(default_factory=lambda: _env_number("KMNIST_TORCH_GRACE", 60.0, ">=0"))
+    max_bytes: int = field(
+        default_factory=lambda: int(
+            _env_number("KMNIST_TORCH_MAX_BYTES", DEFAULT_MAX_BYTES, ">0", True)
+        )
+    )
     progress: bool | None = None  # None: only when stderr is a terminal
+    log: Callable[[str], None] = say
+
+    def __post_init__(self) -> None:
+        for name, low in (("timeout", 0), ("min_rate", 0), ("max_bytes", 0)):
+            if not getattr(self, name) > low:
+                raise ValueError(f"FetchConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("retries", "backoff", "grace"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"FetchConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def deadline_for(self, n_bytes: int) -> float:
+        """Seconds one attempt may take to move ``n_bytes``: ``grace + n_bytes / min_rate``."""
+        return self.grace + n_bytes / self.min_rate
 
 
 @dataclass
 class Target:
-    """A file to have: where it goes, where it can come from, and how to recognise it."""
+    """A file to have: where it goes, where it can come from, and how to recognise it.
+
+    ``max_size`` bounds a file of unknown ``size`` (else :attr:`FetchConfig.max_bytes`);
+    ``accept`` is an extra check of the downloaded bytes (returns why they are wrong, or None),
+    for files with no published checksum."""
 
     dest: Path
     urls: list[str]
@@ -67,6 +125,8 @@ class Target:
     md5: str | None = None
     sha256: str | None = None
     stale_md5: dict[str, str] = field(default_factory=dict)  # md5 -> what old release it is
+    max_size: int | None = None
+    accept: Callable[[Path], str | None] | None = None
 
     def describe(self) -> str:
         """A few lines a user can act on to fetch this file by hand."""
@@ -85,10 +145,14 @@ class Target:
 # --------------------------------------------------------------------------- checks
 
 
-def check(target: Target, verify: bool = True, record: HashRecord | None = None) -> str | None:
+def check(
+    target: Target, verify: bool = True, record: HashRecord | None = None, full: bool = False
+) -> str | None:
     """Why ``target.dest`` is not usable as it stands, or None if it is.
 
     Checks existence and size always; md5/sha256 (and known stale releases) when ``verify``.
+    Hashes remembered in ``record`` (keyed by size and mtime) are reused unless ``full``, which
+    rehashes every byte (what ``python -m kmnist_torch verify`` does).
     """
     dest = target.dest
     if not dest.is_file():
@@ -103,8 +167,13 @@ def check(target: Target, verify: bool = True, record: HashRecord | None = None)
         return f"wrong size: {size} bytes, expected {target.size}"
     if target.md5 is None and target.sha256 is None:
         return None
-    record = record or HashRecord(dest.parent)
-    md5, sha = record.hashes(dest)
+    if full:
+        md5, sha = hash_file(dest)
+        if record is not None:
+            record.remember(dest, md5, sha)
+    else:
+        record = record or HashRecord(dest.parent)
+        md5, sha = record.hashes(dest)
     if md5 in target.stale_md5:
         return f"stale: it is {target.stale_md5[md5]} (md5 {md5})"
     if target.md5 and md5 != target.md5:
@@ -129,18 +198,88 @@ class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_NoDowngradeRedirect())  # ProxyHandler reads the env
-
-
 class _Permanent(Exception):
     """A failure that retrying the same URL will not fix (404, checksum mismatch...)."""
 
 
-def _open(url: str, start: int, timeout: float):
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    return _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+class _DeadlineExceeded(Exception):
+    """The attempt ran past its overall deadline (a server dripping bytes, or stalled)."""
+
+
+class _Watchdog:
+    """Shuts down every socket of one attempt when its deadline passes, so a read blocked in the
+    status line, the headers or the body returns at once however slowly the server drips."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self.seconds = seconds
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._start = time.monotonic()
+        self._end = self._start + seconds
+        self._arm(seconds)
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(max(0.0, seconds), self.fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def tighten(self, seconds: float) -> None:
+        """Bring the deadline forward to ``seconds`` from now (never push it back)."""
+        end = time.monotonic() + seconds
+        if end < self._end:
+            self._end, self.seconds = end, end - self._start
+            self._arm(seconds)
+
+    def expired(self) -> bool:
+        return self.fired or time.monotonic() >= self._end
+
+    def register(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self.fired:
+                self._shut(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._socks:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+    """An opener whose connections register their sockets with ``watchdog``."""
+
+    def watched(base):
+        class Conn(base):
+            def connect(self):
+                super().connect()
+                watchdog.register(self.sock)
+
+        return Conn
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req,
+                                context=self._context)  # fmt: skip
+
+    return urllib.request.build_opener(Http(), Https(), _NoDowngradeRedirect())
 
 
 def _progress_bar(total: int | None, initial: int, name: str, enabled: bool | None):
@@ -156,42 +295,153 @@ def _progress_bar(total: int | None, initial: int, name: str, enabled: bool | No
                 desc=name, leave=False)  # fmt: skip
 
 
-def _fetch_once(url: str, part: Path, target: Target, config: FetchConfig) -> None:
-    """One attempt: append to ``part`` from where it stops, until the whole file is there."""
-    start = part.stat().st_size if part.exists() else 0
-    if target.size is not None and start >= target.size:
-        part.unlink()
-        start = 0
+def _meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_meta(part: Path) -> dict | None:
+    meta = _meta_path(part)
     try:
-        resp = _open(url, start, config.timeout)
+        if meta.is_symlink():
+            return None
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("url"), str) else None
+
+
+def discard_partial(part: Path) -> None:
+    """Remove a partial download and the record of where it came from."""
+    for p in (part, _meta_path(part)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def _resumable(part: Path, url: str) -> tuple[int, dict | None]:
+    """How many bytes of ``part`` may be resumed from ``url``: all of them when the partial was
+    written by that very URL (its record says so), else none (and the partial is discarded)."""
+    try:
+        st = os.lstat(part)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_meta_path(part))
+        return 0, None
+    meta = _read_meta(part)
+    if not stat.S_ISREG(st.st_mode) or meta is None or meta["url"] != url or st.st_size == 0:
+        discard_partial(part)  # another source's bytes, a planted link, or no record
+        return 0, None
+    return st.st_size, meta
+
+
+def _int_header(resp, name: str) -> int | None:
+    value = resp.headers.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit():
+        raise _Permanent(f"malformed {name} header {value[:40]!r}")
+    return int(value)
+
+
+def _fetch_once(
+    url: str, part: Path, target: Target, config: FetchConfig, resume: bool = True
+) -> int:
+    """One attempt: append to ``part`` from where it stops (if that URL wrote it), until the
+    whole file is there; returns the byte offset it resumed from (0 for a fresh start).
+
+    Bounded in time (one overall deadline for connecting, the status line, the headers and the
+    body) and in bytes (never past the known size, else past ``max_size``)."""
+    if resume:
+        start, meta = _resumable(part, url)
+    else:
+        discard_partial(part)
+        start, meta = 0, None
+    limit = target.size if target.size is not None else (target.max_size or config.max_bytes)
+    if start >= limit:
+        discard_partial(part)
+        start, meta = 0, None
+    watchdog = _Watchdog(config.deadline_for(limit - start))
+    try:
+        return _transfer(url, part, target, config, start, meta, limit, watchdog)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if watchdog.expired():
+            raise _DeadlineExceeded(
+                f"no complete answer within the deadline of {watchdog.seconds:.0f} s "
+                f"($KMNIST_TORCH_GRACE + bytes / $KMNIST_TORCH_MIN_RATE)"
+            ) from exc
+        raise
+    finally:
+        watchdog.cancel()
+
+
+def _transfer(url, part, target, config, start, meta, limit, watchdog) -> int:
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+        validator = meta.get("etag") or meta.get("last_modified") if meta else None
+        if validator:
+            headers["If-Range"] = validator  # a changed file comes back whole (200)
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        resp = _opener(watchdog).open(req, timeout=config.timeout)
     except urllib.error.HTTPError as exc:
+        exc.close()
         if exc.code == 416 and start:  # our partial file is no prefix the server knows
-            part.unlink()
+            discard_partial(part)
             raise
         if 400 <= exc.code < 500 and exc.code not in (408, 425, 429):
             raise _Permanent(f"HTTP {exc.code} {exc.reason}") from exc
         raise
     with resp:
         status = getattr(resp, "status", 200)
+        length = _int_header(resp, "Content-Length")
         if start and status == 206:
             content_range = resp.headers.get("Content-Range", "")
+            total = content_range.rpartition("/")[2]
             if not content_range.startswith(f"bytes {start}-"):
                 raise _Permanent(f"server answered range {content_range!r} to bytes={start}-")
-            mode = "ab"
-        else:  # 200: the server ignored the Range header, start over
-            start, mode = 0, "wb"
-        length = resp.headers.get("Content-Length")
-        expected_total = start + int(length) if length is not None else target.size
-        if target.size is not None and expected_total not in (None, target.size):
+            if meta and meta.get("total") is not None and total != str(meta["total"]):
+                discard_partial(part)
+                raise _Permanent(f"the file changed on the server (range {content_range!r})")
+        elif status != 200:
+            raise _Permanent(f"unexpected HTTP status {status}")
+        else:  # 200: the server ignored the Range header, or the file changed: start over
+            start = 0
+        expected_total = start + length if length is not None else target.size
+        if target.size is not None and expected_total != target.size:
             raise _Permanent(f"server offers {expected_total} bytes, expected {target.size}")
+        if expected_total is not None and expected_total > limit:
+            raise _Permanent(f"server offers {expected_total} bytes, more than the cap of {limit}")
+        if expected_total is not None:  # a known length tightens the deadline
+            watchdog.tighten(config.deadline_for(expected_total - start))
+        if start == 0:
+            discard_partial(part)
+            write_json(_meta_path(part), {
+                "url": url,
+                "total": expected_total,
+                "etag": resp.headers.get("ETag"),
+                "last_modified": resp.headers.get("Last-Modified"),
+            })  # fmt: skip
+            fd = open_nofollow(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        else:
+            fd = open_nofollow(part, os.O_WRONLY | os.O_APPEND)
         bar = _progress_bar(expected_total, start, target.dest.name, config.progress)
         got = start
         try:
-            with open(part, mode) as out:
+            with os.fdopen(fd, "wb") as out:
                 while True:
-                    chunk = resp.read(CHUNK)
+                    if watchdog.expired():
+                        raise socket.timeout("overall deadline passed")
+                    chunk = resp.read(min(CHUNK, limit - got + 1))
                     if not chunk:
                         break
+                    if got + len(chunk) > limit:
+                        out.write(chunk[: limit - got])
+                        raise _Permanent(
+                            f"server sent more than {limit} bytes"
+                            + (" (the file's known size)" if target.size is not None else
+                               " (the cap for a file of unknown size: $KMNIST_TORCH_MAX_BYTES)")
+                        )  # fmt: skip
                     out.write(chunk)
                     got += len(chunk)
                     if bar is not None:
@@ -201,56 +451,99 @@ def _fetch_once(url: str, part: Path, target: Target, config: FetchConfig) -> No
                 bar.close()
         if expected_total is not None and got != expected_total:
             raise http.client.IncompleteRead(b"", expected_total - got)
+    return start
 
 
 _TRANSIENT = (
     urllib.error.URLError,
     http.client.HTTPException,
-    ConnectionError,
-    socket.timeout,
-    TimeoutError,
+    OSError,
 )
+
+
+def _verify_part(part: Path, target: Target) -> tuple[str, str, str | None]:
+    if not stat.S_ISREG(os.lstat(part).st_mode):  # swapped for a link under our feet
+        return "", "", "the partial file was replaced by something that is not a file"
+    md5, sha = hash_file(part)
+    problem = None
+    if target.md5 and md5 != target.md5:
+        problem = f"md5 {md5}, expected {target.md5}"
+    elif target.sha256 and sha != target.sha256:
+        problem = f"sha256 {sha}, expected {target.sha256}"
+    elif target.accept is not None:
+        problem = target.accept(part)
+    return md5, sha, problem
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, (_Permanent, _DeadlineExceeded)):
+        return str(exc)
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    return f"{type(exc).__name__}: {reason or exc}"
 
 
 def download(target: Target, config: FetchConfig | None = None) -> tuple[str, str]:
     """Download ``target`` from the first of its URLs that yields a file with the expected size
-    and checksums; resume partial downloads; move it into place atomically.
+    and checksums; resume a partial download only from the URL that wrote it; move the file
+    into place atomically.
 
     Returns the file's (md5, sha256). Raises :class:`DownloadError` listing every URL tried and
     why it failed. Never leaves a file at ``target.dest`` that failed its check.
     """
     config = config or FetchConfig()
+    log = config.log
     dest = target.dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    size = f"{target.size:,} bytes" if target.size is not None else "size unknown"
     failures: list[str] = []
-    for url in target.urls:
-        for attempt in range(config.retries + 1):
+    for k, url in enumerate(target.urls):
+        log(f"downloading {dest.name} ({size}) from {url}")
+        restarted = False  # a resumed file that failed its check gets one fresh try
+        attempt = 0
+        while True:
             try:
-                _fetch_once(url, part, target, config)
+                resumed_from = _fetch_once(url, part, target, config, resume=not restarted)
             except _Permanent as exc:
+                failures.append(f"{url}: {exc}")
+                discard_partial(part)
+                break
+            except _DeadlineExceeded as exc:  # that URL is too slow: the next one is asked
                 failures.append(f"{url}: {exc}")
                 break
             except _TRANSIENT as exc:
-                reason = getattr(exc, "reason", None) or exc
-                if attempt == config.retries:
-                    failures.append(f"{url}: {type(exc).__name__}: {reason} "
-                                    f"(after {attempt + 1} attempts)")  # fmt: skip
+                if attempt >= config.retries:
+                    # The partial stays: a later run resumes it from this URL (and only this).
+                    failures.append(f"{url}: {_reason(exc)} (after {attempt + 1} attempts)")
                     break
-                time.sleep(config.backoff * (2**attempt))
+                delay = config.backoff * (2**attempt)
+                attempt += 1
+                log(f"{dest.name}: {url} failed ({_reason(exc)}); retry {attempt} of "
+                    f"{config.retries} in {delay:g} s")  # fmt: skip
+                time.sleep(delay)
                 continue
-            md5, sha = hash_file(part)
-            problem = None
-            if target.md5 and md5 != target.md5:
-                problem = f"md5 {md5}, expected {target.md5}"
-            elif target.sha256 and sha != target.sha256:
-                problem = f"sha256 {sha}, expected {target.sha256}"
+            md5, sha, problem = _verify_part(part, target)
+            if problem and resumed_from and not restarted:
+                # The bytes kept from before may be what is wrong, not this URL's: once more
+                # from zero before blaming it.
+                log(f"{dest.name}: resumed file from {url} has {problem}; downloading it again "
+                    "from the start")  # fmt: skip
+                discard_partial(part)
+                restarted = True
+                continue
             if problem:
-                part.unlink()
+                discard_partial(part)
                 failures.append(f"{url}: downloaded file has {problem}")
                 break
-            os.replace(part, dest)
+            os.replace(part, dest)  # replaces a link at dest itself, never its target
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_meta_path(part))
             return md5, sha
+        if k + 1 < len(target.urls):
+            log(f"{dest.name}: giving up on {url} ({failures[-1].split(': ', 1)[1]}); "
+                f"trying the next mirror, {target.urls[k + 1]}")  # fmt: skip
     raise DownloadError(
         f"could not download {dest.name}; tried:\n  "
         + "\n  ".join(failures)

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from . import catalog
-from ._io import HashRecord, folder_lock
+from ._io import HashRecord, LockTimeout, folder_lock
 from .catalog import RemoteFile
 from .fetch import DownloadError, FetchConfig, Target, check, download
 
@@ -125,27 +125,49 @@ def ensure_files(
                 f"{name.lower()}`) to fetch them, or place the files above by hand."
             )
         raise DataFilesError("\n".join(lines))
+    config = config or FetchConfig()  # a bad $KMNIST_TORCH_* value fails here, by name
     failures = []
-    # One lock per folder: a second process waits, then finds the files already in place.
-    with folder_lock(folder, DOWNLOAD_LOCK):
-        record = HashRecord(folder)
-        for t in bad:
-            problem = check(t, verify, record)
-            if problem is None:
-                continue
-            if not verify:  # users' own re-encodings: take what the mirror serves
-                t = dataclasses.replace(t, size=None, md5=None, sha256=None, stale_md5={})
-            elif problem.startswith("stale"):
-                warnings.warn(f"{t.dest}: {problem}; replacing it with the current release",
-                              stacklevel=3)  # fmt: skip
-            try:
-                md5, sha = download(t, config)
-            except DownloadError as exc:
-                failures.append(str(exc))
-                continue
-            record.remember(t.dest, md5, sha)
+    # One lock per folder: a second process waits (bounded), then finds the files in place.
+    try:
+        with folder_lock(folder, DOWNLOAD_LOCK, what="downloading"):
+            _download_bad(bad, verify, config, failures)
+    except LockTimeout as exc:
+        raise DataFilesError(f"{name}: {exc}") from exc
+    except OSError as exc:  # a read-only root, a root below a regular file...
+        lines = [f"{name}: cannot download into {folder}: {exc.strerror or exc}. Choose a "
+                 "writable root (root=..., --root or $KMNIST_TORCH_ROOT), or place these "
+                 "files there by hand:"]  # fmt: skip
+        lines += [t.describe() for t in bad]
+        raise DataFilesError("\n".join(lines)) from exc
     if failures:
         raise DataFilesError(
             f"{name}: download failed for {len(failures)} file(s). Set $KMNIST_TORCH_MIRRORS "
             "to a mirror, or fetch the files by hand:\n" + "\n".join(failures)
         )
+
+
+def _download_bad(
+    bad: list[Target], verify: bool, config: FetchConfig, failures: list[str]
+) -> None:
+    """Download each target still wrong (checked again: another process may have fixed it
+    while we waited for the lock); append a message per failure."""
+    folder = bad[0].dest.parent
+    record = HashRecord(folder)
+    for t in bad:
+        problem = check(t, verify, record)
+        if problem is None:
+            continue
+        if not verify:  # users' own re-encodings: take what the mirror serves
+            # Still bounded: at most twice the published size plus 1 MiB.
+            cap = None if t.size is None else 2 * t.size + (1 << 20)
+            t = dataclasses.replace(t, size=None, md5=None, sha256=None, stale_md5={},
+                                    max_size=cap)  # fmt: skip
+        elif problem.startswith("stale"):
+            warnings.warn(f"{t.dest}: {problem}; replacing it with the current release",
+                          stacklevel=4)  # fmt: skip
+        try:
+            md5, sha = download(t, config)
+        except DownloadError as exc:
+            failures.append(str(exc))
+            continue
+        record.remember(t.dest, md5, sha)

@@ -71,12 +71,19 @@ def test_server_ignoring_range_restarts_cleanly(tmp_path, http_server, fast_net)
 
 
 def test_partial_file_from_earlier_run_is_resumed(tmp_path, http_server, fast_net):
+    # A first run is cut off after 5000 bytes and gives up; the partial and the record of the
+    # URL that wrote it stay, and the next run resumes from that URL.
     http_server.add("/f", PAYLOAD)
-    (tmp_path / "file.bin.part").write_bytes(PAYLOAD[:5000])
+    http_server.script("/f", "drop:5000")
     t = _target(tmp_path, [f"{http_server.url}/f"])
+    with pytest.raises(DownloadError):
+        download(t, FetchConfig(retries=0, backoff=0))
+    assert (tmp_path / "file.bin.part").stat().st_size == 5000
+    assert (tmp_path / "file.bin.part.json").is_file()
     download(t, FetchConfig(retries=0, backoff=0))
     assert t.dest.read_bytes() == PAYLOAD
-    assert http_server.hits("/f")[0]["Range"] == "bytes=5000-"
+    assert http_server.hits("/f")[1]["Range"] == "bytes=5000-"
+    assert _no_leftovers(tmp_path)
 
 
 def test_stalled_server_times_out_and_next_mirror_serves(tmp_path, http_server, fast_net):

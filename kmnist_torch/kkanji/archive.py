@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from .. import catalog
-from .._io import folder_lock, hash_file, unchanged, write_json
-from ..fetch import DownloadError, Target, download
+from .._io import LockTimeout, folder_lock, hash_file, unchanged, write_json
+from ..fetch import DownloadError, Target, download, say
 from ..formats import png_problem
 from ..sources import NO_SOURCE, DataFilesError, mirrors
 from .layout import (
@@ -245,17 +245,16 @@ def _missing_message(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def _download_tar(folder: Path, verify: bool) -> tuple[str, str]:
-    """Fetch the tar; when a copy was recorded before, insist on the same bytes (so a mirror
-    serving something else is skipped for the next one)."""
+def _download_tar(folder: Path, verify: bool, url: str) -> tuple[str, str]:
+    """Fetch the tar from ``url``; when a copy was recorded before, insist on the same bytes
+    (so a mirror serving something else is skipped for the next one). With no record its size
+    is unknown, so at most ``$KMNIST_TORCH_MAX_BYTES`` (default 1 GiB) are written."""
     archive = catalog.KKANJI.archive
     assert archive is not None
-    if not mirrors():
-        raise DataFilesError(f"KKanji: {TAR_NAME} is needed in {folder}, but {NO_SOURCE}.")
     rec = read_record(folder) if verify else None
     target = Target(
         dest=folder / TAR_NAME,
-        urls=[b + archive.path for b in mirrors()],
+        urls=[url],
         size=rec["size"] if rec else archive.size,
         md5=archive.md5,
         sha256=rec["sha256"] if rec else archive.sha256,
@@ -276,7 +275,10 @@ def _download_tar(folder: Path, verify: bool) -> tuple[str, str]:
 
 
 def ensure_tree(folder: Path, download_missing: bool, verify: bool) -> Path:
-    """``folder/kkanji2``, extracted from the tar (downloaded if asked) when not there yet."""
+    """``folder/kkanji2``, extracted from the tar (downloaded if asked) when not there yet.
+
+    A freshly downloaded tar that cannot be used (not a tar, truncated, unsafe, incomplete) is
+    that mirror's failure: it is deleted and the next mirror is asked."""
     tree = folder / TREE_NAME
     tar = folder / TAR_NAME
     if tree.is_dir():
@@ -284,26 +286,63 @@ def ensure_tree(folder: Path, download_missing: bool, verify: bool) -> Path:
         return tree
     if not tar.is_file() and not download_missing:
         raise DataFilesError(_missing_message(folder))
-    with folder_lock(folder, LOCK_NAME):
-        if tree.is_dir():  # another process extracted it while we waited
-            return tree
-        fresh = not tar.is_file()
-        try:
-            if fresh:
-                md5, sha = _download_tar(folder, verify)
-            else:
+    try:
+        with folder_lock(folder, LOCK_NAME, what="extracting or downloading KKanji"):
+            if tree.is_dir():  # another process extracted it while we waited
+                return tree
+            if tar.is_file():
                 md5, sha = hash_file(tar)
-            rec = read_record(folder)
-            size = tar.stat().st_size
-            if rec is not None and (sha != rec["sha256"] or size != rec["size"]):
-                _mismatch(tar, rec, size, sha, verify)
-            _extract(tar, folder, verify)
-        except DataFilesError:
-            # A tar we just fetched and could not use is not kept: a later run must not trust it.
-            if fresh:
-                tar.unlink(missing_ok=True)
-            raise
-        # Recorded only after a successful extraction, so a bad tar never becomes the reference.
-        if rec is None:
-            _write_record(folder, tar, md5, sha, "downloaded" if fresh else "found in the folder")
+                _use_tar(folder, md5, sha, verify, "found in the folder")
+            else:
+                _download_and_use(folder, verify)
+    except LockTimeout as exc:
+        raise DataFilesError(f"KKanji: {exc}") from exc
+    except OSError as exc:
+        raise DataFilesError(
+            f"KKanji: cannot write in {folder} ({exc}); choose a writable root (root=..., "
+            "--root or $KMNIST_TORCH_ROOT)."
+        ) from exc
     return tree
+
+
+def _use_tar(folder: Path, md5: str, sha: str, verify: bool, how: str) -> None:
+    """Check the tar against its record, extract it, and record it if it was not yet."""
+    tar = folder / TAR_NAME
+    rec = read_record(folder)
+    size = tar.stat().st_size
+    if rec is not None and (sha != rec["sha256"] or size != rec["size"]):
+        _mismatch(tar, rec, size, sha, verify)
+    _extract(tar, folder, verify)
+    # Recorded only after a successful extraction, so a bad tar never becomes the reference.
+    if rec is None:
+        _write_record(folder, tar, md5, sha, how)
+
+
+def _download_and_use(folder: Path, verify: bool) -> None:
+    archive = catalog.KKANJI.archive
+    assert archive is not None
+    urls = [b + archive.path for b in mirrors()]
+    if not urls:
+        raise DataFilesError(f"KKanji: {TAR_NAME} is needed in {folder}, but {NO_SOURCE}.")
+    tar = folder / TAR_NAME
+    failures: list[tuple[str, DataFilesError]] = []
+    for k, url in enumerate(urls):
+        try:
+            md5, sha = _download_tar(folder, verify, url)
+            _use_tar(folder, md5, sha, verify, "downloaded")
+            return
+        except DataFilesError as exc:
+            # A tar we just fetched and could not use is not kept: a later run must not trust
+            # it, and the next mirror may serve a good one.
+            tar.unlink(missing_ok=True)
+            failures.append((url, exc))
+            if k + 1 < len(urls):
+                say(f"{TAR_NAME}: {url} gave no usable archive ({str(exc).splitlines()[0]}); "
+                    f"trying the next mirror, {urls[k + 1]}")  # fmt: skip
+    if len(failures) == 1:
+        raise failures[0][1]
+    kind = ArchiveError if any(isinstance(e, ArchiveError) for _, e in failures) else DataFilesError
+    raise kind(
+        "KKanji: no mirror gave a usable kkanji.tar. Set $KMNIST_TORCH_MIRRORS to a mirror, or "
+        "fetch the file by hand:\n" + "\n".join(f"- {u}:\n{e}" for u, e in failures)
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import catalog
-from .._io import folder_lock_if_writable, write_json
+from .._io import folder_lock_if_writable, hash_file, remove_stale_temporaries, write_json
 from ..formats import read_gray_png
 from ..sources import DataFilesError, resolve_root
 from .archive import ensure_tree
@@ -146,9 +147,14 @@ def _decode_chunk(paths: Sequence[str]) -> bytes:
 
 def decode_workers() -> int:
     """Processes used to decode: ``$KMNIST_TORCH_DECODE_WORKERS``, else the usable CPU cores."""
-    env = os.environ.get("KMNIST_TORCH_DECODE_WORKERS")
+    env = os.environ.get("KMNIST_TORCH_DECODE_WORKERS", "").strip()
     if env:
-        return max(1, int(env))
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(
+                f"$KMNIST_TORCH_DECODE_WORKERS={env!r} is not allowed: use a whole number >= 1 "
+                "(default: the usable CPU cores)"
+            )
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
@@ -237,6 +243,8 @@ def _build_cache(
         tmp.unlink(missing_ok=True)
     index = {
         "version": CACHE_VERSION,
+        # What `python -m kmnist_torch verify` checks the cache against (loading does not).
+        "sha256": hash_file(images_path)[1],
         "fingerprint": listing.fingerprint,
         "images": images_path.name,
         "shape": list(shape),
@@ -253,11 +261,25 @@ def _build_cache(
     return np.load(images_path, mmap_mode="c", allow_pickle=False), True
 
 
+def remove_stale_cache_temporaries(folder: Path) -> None:
+    """Remove the ``*.tmp`` files a killed build left in the cache folder (call it holding the
+    lock: no other build is running then)."""
+    with contextlib.suppress(OSError):
+        for p in (folder / CACHE_DIR).glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+    remove_stale_temporaries(folder / CACHE_DIR)
+
+
 def images(folder: Path, listing: Listing, workers: int | None = None) -> np.ndarray:
     arr = _load_cache(folder, listing)
     if arr is not None:
+        if any((folder / CACHE_DIR).glob("*.tmp")):  # a killed build's leftovers
+            with folder_lock_if_writable(folder, LOCK_NAME):
+                remove_stale_cache_temporaries(folder)
         return arr
     with folder_lock_if_writable(folder, LOCK_NAME):
+        remove_stale_cache_temporaries(folder)
         arr = _load_cache(folder, listing)  # built by another process while we waited
         return arr if arr is not None else _build_cache(folder, listing, workers)[0]
 
@@ -282,3 +304,52 @@ def prepare_cache(
         "n_classes": len(listing.codepoints),
         "fingerprint": listing.fingerprint,
     }
+
+
+def check_cache(folder: Path, listing: Listing) -> list[str]:
+    """Problems of the decoded cache of this tree, checked in full (what ``verify`` does; loading
+    trusts the cache whose index matches the tree's fingerprint): its file's sha256 against the
+    one its index recorded, then every PNG decoded again and compared with its cached image.
+    Each problem names the file. An absent cache is no problem (it is built at first use)."""
+    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    if not index_path.is_file():
+        return []
+    problems = []
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        recorded = index.get("sha256") if isinstance(index, dict) else None
+    except (OSError, ValueError) as exc:
+        return [f"{index_path}: unreadable index ({exc})"]
+    if not images_path.is_file():
+        return [f"{images_path}: missing (its index {index_path.name} is there)"]
+    if recorded is not None and hash_file(images_path)[1] != recorded:
+        problems.append(f"{images_path}: sha256 differs from the one recorded when it was built")
+    try:
+        arr = np.load(images_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        return problems or [f"{images_path}: not a readable .npy ({exc})"]
+    if arr.dtype != np.uint8 or arr.shape != (listing.total, SIDE, SIDE):
+        return problems or [f"{images_path}: shape {arr.shape}, expected {listing.total} images"]
+    bad_images = 0
+    for i, rel in enumerate(listing.relpaths()):
+        png = listing.tree.parent / rel
+        try:
+            img = read_gray_png(png, (SIDE, SIDE))
+        except Exception as exc:  # noqa: BLE001 - every unreadable PNG is reported by name
+            problems.append(f"{png}: {exc}")
+            continue
+        if not np.array_equal(img, arr[i]):
+            bad_images += 1
+            if bad_images <= 10:
+                problems.append(f"{images_path}: image {i} differs from {png} decoded again")
+    if bad_images > 10:
+        problems.append(f"{images_path}: {bad_images} images in all differ from their PNGs")
+    return problems
+
+
+def remove_cache(folder: Path) -> None:
+    """Delete the decoded cache (it is rebuilt at the next use)."""
+    with contextlib.suppress(OSError):
+        for p in (folder / CACHE_DIR).iterdir():
+            with contextlib.suppress(OSError):
+                p.unlink()
