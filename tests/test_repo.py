@@ -3,6 +3,8 @@ the catalog and the CI script."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +58,49 @@ def test_python_m_entry_point_runs_without_importing_torch():
         assert res.returncode == 0 and "Kuzushiji" in res.stdout, res.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()}
         assert "torch" not in imported and "torchvision" not in imported, cmd
+
+
+DOCS = ("README.md", "CONTRIBUTING.md", "benchmarks/README.md")
+# `python -m kmnist_torch[.module] [subcommand]` or `python benchmarks/<script>.py`
+COMMAND = re.compile(
+    r"python (-m kmnist_torch(?:\.\w+)?(?: (?!-)[a-z][a-z-]*)?|benchmarks/\w+\.py)"
+)
+
+
+def documented_commands() -> list[list[str]]:
+    """Every command line the docs show, as the argv prefix to run with ``--help``."""
+    found: dict[str, list[str]] = {}
+    for doc in DOCS:
+        for m in COMMAND.finditer((ROOT / doc).read_text(encoding="utf-8")):
+            found.setdefault(m.group(1), m.group(1).split())
+    return list(found.values())
+
+
+def test_every_documented_command_runs():
+    # All at once: each pays the torch import, and the machine is shared.
+    commands = documented_commands()
+    assert ["-m", "kmnist_torch", "download"] in commands and [
+        "benchmarks/knn_speed.py"
+    ] in commands
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *cmd, "--help"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for cmd in commands
+    ]
+    for cmd, proc in zip(commands, procs):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (cmd, stderr[-2000:])
+        assert stdout.startswith("usage:") and "--help" in stdout, cmd
+
+
+def test_every_benchmark_script_is_documented():
+    listed = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    for script in sorted((ROOT / "benchmarks").glob("[!_]*.py")):
+        assert f"python benchmarks/{script.name}" in listed, script.name
