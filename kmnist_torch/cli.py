@@ -116,7 +116,9 @@ def cmd_download(args: argparse.Namespace) -> int:
         print("--no-verify: checksums are not checked (format checks still are)", file=sys.stderr)
     for name in _names(args.names):
         info = catalog.get(name)
-        fmts = info.formats if args.format == "all" else [args.format or info.formats[0]]
+        fmts: list = []
+        if info.formats:  # KKanji has none: one tar
+            fmts = info.formats if args.format == "all" else [args.format or info.formats[0]]
         jobs = [(None, "all")] if info.archive is not None else [
             (fmt, split) for fmt in fmts for split in info.splits]  # fmt: skip
         for fmt, split in jobs:

@@ -148,6 +148,22 @@ def real_dir():
     return SHARED_REAL
 
 
+def make_target(dest_dir: Path, urls: list[str], data: bytes, **kw):
+    """A download target for ``data``: its size, md5 and sha256, at ``dest_dir/file.bin``."""
+    import hashlib
+
+    from kmnist_torch.fetch import Target
+
+    return Target(
+        dest=dest_dir / "file.bin",
+        urls=urls,
+        size=len(data),
+        md5=hashlib.md5(data).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest(),
+        **kw,
+    )
+
+
 def wait_for(predicate, timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until true or ``timeout`` seconds pass."""
     end = time.monotonic() + timeout

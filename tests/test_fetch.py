@@ -4,7 +4,6 @@ connections and resume, stalls, checksums, locking; and the decoders' errors on 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import multiprocessing as mp
 import time
 import urllib.error
@@ -13,10 +12,10 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import mirror_env
+from conftest import make_target, mirror_env
 
 from kmnist_torch import KMNIST, DataFilesError, FormatError
-from kmnist_torch.fetch import DownloadError, FetchConfig, Target, _NoDowngradeRedirect, download
+from kmnist_torch.fetch import DownloadError, FetchConfig, _NoDowngradeRedirect, download
 from kmnist_torch.fixtures import random_split, write_split
 from kmnist_torch.formats import read_idx, read_npz, write_idx
 
@@ -24,14 +23,7 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
 
 def _target(tmp_path, urls, data=PAYLOAD, **kw):
-    return Target(
-        dest=tmp_path / "file.bin",
-        urls=urls,
-        size=len(data),
-        md5=hashlib.md5(data).hexdigest(),
-        sha256=hashlib.sha256(data).hexdigest(),
-        **kw,
-    )
+    return make_target(tmp_path, urls, data, **kw)
 
 
 def _no_leftovers(folder, keep=("file.bin",)):

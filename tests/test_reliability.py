@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import mirror_env
+from conftest import make_target, mirror_env
 
-from kmnist_torch import KMNIST, DataFilesError, FormatError, catalog
+from kmnist_torch import KMNIST, DataFilesError, FormatError, arrays, catalog
 from kmnist_torch._io import HashRecord, folder_lock
 from kmnist_torch.cli import main
 from kmnist_torch.fetch import DownloadError, FetchConfig, Target, download
@@ -168,15 +168,8 @@ def quick(fast_net):
     return fast_net
 
 
-def _target(tmp_path: Path, urls: list[str], data: bytes = PAYLOAD, **kw) -> Target:
-    return Target(
-        dest=tmp_path / "file.bin",
-        urls=urls,
-        size=len(data),
-        md5=hashlib.md5(data).hexdigest(),
-        sha256=hashlib.sha256(data).hexdigest(),
-        **kw,
-    )
+def _target(tmp_path, urls, data=PAYLOAD, **kw):
+    return make_target(tmp_path, urls, data, **kw)
 
 
 def _cfg(**kw) -> FetchConfig:
@@ -467,8 +460,8 @@ def _official_like_root(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
 
     original = sources.target_for
 
-    def patched(remote, folder):
-        t = original(remote, folder)
+    def patched(remote, folder, *args, **kwargs):
+        t = original(remote, folder, *args, **kwargs)
         data = served.get(t.dest.name)
         if data is None:
             return t
@@ -477,6 +470,7 @@ def _official_like_root(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
 
     monkeypatch.setattr(cli, "target_for", patched)
     monkeypatch.setattr(datasets, "target_for", patched)
+    monkeypatch.setattr(arrays, "target_for", patched)
     return raw_dir, served
 
 
