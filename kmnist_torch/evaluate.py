@@ -28,7 +28,7 @@ from .metrics import accuracy, balanced_accuracy
 from .modelfile import find_model_file, load_model
 from .sources import DataFilesError
 
-__all__ = ["build_parser", "class_report", "main", "predict_split", "run_cli"]
+__all__ = ["build_parser", "class_report", "load_run_split", "main", "predict_split", "run_cli"]
 
 # The trainer's names of KKanji's split options -> the dataset's argument names.
 _KKANJI_OPTIONS = {
@@ -83,6 +83,43 @@ def _dataset_options(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, 
         return {}
     given = {key: config.get(flag) for flag, key in _KKANJI_OPTIONS.items()}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def load_run_split(
+    model_file: Path,
+    meta: dict[str, Any],
+    split: str = "test",
+    root: str | None = None,
+    verify: bool = True,
+    download: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """The images a run trained (``split="train"``) or tested on, chosen as the run chose
+    them: its dataset, root, limits and KKanji split options, from ``model_file``'s metadata
+    and the ``results.json`` beside it.
+
+    Returns:
+        ``(split, results)``: :func:`kmnist_torch.data.load_split`'s namespace and the run's
+        ``results.json`` document (empty where there is none).
+    """
+    run = _run_config(model_file)
+    config = run.get("config", {})
+    limit = config.get("limit_test" if split == "test" else "limit_train")
+    images = load_split(
+        meta["dataset"],
+        root or config.get("root"),
+        split == "train",
+        limit,
+        download,
+        verify and config.get("verify", True),
+        **_dataset_options(meta, config),
+    )
+    if list(images.classes) != list(meta["classes"]):
+        raise ValueError(
+            f"the {meta['dataset']} {split} images have other classes than the model "
+            f"({len(images.classes)} vs {len(meta['classes'])}): check --root and the split "
+            "options"
+        )
+    return images, run
 
 
 @torch.no_grad()
@@ -152,26 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_file = find_model_file(args.run)
     model = load_model(model_file, device)
     meta = model.meta
-    run = _run_config(model_file)
-    config = run.get("config", {})
-    limit = config.get("limit_test" if args.split == "test" else "limit_train")
-    verify = args.verify and config.get("verify", True)
-    if not verify:
+    if not args.verify:
         print("warning: --no-verify: checksums are not checked", file=sys.stderr)
-    split = load_split(
-        meta["dataset"],
-        args.root or config.get("root"),
-        args.split == "train",
-        limit,
-        args.download,
-        verify,
-        **_dataset_options(meta, config),
-    )
-    if list(split.classes) != list(meta["classes"]):
-        raise ValueError(
-            f"the {meta['dataset']} {args.split} images have other classes than the model "
-            f"({len(split.classes)} vs {len(meta['classes'])}): check --root and the split options"
-        )
+    split, run = load_run_split(model_file, meta, args.split, args.root, args.verify, args.download)
+    limit = run.get("config", {}).get("limit_test" if args.split == "test" else "limit_train")
     probs, pred = predict_split(model, split, device, meta.get("recipe"))
     target = split.targets.cpu()
     k = len(meta["classes"])
