@@ -345,6 +345,9 @@ def test_out_has_a_default_and_write_only_needs_resplit(capsys):
 COMMANDS = [
     ["-m", "kmnist_torch.train"],
     ["-m", "kmnist_torch.reproduce"],
+    ["-m", "kmnist_torch.evaluate"],
+    ["-m", "kmnist_torch.predict"],
+    ["-m", "kmnist_torch.export"],
     *[[str(p.relative_to(REPO))] for p in sorted((REPO / "benchmarks").glob("[!_]*.py"))],
 ]
 
@@ -363,7 +366,8 @@ def test_every_command_line_answers_help():
         )
         for cmd in COMMANDS
     ]
-    assert len(COMMANDS) == 7  # train, reproduce and the five Python timing scripts
+    # train, reproduce, evaluate, predict, export and the five Python timing scripts
+    assert len(COMMANDS) == 10
     for cmd, proc in zip(COMMANDS, procs):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, (cmd, stderr)
