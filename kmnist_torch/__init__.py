@@ -22,6 +22,7 @@ _EXPORTS = {
     "KKanji": "kkanji",
     "TensorLoader": "loader",
     "create_model": "models",
+    "load_model": "modelfile",
     "list_models": "models",
     "knn_predict": "baselines",
     "DataFilesError": "sources",

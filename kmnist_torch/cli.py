@@ -279,59 +279,78 @@ def _verify_kkanji(root: Path, info, repair: bool) -> int:
     return 0
 
 
-# Fonts that have the kana and kanji glyphs, in the places Debian, Ubuntu, Fedora, macOS and
-# Windows put them; $KMNIST_TORCH_FONT wins.
-FONT_CANDIDATES = (
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc",
-    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf",
-    "/usr/share/fonts/truetype/fonts-japanese-gothic.ttf",
-    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
-    "/System/Library/Fonts/Hiragino Sans GB.ttc",
-    "/System/Library/Fonts/ヒラギノ角ゴシック W3.ttc",
-    "C:/Windows/Fonts/msgothic.ttc",
-    "C:/Windows/Fonts/YuGothR.ttc",
-)
-
-
 def find_cjk_font(size: int):
-    """A PIL font that can draw kana and kanji, or None where the machine has none."""
+    """A PIL font that can draw kana and kanji, or None where none is installed: the
+    bundled IPAex Gothic, $KMNIST_TORCH_FONT or a system CJK font (:mod:`kmnist_torch.fonts`)."""
     from PIL import ImageFont
 
-    paths = [os.environ.get("KMNIST_TORCH_FONT", "")] + list(FONT_CANDIDATES)
-    for path in paths:
-        if path and os.path.isfile(path):
-            try:
-                return ImageFont.truetype(path, size)
-            except OSError:
-                continue
-    return None
+    from .fonts import cjk_font_path
+
+    path = cjk_font_path()
+    if path is None:
+        return None
+    try:
+        return ImageFont.truetype(os.fspath(path), size)
+    except OSError:
+        return None
 
 
-def montage(dataset, out: Path, per_class: int = 10, max_classes: int = 49, cell: int = 32):
-    """Draw ``per_class`` examples of each class in a row, labelled with its character (or
-    its codepoint where no font has the glyph). Returns whether a CJK font was used."""
+MONTAGE_GAP = 4  # pixels between tiles, rows and the margins
+
+
+def montage_size(n_classes: int, per_class: int, cell: int = 32) -> tuple[int, int]:
+    """Width and height in pixels of a montage of ``n_classes`` rows of ``per_class`` tiles."""
+    gap = MONTAGE_GAP
+    width = 2 * gap + 3 * cell + per_class * (cell + gap)
+    height = 2 * gap + cell + n_classes * (cell + gap)  # the title takes one row
+    return width, height
+
+
+def montage(
+    dataset,
+    out: Path,
+    per_class: int = 10,
+    max_classes: int = 49,
+    cell: int = 32,
+    seed: int = 0,
+    title: str = "",
+):
+    """Draw ``per_class`` images of each class, drawn at random by ``seed``, in a row with
+    gaps between them, labelled with the character and its romaji (the codepoint where no
+    font has the glyph), under ``title`` (two short lines fit). Returns whether a CJK font
+    was used."""
+    import numpy as np
     import torch
     from PIL import Image, ImageDraw, ImageFont
 
+    from .fonts import cjk_font_path, has_glyphs
+
+    gap = MONTAGE_GAP
     n_classes = min(len(dataset.classes), max_classes)
-    label_w = cell * 2
-    font = find_cjk_font(int(cell * 0.8))
-    img = Image.new("L", (label_w + per_class * cell, n_classes * cell), 255)
+    font = find_cjk_font(int(cell * 0.75))
+    small = find_cjk_font(int(cell * 0.4)) or ImageFont.load_default()
+    path = cjk_font_path() if font is not None else None
+    codepoints = getattr(dataset, "codepoints", None) or [
+        f"U+{ord(c):04X}" for c in dataset.classes
+    ]
+    romaji = getattr(dataset, "romaji", None) or [""] * len(dataset.classes)
+    img = Image.new("L", montage_size(n_classes, per_class, cell), 255)
     draw = ImageDraw.Draw(img)
-    targets = torch.as_tensor(dataset.targets)
+    draw.multiline_text((gap, gap), title, fill=0, font=small, spacing=2)
+    targets = torch.as_tensor(dataset.targets).numpy()
+    rng = np.random.default_rng(seed)
     for c in range(n_classes):
-        idx = (targets == c).nonzero().flatten()[:per_class].tolist()
-        for j, i in enumerate(idx):
-            tile = Image.fromarray(dataset.data[i].numpy(), mode="L").resize((cell, cell))
-            img.paste(tile, (label_w + j * cell, c * cell))
-        if font is not None:
-            draw.text((4, c * cell), dataset.classes[c], fill=0, font=font)
+        members = np.flatnonzero(targets == c)
+        idx = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        y = gap + cell + gap + c * (cell + gap)
+        for j, i in enumerate(idx.tolist()):
+            tile = Image.fromarray(np.asarray(dataset.data[i]), mode="L").resize((cell, cell))
+            img.paste(tile, (gap + 3 * cell + j * (cell + gap), y))
+        if font is not None and has_glyphs(path, dataset.classes[c]):
+            draw.text((gap, y), dataset.classes[c], fill=0, font=font)
+            draw.text((gap + cell, y + cell // 3), romaji[c] or "", fill=0, font=small)
         else:
-            draw.text((2, c * cell + cell // 3), dataset.codepoints[c], fill=0,
-                      font=ImageFont.load_default())  # fmt: skip
+            draw.text((gap, y + cell // 3), codepoints[c], fill=0, font=small)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
     return font is not None
@@ -359,7 +378,7 @@ def _output_problem(out: Path, suffixes: tuple[str, ...] | None = None) -> str |
 
 
 def cmd_montage(args: argparse.Namespace) -> int:
-    """Save a grid of examples per class, labelled with the character."""
+    """Save a grid of random examples per class, labelled with the character."""
     root = Path(args.root) if args.root else default_root()
     problem = _output_problem(Path(args.out), IMAGE_SUFFIXES)
     if problem is None and args.per_class < 1:
@@ -370,27 +389,45 @@ def cmd_montage(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     cls = _dataset_class(args.name)
+    info = catalog.get(args.name)
+    split = args.split
     try:
-        if catalog.get(args.name).name == "kkanji":
-            ds = cls(root, split="all", download=args.download)
-        else:
-            ds = None
-            for train in (True, False):  # whichever split is there
-                try:
-                    ds = cls(root, train=train, download=args.download and not train)
-                    break
-                except DataFilesError:
-                    if not train:
-                        raise
+        with warnings.catch_warnings():
+            if not args.verify:  # the user's explicit choice: said once below, not per file
+                warnings.simplefilter("ignore")
+            if info.name == "kkanji":
+                split = split or "all"
+                ds = cls(root, split=split, download=args.download, verify=args.verify)
+            elif split == "all":
+                print(f"error: --split all is for kkanji; {args.name} has train and test",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            else:
+                names = [split] if split else ["train", "test"]  # none named: whichever is there
+                for k, name in enumerate(names):
+                    last = k == len(names) - 1
+                    try:
+                        ds = cls(root, train=name == "train", download=args.download and last,
+                                 verify=args.verify)  # fmt: skip
+                        split = name
+                        break
+                    except DataFilesError:
+                        if last:
+                            raise
     except (DataFilesError, FormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    used_font = montage(ds, Path(args.out), args.per_class, args.max_classes)
+    title = (f"{info.title} ({info.name}), {split} split\n"
+             f"{args.per_class} random images per class (seed {args.seed})")  # fmt: skip
+    used_font = montage(ds, Path(args.out), args.per_class, args.max_classes, seed=args.seed,
+                        title=title)  # fmt: skip
     note = (
         ""
         if used_font
         else " (no CJK font found: labelled with codepoints; set $KMNIST_TORCH_FONT)"
     )
+    if not args.verify:
+        print("warning: --no-verify: checksums are not checked", file=sys.stderr)
     print(f"wrote {args.out}{note}")
     return 0
 
@@ -446,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root")
     s.add_argument("--per-class", type=int, default=10)
     s.add_argument("--max-classes", type=int, default=49)
+    s.add_argument("--split", choices=["train", "test", "all"], default=None,
+                   help="default: train if present, else test (all for kkanji)")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0, help="which random images per class")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not check checksums (subsets and re-encodings)")  # fmt: skip
     s.add_argument("--download", action="store_true")
     s.set_defaults(func=cmd_montage)
     s = sub.add_parser("kkanji-split", help="write the KKanji train/test split as JSON")

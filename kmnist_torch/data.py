@@ -75,7 +75,9 @@ def load_split(
         **options: passed on to the dataset (KKanji's ``test_fraction``, ``seed`` ...).
 
     Returns:
-        A namespace with uint8 ``data`` (N x H x W), int64 ``targets`` and ``classes``.
+        A namespace with uint8 ``data`` (N x H x W), int64 ``targets``, ``classes`` (the
+        characters), ``codepoints`` (``"U+XXXX"``) and ``romaji`` (None per class where the
+        dataset has no readings).
     """
     opts: dict[str, Any] = {"download": download, "verify": verify, **options}
     with warnings.catch_warnings():
@@ -86,4 +88,9 @@ def load_split(
     if limit is not None and limit < len(targets):
         keep = torch.from_numpy(stratified_subset(targets, limit))
         data, targets = data[keep], targets[keep]
-    return SimpleNamespace(data=data, targets=targets, classes=list(ds.classes))
+    classes = list(ds.classes)
+    codepoints = list(getattr(ds, "codepoints", None) or [f"U+{ord(c):04X}" for c in classes])
+    romaji = list(getattr(ds, "romaji", None) or [None] * len(classes))
+    return SimpleNamespace(
+        data=data, targets=targets, classes=classes, codepoints=codepoints, romaji=romaji
+    )

@@ -3,8 +3,8 @@
 Nothing here parses a command line or builds a dataset or model: :func:`fit` takes a
 :class:`Job` (the model and the forward to call, the loaders, the recipe, the device), a
 :class:`RunState` (everything that changes while training) and a :class:`RunDir` (where the
-checkpoint and ``results.json`` go). A data-parallel run would pass a wrapped ``forward`` and
-sharded loaders; an after-training writer (``model.pt``) belongs in :class:`RunDir`.
+checkpoint, ``results.json``, ``model.pt`` and ``curves.png`` go). A data-parallel run would
+pass a wrapped ``forward`` and sharded loaders.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from .metrics import accuracy, balanced_accuracy
 from .recipes import Recipe
 from .runtime import (
     CHECKPOINT,
+    CURVES,
+    MODEL,
     RESULTS,
     CpuEstimate,
     RunDir,
@@ -40,6 +42,8 @@ from .runtime import (
 
 __all__ = [
     "CHECKPOINT",
+    "CURVES",
+    "MODEL",
     "RESULTS",
     "CpuEstimate",
     "Job",
@@ -134,6 +138,8 @@ class Job:
     device: torch.device
     num_classes: int
     forward: Callable[..., torch.Tensor] | None = None
+    # What model.pt says about the model (kmnist_torch.modelfile.model_meta); None: no model.pt.
+    model_meta: dict[str, Any] | None = None
     layers: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -451,9 +457,10 @@ def fit(
     session = _Session(state.spent, time.perf_counter() if wall_start is None else wall_start)
     info = {**info, "config": config, "checkpoint": str(run_dir.checkpoint)}
 
-    def results(finished: bool, interrupted: bool) -> dict[str, Any]:
+    def results(finished: bool, interrupted: bool, epoch_end: bool = True) -> dict[str, Any]:
+        # model.pt only at the end of an epoch: its weights then match its test scores.
         res = summarize(info, job, state, finished, interrupted)
-        run_dir.write_results(res)
+        run_dir.write_results(res, job.model if epoch_end else None, job.model_meta)
         return res
 
     if state.epoch >= r.epochs:
@@ -475,13 +482,13 @@ def fit(
             state.spent["device_seconds"] += test_s
             if metrics is None:  # Ctrl-C: checkpoint mid-epoch, resume at the next step
                 session.account()
-                run_dir.save_checkpoint(config, state)
+                run_dir.save_checkpoint(config, state, job.model_meta)
                 print(
                     f"stopped in epoch {state.epoch + 1} at step {state.step}/{steps}; "
                     f"checkpoint in {run_dir.checkpoint}; continue with --resume",
                     file=sys.stderr,
                 )
-                return results(finished=False, interrupted=True)
+                return results(finished=False, interrupted=True, epoch_end=False)
             record = _epoch_record(job, state, metrics, test_s)
             state.history.append(record)
             state.carry = {"loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
@@ -496,7 +503,7 @@ def fit(
                 flush=True,
             )
             session.account()
-            run_dir.save_checkpoint(config, state)
+            run_dir.save_checkpoint(config, state, job.model_meta)
             done = state.epoch == r.epochs
             if not done and (stop.requested or (stop_after or 0) == state.epoch):
                 print(

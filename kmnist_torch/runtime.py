@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
+MODEL = "model.pt"  # kmnist_torch.modelfile.MODEL, named here without importing it
+CURVES = "curves.png"
 
 
 class TrainError(RuntimeError):
@@ -169,12 +171,16 @@ class CpuEstimate:
 
 
 class RunDir:
-    """A run's output folder: ``checkpoint.pt`` and ``results.json``, each written atomically."""
+    """A run's output folder, each file written atomically: ``checkpoint.pt`` (to resume),
+    ``results.json``, ``model.pt`` (weights and metadata: :mod:`kmnist_torch.modelfile`) and
+    ``curves.png`` (:func:`kmnist_torch.plots.plot_curves`)."""
 
     def __init__(self, out: str | os.PathLike) -> None:
         self.out = Path(out)
         self.checkpoint = self.out / CHECKPOINT
         self.results = self.out / RESULTS
+        self.model = self.out / MODEL
+        self.curves = self.out / CURVES
 
     def open(
         self, config: dict[str, Any], resume: bool, overwrite: bool, resumable: set[str]
@@ -210,11 +216,39 @@ class RunDir:
         self.out.mkdir(parents=True, exist_ok=True)
         return state
 
-    def save_checkpoint(self, config: dict[str, Any], state: RunState) -> None:
-        """Write the run's config and state, to continue later with ``--resume``."""
-        payload = {"config": config, **state.state_dict()}
+    def save_checkpoint(
+        self, config: dict[str, Any], state: RunState, model_meta: dict[str, Any] | None = None
+    ) -> None:
+        """Write the run's config and state, to continue later with ``--resume``; with the
+        model's metadata, so that ``load_model`` reads a checkpoint too."""
+        payload = {"config": config, "model_meta": model_meta, **state.state_dict()}
         atomic_write(self.checkpoint, lambda fh: torch.save(payload, fh))
 
-    def write_results(self, results: dict[str, Any]) -> None:
-        """Write ``results.json``."""
+    def write_results(
+        self,
+        results: dict[str, Any],
+        model: torch.nn.Module | None = None,
+        model_meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Write ``results.json`` and ``curves.png``; with a model and its metadata (at the end
+        of an epoch, so the weights match the scores), ``model.pt`` too."""
         write_json(self.results, results, indent=2)
+        history = results.get("epochs") or []
+        if model is not None and model_meta is not None:
+            from .modelfile import save_model
+
+            save_model(self.model, model, model_meta, history[-1] if history else None)
+        if history:
+            from .plots import plot_curves
+
+            plot_curves(history, self.curves, title=str(self.out))
+
+    def contents(self) -> str:
+        """What the folder holds, for the trainer's last line."""
+        parts = [
+            (self.model, "model.pt (weights + classes: kmnist_torch.load_model)"),
+            (self.results, RESULTS),
+            (self.curves, CURVES),
+            (self.checkpoint, f"{CHECKPOINT} (to --resume)"),
+        ]
+        return ", ".join(text for path, text in parts if path.exists())

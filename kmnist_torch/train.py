@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import mixup
+from . import mixup, modelfile
 from .data import load_split
 from .datasets import list_datasets
 from .engine import CHECKPOINT, RESULTS, Job, RunDir, RunState, TrainError, determinism, fit
@@ -219,8 +219,11 @@ def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: 
     return config
 
 
-def _build_job(r: Recipe, train_set: Any, test_set: Any, device: torch.device, seed: int) -> Job:
-    """Loaders over the device-resident splits and the model, initialised from ``seed``."""
+def _build_job(
+    r: Recipe, train_set: Any, test_set: Any, device: torch.device, seed: int, meta: dict
+) -> Job:
+    """Loaders over the device-resident splits and the model, initialised from ``seed``;
+    ``meta`` (:func:`kmnist_torch.modelfile.model_meta` less the model) completes model.pt."""
     train_loader = TensorLoader(
         train_set, r.batch_size, shuffle=True, device=device, drop_last=True, seed=seed
     )
@@ -231,13 +234,27 @@ def _build_job(r: Recipe, train_set: Any, test_set: Any, device: torch.device, s
         )
     test_loader = TensorLoader(test_set, r.eval_batch_size, shuffle=False, device=device)
     in_chans = 1 if train_set.data.dim() == 3 else int(train_set.data.shape[1])
+    args = {
+        "num_classes": len(train_set.classes),
+        "in_chans": in_chans,
+        "img_size": int(train_set.data.shape[-1]),
+    }
     torch.manual_seed(seed)  # initialisation and dropout
-    model = create_model(
-        r.model, len(train_set.classes), in_chans=in_chans, img_size=int(train_set.data.shape[-1])
-    ).to(device)
+    model = create_model(r.model, **args).to(device)
     if r.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return Job(r, model, train_loader, test_loader, device, len(train_set.classes))
+    model_meta = modelfile.model_meta(
+        r.model,
+        args,
+        classes=train_set.classes,
+        codepoints=train_set.codepoints,
+        romaji=train_set.romaji,
+        recipe=r,
+        **meta,
+    )
+    return Job(
+        r, model, train_loader, test_loader, device, len(train_set.classes), None, model_meta
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -274,7 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             for train, limit in ((True, args.limit_train), (False, args.limit_test))
         ]
-        job = _build_job(r, *splits, device, args.seed)
+        data = {
+            "limit_train": args.limit_train,
+            "limit_test": args.limit_test,
+            "options": _dataset_options(args),
+        }
+        meta = {"dataset": args.dataset, "recipe_name": recipe_name, "data": data}
+        job = _build_job(r, *splits, device, args.seed, meta)
         state = RunState(job, args.seed)
         if saved is not None:
             state.load_state_dict(saved)
@@ -289,7 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "image_size": int(train_set.data.shape[-1]),
             "seed": args.seed,
         }
-        return fit(job, state, run_dir, config, info, args.stop_after, args.progress, wall_start)
+        res = fit(job, state, run_dir, config, info, args.stop_after, args.progress, wall_start)
+    print(f"run folder {out}: {run_dir.contents()}", flush=True)
+    return res
 
 
 def run_cli(argv: list[str] | None = None) -> int:

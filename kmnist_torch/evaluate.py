@@ -1,0 +1,267 @@
+"""Evaluate a trained run on its test images: metrics, confusion matrix, mistakes.
+
+    python -m kmnist_torch.evaluate runs/kmnist-cnn-simple_cnn-none-seed0
+
+Writes ``metrics.json``, ``confusion.png`` and ``errors.png`` to ``RUN/eval-<split>`` (or
+``--out``) and prints a summary. The images are chosen as the run chose them (dataset, root,
+``--limit-test``, KKanji's split options, all read from the run's ``results.json``), so the
+accuracy equals the run's ``test_accuracy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import plots
+from ._io import write_json
+from .data import load_split
+from .formats import FormatError
+from .loader import TensorLoader
+from .metrics import accuracy, balanced_accuracy
+from .modelfile import find_model_file, load_model
+from .sources import DataFilesError
+
+__all__ = ["build_parser", "class_report", "load_run_split", "main", "predict_split", "run_cli"]
+
+# The trainer's names of KKanji's split options -> the dataset's argument names.
+_KKANJI_OPTIONS = {
+    "test_fraction": "test_fraction",
+    "min_per_class": "min_per_class",
+    "shots": "shots",
+    "split_seed": "seed",
+}
+# Above this many classes metrics.json keeps the confusion matrix as (true, predicted, count)
+# triples: KKanji's 3,832 x 3,832 as nested lists would be ~40 MB of zeros.
+DENSE_MAX_CLASSES = 1000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m kmnist_torch.evaluate",
+        description="Evaluate a trained run: metrics.json, confusion.png and errors.png.",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder (or its model.pt / checkpoint.pt)")
+    p.add_argument("--root", default=None, help="data folder (default: the run's)")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval-<split>")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="do not check the files' checksums (your own re-encodings)",
+    )
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download missing files (default: yes)",
+    )
+    return p
+
+
+def _run_config(model_file: Path) -> dict[str, Any]:
+    results = model_file.parent / "results.json"
+    if not results.is_file():
+        return {}
+    return json.loads(results.read_text(encoding="utf-8"))
+
+
+def _dataset_options(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    options = (meta.get("data") or {}).get("options")
+    if options is not None:
+        return dict(options)
+    if meta["dataset"] != "kkanji":
+        return {}
+    given = {key: config.get(flag) for flag, key in _KKANJI_OPTIONS.items()}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def load_run_split(
+    model_file: Path,
+    meta: dict[str, Any],
+    split: str = "test",
+    root: str | None = None,
+    verify: bool = True,
+    download: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """The images a run trained (``split="train"``) or tested on, chosen as the run chose
+    them: its dataset, root, limits and KKanji split options, from ``model_file``'s metadata
+    and the ``results.json`` beside it.
+
+    Returns:
+        ``(split, results)``: :func:`kmnist_torch.data.load_split`'s namespace and the run's
+        ``results.json`` document (empty where there is none).
+    """
+    run = _run_config(model_file)
+    config = run.get("config", {})
+    limit = config.get("limit_test" if split == "test" else "limit_train")
+    images = load_split(
+        meta["dataset"],
+        root or config.get("root"),
+        split == "train",
+        limit,
+        download,
+        verify and config.get("verify", True),
+        **_dataset_options(meta, config),
+    )
+    if list(images.classes) != list(meta["classes"]):
+        raise ValueError(
+            f"the {meta['dataset']} {split} images have other classes than the model "
+            f"({len(images.classes)} vs {len(meta['classes'])}): check --root and the split "
+            "options"
+        )
+    return images, run
+
+
+@torch.no_grad()
+def predict_split(
+    model: torch.nn.Module, split: Any, device: torch.device, recipe: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and argmax predictions for every image of ``split`` (an object
+    with uint8 ``data`` and ``targets``), computed as the trainer's test pass computes them
+    (bf16 autocast and channels_last on CUDA where the recipe used them).
+
+    Returns:
+        ``(probs, pred)``: float32 N x K and int64 N, on the CPU.
+    """
+    recipe = recipe or {}
+    loader = TensorLoader(split, recipe.get("eval_batch_size", 1000), shuffle=False, device=device)
+    cuda = device.type == "cuda"
+    probs, preds = [], []
+    for x, _ in loader:
+        if recipe.get("channels_last") and cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bool(recipe.get("amp")) and cuda):
+            logits = model(x)
+        preds.append(logits.argmax(1).cpu())
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(probs), torch.cat(preds)
+
+
+def class_report(
+    matrix: np.ndarray, classes: list[str], codepoints: list[str]
+) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per class from a confusion matrix (``[true, pred]``);
+    0 where a ratio has nothing to divide by, as scikit-learn reports it."""
+    tp = np.diag(matrix).astype(np.float64)
+    predicted, support = matrix.sum(0), matrix.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
+    return [
+        {
+            "class": k,
+            "character": classes[k],
+            "codepoint": codepoints[k],
+            "precision": float(precision[k]),
+            "recall": float(recall[k]),
+            "f1": float(f1[k]),
+            "support": int(support[k]),
+        }
+        for k in range(len(classes))
+    ]
+
+
+def _confusion(matrix: np.ndarray) -> dict[str, Any]:
+    if len(matrix) <= DENSE_MAX_CLASSES:
+        return {"confusion_matrix": matrix.tolist()}
+    rows, cols = np.nonzero(matrix)
+    triples = [[int(i), int(j), int(matrix[i, j])] for i, j in zip(rows, cols)]
+    return {"confusion_matrix": None, "confusion_triples": triples}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, evaluate, write the three files and print a summary; returns the
+    ``metrics.json`` document."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_file = find_model_file(args.run)
+    model = load_model(model_file, device)
+    meta = model.meta
+    if not args.verify:
+        print("warning: --no-verify: checksums are not checked", file=sys.stderr)
+    split, run = load_run_split(model_file, meta, args.split, args.root, args.verify, args.download)
+    limit = run.get("config", {}).get("limit_test" if args.split == "test" else "limit_train")
+    probs, pred = predict_split(model, split, device, meta.get("recipe"))
+    target = split.targets.cpu()
+    k = len(meta["classes"])
+    matrix = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k).numpy()
+    classes, codepoints = list(meta["classes"]), list(meta["codepoints"])
+    doc = {
+        "model": str(model_file),
+        "dataset": meta["dataset"],
+        "split": args.split,
+        "num_images": len(target),
+        "limit": limit,
+        "accuracy": accuracy(pred, target),
+        "balanced_accuracy": balanced_accuracy(pred, target),
+        "run_test_accuracy": run.get("test_accuracy"),
+        "per_class": class_report(matrix, classes, codepoints),
+        **_confusion(matrix),
+    }
+    out = Path(args.out) if args.out else model_file.parent / f"eval-{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", doc, indent=1)
+    title = f"{meta['dataset']} {args.split}: {len(target):,} images, {100 * doc['accuracy']:.2f}%"
+    plots.plot_confusion(matrix, classes, codepoints, out / "confusion.png", title)
+    wrong = torch.nonzero(pred != target).flatten()
+    p_wrong = probs[wrong, pred[wrong]]
+    order = wrong[torch.argsort(p_wrong, descending=True)][: plots.ERRORS_MAX]
+    plots.plot_errors(
+        split.data[order].numpy(),
+        target[order].tolist(),
+        pred[order].tolist(),
+        probs[order, pred[order]].tolist(),
+        classes,
+        codepoints,
+        out / "errors.png",
+        f"{meta['dataset']} {args.split}: the {len(order)} most confident of {len(wrong):,} "
+        "mistakes (true → predicted, probability)",
+    )
+    _print_summary(doc, matrix, classes, out)
+    return doc
+
+
+def _print_summary(doc: dict[str, Any], matrix: np.ndarray, classes: list[str], out: Path) -> None:
+    print(f"{doc['dataset']} {doc['split']}: {doc['num_images']:,} images, model {doc['model']}")
+    line = (
+        f"  accuracy {100 * doc['accuracy']:.2f}%  balanced {100 * doc['balanced_accuracy']:.2f}%"
+    )
+    if doc["run_test_accuracy"] is not None and doc["split"] == "test":
+        line += f"  (results.json: {100 * doc['run_test_accuracy']:.2f}%)"
+    print(line)
+    worst = sorted((c for c in doc["per_class"] if c["support"]), key=lambda c: c["recall"])[:3]
+    print(
+        "  lowest recall: " + ", ".join(f"{c['character']} {100 * c['recall']:.1f}%" for c in worst)
+    )
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    if off.any():
+        i, j = np.unravel_index(off.argmax(), off.shape)
+        print(f"  most confused: {classes[i]} → {classes[j]} ({off[i, j]} images)")
+    print(f"wrote {out}: metrics.json, confusion.png, errors.png")
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: errors as one line."""
+    try:
+        main(argv)
+    except (DataFilesError, FormatError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())

@@ -1,0 +1,219 @@
+"""Export a trained model for deployment: ONNX, TorchScript or a ``torch.export`` program (pt2).
+
+    python -m kmnist_torch.export RUN --format onnx --out kmnist.onnx
+
+The exported model takes float32 N x C x H x W images (white ink on black, in [0, 1]) for any
+batch size N and returns N x K logits; the classes and the rest of ``model.pt``'s metadata
+travel with it (ONNX metadata_props, a ``meta.json`` extra file in TorchScript and pt2). After
+writing, the exported model is run on a real batch of the run's test images (random images
+where those cannot be loaded) of another batch size than the one traced, and its outputs are
+compared with the eager model's; the largest difference is printed and must be at most
+:data:`TOLERANCE` (ONNX is run with onnxruntime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .formats import FormatError
+from .modelfile import find_model_file, load_model
+from .sources import DataFilesError
+
+__all__ = ["FORMATS", "TOLERANCE", "ExportError", "build_parser", "export", "main", "run_cli"]
+
+FORMATS = ("onnx", "torchscript", "pt2")
+TOLERANCE = 1e-4
+ONNX_TOOLS = ("onnx", "onnxscript", "onnxruntime")
+CHECK_BATCH = 64
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked, or the export does not match the model."""
+
+
+class Logits(nn.Module):
+    """The model's plain ``forward(x) -> logits``, without the mixup arguments, to export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _meta_json(meta: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in meta.items() if k != "file"}, ensure_ascii=False)
+
+
+def _batch_dim() -> Any:
+    return torch.export.Dim("batch", min=1, max=1 << 16)
+
+
+def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> Any:
+    missing = [m for m in ONNX_TOOLS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(
+            f"ONNX export needs {', '.join(missing)}: pip install 'kmnist-torch[export]' "
+            f"(or pip install {' '.join(ONNX_TOOLS)})"
+        )
+    import onnx
+    import onnxruntime
+
+    program = torch.onnx.export(
+        net,
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: _batch_dim()}},
+        verbose=False,
+    )
+    proto = program.model_proto
+    for key, value in (("kmnist_torch", _meta_json(meta)), ("classes", "".join(meta["classes"]))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(out))
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"images": x.cpu().numpy()})[0])
+
+    return run
+
+
+def _export_torchscript(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> Any:
+    # Asked for by name; torch's deprecation notice (pt2 is its successor) is in the --help.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(net, example, check_trace=False)
+        torch.jit.save(traced, str(out), _extra_files={"meta.json": _meta_json(meta)})
+        return torch.jit.load(str(out), map_location="cpu")
+
+
+def _export_pt2(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> Any:
+    program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: _batch_dim()}})
+    torch.export.save(program, str(out), extra_files={"meta.json": _meta_json(meta)})
+    return torch.export.load(str(out)).module()
+
+
+_EXPORTERS = {"onnx": _export_onnx, "torchscript": _export_torchscript, "pt2": _export_pt2}
+
+
+def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> float:
+    """Export ``model`` (from :func:`kmnist_torch.load_model`, on the CPU) to ``out`` with a
+    dynamic batch size, then run the exported file on ``batch`` and compare with the model.
+
+    Args:
+        model: the model, with its ``.meta``.
+        fmt: one of :data:`FORMATS`.
+        out: the file to write.
+        batch: float32 N x C x H x W images to check on (N > 2: the export is traced with 2,
+            so the check also shows the batch size is dynamic).
+
+    Returns:
+        The largest absolute difference between the exported and the eager logits.
+
+    Raises:
+        ExportError: the tools are missing, or the difference is over :data:`TOLERANCE`.
+    """
+    if fmt not in _EXPORTERS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    net = Logits(model.cpu().eval()).eval()
+    with torch.no_grad():
+        exported = _EXPORTERS[fmt](net, batch[:2].clone(), out, model.meta)
+        want = net(batch)
+        got = exported(batch)
+    diff = (got.float() - want.float()).abs().max().item()
+    if not diff <= TOLERANCE:
+        raise ExportError(
+            f"{out}: the exported model differs from the eager one by up to {diff:.2e} "
+            f"(more than {TOLERANCE:g})"
+        )
+    return diff
+
+
+def _check_batch(model_file: Path, meta: dict, root: str | None, verify: bool) -> tuple:
+    """Up to :data:`CHECK_BATCH` of the run's test images, or random ones where they cannot
+    be loaded; and where they came from."""
+    from .evaluate import load_run_split
+
+    try:
+        split, _ = load_run_split(model_file, meta, "test", root, verify, download=False)
+        data = split.data[:CHECK_BATCH]
+        if data.dim() == 3:
+            data = data.unsqueeze(1)
+        return data.float().div(255.0), f"{len(data)} test images"
+    except (DataFilesError, FormatError, ValueError, OSError) as exc:
+        print(f"note: the run's test images cannot be loaded ({exc})", file=sys.stderr)
+        generator = torch.Generator().manual_seed(0)
+        c, size = meta["channels"], meta["image_size"]
+        x = torch.rand(16, c, size, size, generator=generator)
+        return x, "16 random images"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m kmnist_torch.export",
+        description="Export a trained model (dynamic batch size) and check it against eager.",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder, model.pt or checkpoint.pt")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        required=True,
+        help="onnx (needs the export extra), torchscript (deprecated by torch), or pt2 "
+        "(torch.export, load with torch.export.load)",
+    )
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument(
+        "--root", default=None, help="data folder of the check batch (default: the run's)"
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="do not check the data files' checksums",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> float:
+    """Parse ``argv``, export and check; returns the largest difference from eager."""
+    args = build_parser().parse_args(argv)
+    model_file = find_model_file(args.run)
+    model = load_model(model_file, "cpu")
+    batch, source = _check_batch(model_file, model.meta, args.root, args.verify)
+    diff = export(model, args.format, args.out, batch)
+    print(
+        f"wrote {args.out} ({args.format}, batch size dynamic); max abs difference from the "
+        f"eager model on {source}: {diff:.2e} (tolerance {TOLERANCE:g})"
+    )
+    return diff
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: errors as one line."""
+    try:
+        main(argv)
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())

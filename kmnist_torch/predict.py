@@ -1,0 +1,168 @@
+"""Read characters from image files with a trained model.
+
+    python -m kmnist_torch.predict runs/kmnist-cnn-simple_cnn-none-seed0 scan1.png scan2.jpg
+
+Any size and mode: each image is made grayscale (transparency over white paper), padded to a
+square with its background, resized to the model's size, and inverted when it is dark ink on
+light paper (the models see white ink on black, as the datasets store it). Whether to invert is
+decided from the median of the image's border (light border: invert); ``--invert yes|no``
+overrides. ``--json`` prints one object per image, the best guess first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .modelfile import load_model
+
+__all__ = ["build_parser", "load_image", "main", "predict", "run_cli", "top_k"]
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    edge = max(1, min(a.shape) // 14)  # 2 pixels of a 28x28 image
+    return np.concatenate(
+        [a[:edge].ravel(), a[-edge:].ravel(), a[:, :edge].ravel(), a[:, -edge:].ravel()]
+    )
+
+
+def load_image(
+    path: str | os.PathLike, size: int, channels: int = 1, invert: str = "auto"
+) -> torch.Tensor:
+    """An image file as the model's input.
+
+    Args:
+        path: any image PIL reads.
+        size: the model's height and width.
+        channels: the model's input channels (the gray image is repeated).
+        invert: ``"auto"`` (invert when the border is light), ``"yes"`` or ``"no"``.
+
+    Returns:
+        float32 C x size x size in [0, 1], white ink on black.
+    """
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            paper = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(paper, im.convert("RGBA"))
+        gray = np.asarray(im.convert("L"), dtype=np.uint8)
+    background = int(np.median(_border(gray)))
+    if invert == "yes" or (invert == "auto" and background > 127):
+        gray, background = 255 - gray, 255 - background
+    h, w = gray.shape
+    if h != w:  # pad to a square so the character keeps its shape
+        side = max(h, w)
+        square = np.full((side, side), background, np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[top : top + h, left : left + w] = gray
+        gray = square
+    if gray.shape != (size, size):
+        gray = np.asarray(
+            Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), np.uint8
+        )
+    x = torch.from_numpy(gray.copy()).float().div_(255.0)
+    return x.expand(channels, size, size).contiguous()
+
+
+def top_k(probs: torch.Tensor, meta: dict[str, Any], k: int) -> list[list[dict[str, Any]]]:
+    """The ``k`` most probable classes of each row of ``probs`` (N x K), best first, as
+    ``{"class", "character", "codepoint", "romaji", "probability"}``."""
+    k = min(k, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [
+        [
+            {
+                "class": int(i),
+                "character": meta["classes"][i],
+                "codepoint": meta["codepoints"][i],
+                "romaji": meta["romaji"][i],
+                "probability": float(p),
+            }
+            for p, i in zip(row_p.tolist(), row_i.tolist())
+        ]
+        for row_p, row_i in zip(values, indices)
+    ]
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, paths: Sequence[str | os.PathLike], k: int = 5, invert: str = "auto"
+) -> list[dict[str, Any]]:
+    """Top-``k`` predictions for each image file, with a model from
+    :func:`kmnist_torch.load_model`.
+
+    Returns:
+        ``[{"image": path, "predictions": [...]}]`` in the order of ``paths`` (see
+        :func:`top_k` for the predictions).
+    """
+    meta = model.meta
+    device = next(model.parameters()).device
+    x = torch.stack(
+        [load_image(p, meta["image_size"], meta["channels"], invert) for p in paths]
+    ).to(device)
+    probs = torch.softmax(model(x).float(), dim=1).cpu()
+    return [{"image": str(p), "predictions": t} for p, t in zip(paths, top_k(probs, meta, k))]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m kmnist_torch.predict",
+        description="Top-k characters for image files (any size or mode; dark ink on light "
+        "paper is inverted automatically).",
+    )
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="run folder, model.pt or checkpoint.pt")
+    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("--top-k", type=int, default=5, metavar="K")
+    p.add_argument("--json", action="store_true", help="print JSON, one object per image")
+    p.add_argument(
+        "--invert",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="make dark ink on light paper white on black (auto: when the border is light)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Parse ``argv``, predict, print; returns what ``--json`` prints."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    model = load_model(args.model, args.device)
+    results = predict(model, args.images, args.top_k, args.invert)
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=1))
+        return results
+    for r in results:
+        guesses = "  ".join(
+            f"{g['character']} ({g['codepoint']}"
+            + (f", {g['romaji']}" if g["romaji"] else "")
+            + f") {100 * g['probability']:.1f}%"
+            for g in r["predictions"]
+        )
+        print(f"{r['image']}: {guesses}")
+    return results
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: errors as one line."""
+    try:
+        main(argv)
+    except (FileNotFoundError, UnidentifiedImageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())

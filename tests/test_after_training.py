@@ -1,0 +1,302 @@
+"""After training: model.pt and load_model, curves.png, evaluate, predict, export, the plots
+and the montage, end to end on one tiny CPU run over fixture data (one epoch of simple_cnn)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kmnist_torch
+from kmnist_torch import catalog, evaluate, export, fonts, plots, predict, train
+from kmnist_torch.cli import main as cli_main
+from kmnist_torch.cli import montage_size
+from kmnist_torch.fixtures import random_split, write_split
+from kmnist_torch.modelfile import INPUT_CONVENTION
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fixtures: class k is a bright bar at its own place, over faint noise."""
+    images, labels = random_split(n, "kmnist", seed)
+    labels = labels.copy()
+    np.random.default_rng(seed).shuffle(labels)
+    images = images // 4
+    for i, k in enumerate(labels):
+        r, c = 3 + 12 * (k // 5), 2 + 5 * (k % 5)
+        images[i, r : r + 8, c : c + 4] = 255
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished one-epoch run; a fifth of the test labels are wrong, so there are mistakes."""
+    base = tmp_path_factory.mktemp("after")
+    root, out = base / "data", base / "run"
+    write_split(root, "kmnist", "train", *_images(300, 0), fmt="mnist")
+    images, labels = _images(120, 1)
+    labels[::5] = (labels[::5] + 3) % 10
+    write_split(root, "kmnist", "test", images, labels, fmt="mnist")
+    argv = ["--root", str(root), "--no-download", "--no-verify", "--out", str(out), "--device",
+            "cpu", "--no-progress", "--model", "simple_cnn", "--epochs", "1", "--batch-size",
+            "25", "--limit-test", "100", "--seed", "3"]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            res = train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "out": out, "results": res, "stdout": stdout.getvalue()}
+
+
+def _png(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.load()  # decodes every pixel
+        assert im.format == "PNG"
+        return im.size
+
+
+def _test_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from kmnist_torch.data import load_split
+
+    split = load_split("kmnist", root, train=False, limit=100, download=False, verify=False)
+    return split.data, split.targets
+
+
+# ------------------------------------------------------------------------ model.pt, the trainer
+
+
+def test_model_file_holds_weights_and_metadata_loadable_weights_only(run):
+    state = torch.load(run["out"] / "model.pt", map_location="cpu", weights_only=True)
+    assert set(state) == {"format", "meta", "state_dict"}  # no optimiser state
+    meta = state["meta"]
+    assert meta["arch"] == "simple_cnn"
+    assert meta["model_args"] == {"num_classes": 10, "in_chans": 1, "img_size": 28}
+    assert meta["dataset"] == "kmnist"
+    assert meta["classes"] == [c.char for c in catalog.KMNIST.classes]
+    assert meta["codepoints"][0] == "U+304A" and meta["romaji"][0] == "o"
+    assert (meta["image_size"], meta["channels"], meta["input"]) == (28, 1, INPUT_CONVENTION)
+    assert meta["recipe_name"] == "cnn" and meta["recipe"]["optimizer"] == "adadelta"
+    assert meta["data"]["limit_test"] == 100
+    assert meta["metrics"]["test_accuracy"] == run["results"]["test_accuracy"]
+    assert meta["versions"] == {"torch": torch.__version__, "kmnist_torch": "0.1.0"}
+
+
+def test_load_model_reads_run_folder_model_file_and_checkpoint(run):
+    x = torch.rand(4, 1, 28, 28)
+    outputs = []
+    for path in (run["out"], run["out"] / "model.pt", run["out"] / "checkpoint.pt"):
+        model = kmnist_torch.load_model(path)
+        assert isinstance(model, torch.nn.Module) and not model.training
+        assert model.meta["classes"][1] == "き"
+        with torch.no_grad():
+            outputs.append(model(x))
+    assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+    with pytest.raises(FileNotFoundError, match="run folder"):
+        kmnist_torch.load_model(run["out"].parent)
+
+
+def test_trainer_writes_curves_and_names_the_folder_last(run):
+    assert _png(run["out"] / "curves.png") == plots.CURVES_SIZE
+    last = run["stdout"].strip().splitlines()[-1]
+    assert last.startswith(f"run folder {run['out']}:")
+    for name in ("model.pt", "results.json", "curves.png", "checkpoint.pt"):
+        assert name in last
+
+
+# ------------------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_matches_results_and_writes_metrics_and_pictures(run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    doc = evaluate.main([str(run["out"]), "--out", str(out), "--device", "cpu", "--no-verify"])
+    assert doc["accuracy"] == run["results"]["test_accuracy"]
+    assert doc["balanced_accuracy"] == run["results"]["test_balanced_accuracy"]
+    saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert saved["accuracy"] == doc["accuracy"] and saved["num_images"] == 100
+    matrix = np.array(saved["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 100
+    assert np.trace(matrix) / 100 == pytest.approx(doc["accuracy"])
+    first = saved["per_class"][0]
+    assert {"character", "codepoint", "precision", "recall", "f1", "support"} <= set(first)
+    assert first["character"] == "お" and first["support"] == matrix[0].sum()
+    assert first["recall"] == pytest.approx(matrix[0, 0] / matrix[0].sum())
+    wrong = 100 - int(np.trace(matrix))
+    assert wrong > 0  # the flipped labels
+    assert _png(out / "confusion.png") == plots.confusion_size(10)
+    assert _png(out / "errors.png") == plots.errors_size(wrong)
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and f"wrote {out}" in printed
+    # The default folder is RUN/eval-<split>.
+    assert evaluate.run_cli([str(run["out"]), "--device", "cpu", "--no-verify"]) == 0
+    assert (run["out"] / "eval-test" / "metrics.json").is_file()
+
+
+def test_evaluate_explains_a_missing_run(tmp_path, capsys):
+    assert evaluate.run_cli([str(tmp_path / "nowhere")]) == 1
+    assert "no such model file or run folder" in capsys.readouterr().err
+
+
+def test_plots_at_49_and_thousands_of_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    k49 = catalog.K49.classes
+    matrix = rng.integers(0, 5, (49, 49)) + np.diag(rng.integers(20, 40, 49))
+    chars, cps = [c.char for c in k49], [c.codepoint for c in k49]
+    plots.plot_confusion(matrix, chars, cps, tmp_path / "c49.png")
+    assert _png(tmp_path / "c49.png") == plots.confusion_size(49)
+    # KKanji-sized: the most-confused pairs instead of a 3,000 x 3,000 picture.
+    big = np.zeros((3000, 3000), np.int64)
+    np.fill_diagonal(big, 3)
+    big[5, 7], big[9, 2] = 4, 2
+    kanji = [chr(0x4E00 + i) for i in range(3000)]
+    plots.plot_confusion(big, kanji, [f"U+{ord(c):04X}" for c in kanji], tmp_path / "pairs.png")
+    assert _png(tmp_path / "pairs.png") == plots.confusion_size(3000)
+
+
+# ------------------------------------------------------------------------------------- predict
+
+
+def _save_black_on_white(images: torch.Tensor, folder: Path, scale: int = 1) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        pil = Image.fromarray(255 - img.numpy(), mode="L")
+        if scale > 1:  # a larger colour scan, as a user would have
+            pil = pil.resize((28 * scale, 28 * scale), Image.Resampling.NEAREST).convert("RGB")
+        paths.append(folder / f"{i}.png")
+        pil.save(paths[-1])
+    return paths
+
+
+def _check_predictions(model, images: torch.Tensor, got: list[dict], exact: bool) -> None:
+    with torch.no_grad():
+        probs = torch.softmax(model(images.unsqueeze(1).float() / 255), dim=1)
+    agree = 0
+    for row, entry in zip(probs, got):
+        best = entry["predictions"][0]
+        agree += best["class"] == int(row.argmax())
+        if exact:
+            assert best["probability"] == pytest.approx(float(row.max()), abs=1e-5)
+    assert agree == len(got) if exact else agree >= 0.9 * len(got)
+
+
+def test_predict_reads_black_on_white_pngs_of_any_size(run, tmp_path, capsys):
+    images, _ = _test_images(run["root"])
+    images = images[:12]
+    paths = _save_black_on_white(images, tmp_path / "same")
+    got = predict.main([str(run["out"]), *map(str, paths), "--json", "--top-k", "3"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == got and [g["image"] for g in got] == list(map(str, paths))
+    first = got[0]["predictions"]
+    assert len(first) == 3 and first[0]["probability"] >= first[1]["probability"]
+    assert set(first[0]) == {"class", "character", "codepoint", "romaji", "probability"}
+    assert first[0]["codepoint"].startswith("U+") and first[0]["romaji"]
+    model = kmnist_torch.load_model(run["out"])
+    _check_predictions(model, images, got, exact=True)
+    # Twice the size, in RGB: resized and inverted all the same.
+    big = _save_black_on_white(images, tmp_path / "big", scale=2)
+    _check_predictions(model, images, predict.predict(model, big, 1), exact=False)
+    # The automatic inversion, and its override.
+    x = predict.load_image(paths[0], 28)
+    assert torch.equal(x[0], images[0].float() / 255)
+    assert torch.equal(predict.load_image(paths[0], 28, invert="no")[0], 1 - x[0])
+    assert predict.main([str(run["out"]), str(paths[0])])  # the text form
+    assert "%" in capsys.readouterr().out
+
+
+def test_predict_on_real_kmnist_test_images(run, real_dir, tmp_path):
+    from kmnist_torch.datasets import KMNIST
+
+    raw = tmp_path / "KMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(real_dir / "kmnist" / name, raw)
+    images = KMNIST(tmp_path, train=False).data[:16]
+    paths = _save_black_on_white(images, tmp_path / "png")
+    model = kmnist_torch.load_model(run["out"] / "model.pt")
+    _check_predictions(model, images, predict.predict(model, paths, 5), exact=True)
+
+
+def test_predict_explains_a_file_that_is_no_image(run, tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    assert predict.run_cli([str(run["out"]), str(bad)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "onnx"])
+def test_export_matches_eager_with_a_dynamic_batch(run, tmp_path, fmt, capsys):
+    if fmt == "onnx" and not all(importlib.util.find_spec(m) for m in export.ONNX_TOOLS):
+        pytest.fail("the test extra installs the ONNX tools: pip install -e '.[test]'")
+    out = tmp_path / f"model.{fmt}"
+    diff = export.main([str(run["out"]), "--format", fmt, "--out", str(out), "--no-verify"])
+    assert diff <= export.TOLERANCE
+    assert "max abs difference" in capsys.readouterr().out
+    model = kmnist_torch.load_model(run["out"])
+    x = torch.rand(3, 1, 28, 28)  # a batch size the export never saw
+    with torch.no_grad():
+        want = model(x)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    elif fmt == "pt2":
+        got = torch.export.load(str(out)).module()(x)
+    else:
+        with pytest.warns((FutureWarning, DeprecationWarning)):
+            got = torch.jit.load(str(out))(x)
+    assert (got - want).abs().max() <= export.TOLERANCE
+
+
+def test_export_without_onnx_tools_says_what_to_install(run, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name)
+    )
+    argv = [str(run["out"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--no-verify"]
+    assert export.run_cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ONNX export needs onnxscript: pip install 'kmnist-torch[export]'")
+
+
+# ------------------------------------------------------------------------------ montage, fonts
+
+
+def test_bundled_font_draws_every_kana_class():
+    path = fonts.cjk_font_path()
+    assert path is not None and fonts.bundled_font() is not None
+    for info in (catalog.KMNIST, catalog.K49):
+        assert fonts.has_glyphs(path, "".join(c.char for c in info.classes))
+    assert fonts.label("お", "U+304A", None) == "U+304A"  # no font: the codepoint
+
+
+def test_montage_samples_by_seed_with_gaps_title_and_no_verify(run, tmp_path, capsys):
+    root = ["--root", str(run["root"]), "--no-verify", "--per-class", "4"]
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    assert cli_main(["montage", "kmnist", "--out", str(a), *root, "--seed", "1"]) == 0
+    assert cli_main(["montage", "kmnist", "--out", str(b), *root, "--seed", "1"]) == 0
+    assert cli_main(["montage", "kmnist", "--out", str(c), *root, "--seed", "2"]) == 0
+    assert "no CJK font" not in capsys.readouterr().out
+    assert _png(a) == montage_size(10, 4)
+    pa, pb, pc = (np.asarray(Image.open(p)) for p in (a, b, c))
+    assert np.array_equal(pa, pb) and not np.array_equal(pa, pc)
+    gap, cell = 4, 32
+    x0 = gap + 3 * cell + cell  # the gap after the first tile of each row
+    assert (pa[2 * gap + cell :, x0 : x0 + gap] == 255).all()
+    assert pa[: gap + cell, :].min() < 128  # a title is drawn
+    assert cli_main(["montage", "kmnist", "--out", str(a), *root, "--split", "all"]) == 2
