@@ -169,10 +169,15 @@ class CpuEstimate:
 
 
 class RunDir:
-    """A run's output folder: ``checkpoint.pt`` and ``results.json``, each written atomically."""
+    """A run's output folder: ``checkpoint.pt`` and ``results.json``, each written atomically.
 
-    def __init__(self, out: str | os.PathLike) -> None:
+    In a data-parallel run every rank holds one, and only the one with ``main`` (rank 0)
+    writes: the writers are called on every rank (the checkpoint's state is gathered from
+    every rank), and return without writing elsewhere."""
+
+    def __init__(self, out: str | os.PathLike, main: bool = True) -> None:
         self.out = Path(out)
+        self.main = main
         self.checkpoint = self.out / CHECKPOINT
         self.results = self.out / RESULTS
 
@@ -213,8 +218,12 @@ class RunDir:
     def save_checkpoint(self, config: dict[str, Any], state: RunState) -> None:
         """Write the run's config and state, to continue later with ``--resume``."""
         payload = {"config": config, **state.state_dict()}
+        if not self.main:
+            return
         atomic_write(self.checkpoint, lambda fh: torch.save(payload, fh))
 
     def write_results(self, results: dict[str, Any]) -> None:
         """Write ``results.json``."""
+        if not self.main:
+            return
         write_json(self.results, results, indent=2)
