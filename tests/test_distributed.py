@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -215,6 +216,29 @@ def test_world_size_2_stopped_and_resumed_finishes_like_the_whole_run(two_ranks,
     assert res["finished"] and _numbers(res) == _numbers(
         json.loads((whole / "results.json").read_text())
     )
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_with_one_checkpoint(root, tmp_path):
+    # torchrun forwards the SIGINT to both ranks; they agree on the step to stop after, and
+    # rank 0 writes the checkpoint with both ranks' random streams (no deadlock, no kill).
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "kmnist_torch.train", *_argv(root, out, *EXACT, "--epochs", "500")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/500"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    res = json.loads((out / "results.json").read_text())
+    assert res["interrupted"] and not res["finished"] and 1 <= res["epochs_done"] < 500, err
+    state = torch.load(out / train.CHECKPOINT, weights_only=True)
+    ranks = state["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 
 
 # ------------------------------------------------------------------------ harness fan-out
