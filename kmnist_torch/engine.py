@@ -3,8 +3,9 @@
 Nothing here parses a command line or builds a dataset or model: :func:`fit` takes a
 :class:`Job` (the model and the forward to call, the loaders, the recipe, the device), a
 :class:`RunState` (everything that changes while training) and a :class:`RunDir` (where the
-checkpoint, ``results.json``, ``model.pt`` and ``curves.png`` go). A data-parallel run would
-pass a wrapped ``forward`` and sharded loaders.
+checkpoint, ``results.json``, ``model.pt`` and ``curves.png`` go). A data-parallel run passes
+a ``DistributedDataParallel`` ``forward``, sharded loaders and its
+:class:`~kmnist_torch.distributed.Dist`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import mixup
 from .augment import random_translate
+from .distributed import Dist
 from .loader import TensorLoader
 from .metrics import accuracy, balanced_accuracy
 from .recipes import Recipe
@@ -128,8 +130,10 @@ def lr_factor(step: int, steps_per_epoch: int, r: Recipe) -> float:
 @dataclass
 class Job:
     """What one run trains: the recipe, the model, the function called for a forward pass
-    (the model itself, ``torch.compile(model)`` when the recipe says so, or a wrapper), the
-    loaders and the device. Fixed for the whole run."""
+    (the model itself, ``torch.compile(model)`` when the recipe says so, or a wrapper such as
+    ``DistributedDataParallel``) and the one evaluation calls (default: the same), the
+    loaders, the device and the process's place in a data-parallel run (``dist``; default:
+    alone). Fixed for the whole run."""
 
     recipe: Recipe
     model: nn.Module
@@ -140,11 +144,15 @@ class Job:
     forward: Callable[..., torch.Tensor] | None = None
     # What model.pt says about the model (kmnist_torch.modelfile.model_meta); None: no model.pt.
     model_meta: dict[str, Any] | None = None
+    eval_forward: Callable[..., torch.Tensor] | None = None
+    dist: Dist = field(default_factory=Dist)
     layers: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.forward is None:
             self.forward = torch.compile(self.model) if self.recipe.compile else self.model
+        if self.eval_forward is None:
+            self.eval_forward = self.forward
         self.layers = tuple(getattr(self.model, "mix_layers", (0,)))
 
     @property
@@ -170,7 +178,7 @@ class RunState:
         self.gen = torch.Generator(device=job.device)  # translations and mixup permutations
         self.gen.manual_seed(seed + 1)
         self.rng = np.random.default_rng(seed + 2)  # mixup lambda and layer
-        self.on_cuda = job.on_cuda
+        self.on_cuda, self.device, self.dist = job.on_cuda, job.device, job.dist
         self.history: list[dict[str, Any]] = []
         self.spent = {
             "wall_seconds": 0.0,
@@ -185,8 +193,23 @@ class RunState:
         # without one, e.g. a torch DataLoader timed by a benchmark, cannot be checkpointed.)
         self.loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
 
+    def _own_rng(self) -> dict[str, Any]:
+        # This rank's global torch streams (dropout), its own device's only.
+        cuda = [torch.cuda.get_rng_state(self.device)] if self.on_cuda else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where the run stands."""
+        """Everything needed to continue exactly where the run stands. With several ranks,
+        a collective (every rank's dropout streams are gathered): call it on every rank."""
+        rng: dict[str, Any] = {"train": self.gen.get_state(), "numpy": self.rng.bit_generator.state}
+        if self.dist.active:
+            ranks = self.dist.gather_object(self._own_rng())
+            rng.update(torch=ranks[0]["torch"], cuda=[], ranks=ranks)
+        else:
+            rng.update(
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if self.on_cuda else [],
+            )
         return {
             "epoch": self.epoch,
             "step": self.step,
@@ -197,12 +220,7 @@ class RunState:
             "history": self.history,
             "spent": self.spent,
             "carry": self.carry,
-            "rng": {
-                "train": self.gen.get_state(),
-                "numpy": self.rng.bit_generator.state,
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.on_cuda else [],
-            },
+            "rng": rng,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -214,9 +232,16 @@ class RunState:
         self.loader_state = state["loader"]
         self.gen.set_state(state["rng"]["train"])
         self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.on_cuda and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        ranks = state["rng"].get("ranks")
+        if self.dist.active and ranks and len(ranks) == self.dist.world_size:
+            own = ranks[self.dist.rank]
+            torch.set_rng_state(own["torch"])
+            if self.on_cuda and own["cuda"]:
+                torch.cuda.set_rng_state(own["cuda"][0], self.device)
+        else:
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.on_cuda and state["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.history, self.spent, self.carry = state["history"], state["spent"], state["carry"]
         self.epoch, self.step = state["epoch"], state["step"]
 
@@ -238,10 +263,19 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
         The batch loss, detached.
     """
     r = job.recipe
-    x = random_translate(x, r.translate, state.gen)
+    x = random_translate(x, r.translate, state.gen, shard=job.dist.shard)
     if r.channels_last and job.on_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    plan = mixup.draw(r.mixup, r.alpha or 0.0, len(y), job.layers, state.rng, state.gen, job.device)
+    plan = mixup.draw(
+        r.mixup,
+        r.alpha or 0.0,
+        len(y),
+        job.layers,
+        state.rng,
+        state.gen,
+        job.device,
+        job.dist.shard,
+    )
     with torch.autocast(job.device.type, torch.bfloat16, enabled=r.amp and job.on_cuda):
         logits, soft = mixup.mixed_forward(job.forward, x, y, job.num_classes, plan)
     loss = mixup.loss_fn(logits, soft, r.loss)
@@ -282,8 +316,12 @@ def train_one_epoch(
         disable=None if progress is None else not progress,  # None: on a terminal
         unit="batch",
     )
-    loss_sum = torch.tensor(state.carry["loss_sum"], dtype=torch.float64, device=job.device)
-    seen = state.carry["seen"]
+    # With several ranks the sums start at 0 here and are summed over the ranks at the end,
+    # then added to the carry (which holds whole-run figures).
+    ddp = job.dist.active
+    carried = 0.0 if ddp else state.carry["loss_sum"]
+    loss_sum = torch.tensor(carried, dtype=torch.float64, device=job.device)
+    seen = 0 if ddp else state.carry["seen"]
     for x, y in bar:
         t_step = time.perf_counter()
         loss = train_step(job, state, x, y)
@@ -297,6 +335,11 @@ def train_one_epoch(
         if stop is not None and stop.requested:
             break
     bar.close()
+    if ddp:
+        job.dist.all_sum(loss_sum)
+        loss_sum += state.carry["loss_sum"]
+        seen = state.carry["seen"] + seen * job.dist.world_size  # equal parts on every rank
+        job.dist.broadcast_buffers(job.model)
     seconds = sync(job.device) - t0
     state.carry = {
         "loss_sum": loss_sum.item(),
@@ -315,8 +358,12 @@ def evaluate(
     r: Recipe,
     device: torch.device,
     stop: StopRequest | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, float] | None:
     """Test loss (cross-entropy), top-1 and balanced accuracy of ``forward`` on ``loader``.
+
+    With several ranks (``dist``), each rank's loader yields its part of every test batch;
+    predictions, targets and loss sums are gathered, so every image counts exactly once.
 
     Args:
         forward: the model (or its compiled form); put in eval mode if it is a module.
@@ -324,6 +371,7 @@ def evaluate(
         r: the recipe (for bf16 autocast and channels_last on CUDA).
         device: where the batches are.
         stop: checked before each batch.
+        dist: this process's place in a data-parallel run (default: alone).
 
     Returns:
         ``test_loss``, ``test_accuracy`` and ``test_balanced_accuracy``; None if a stop was
@@ -331,11 +379,14 @@ def evaluate(
     """
     if isinstance(forward, nn.Module):
         forward.eval()
-    preds = []
+    dist = dist or Dist()
+    preds, targets = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in loader:
         if stop is not None and stop.requested:
             return None
+        if len(y) == 0:  # a rank's part of a last batch smaller than the world
+            continue
         if r.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, torch.bfloat16, enabled=r.amp and device.type == "cuda"):
@@ -344,7 +395,11 @@ def evaluate(
         log_p = torch.log_softmax(logits.float(), dim=1)
         loss_sum -= log_p.gather(1, y[:, None]).sum().double()
         preds.append(logits.argmax(1))
-    pred, target = torch.cat(preds).cpu(), loader.targets.cpu()
+        targets.append(y)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    pred = dist.gather_cat(torch.cat(preds) if preds else empty).cpu()
+    target = dist.gather_cat(torch.cat(targets) if targets else empty).cpu()
+    dist.all_sum(loss_sum)
     return {
         "test_loss": loss_sum.item() / len(target),
         "test_accuracy": accuracy(pred, target),
@@ -392,6 +447,7 @@ def summarize(
         "device_seconds": spent["device_seconds"],
         "device": device_name(job.device),
         "device_type": job.device.type,
+        "world_size": job.dist.world_size,
         "torch_version": torch.__version__,
         **_git_commit(),
         "finished": finished,
@@ -467,8 +523,10 @@ def fit(
         print(f"{run_dir.out}: all {r.epochs} epochs are done already", file=sys.stderr)
         session.account()
         return results(finished=True, interrupted=False)
-    estimate = None if job.on_cuda else CpuEstimate(r.epochs * steps, r.batch_size)
-    with StopRequest() as stop:
+    estimate = (
+        None if job.on_cuda or not job.dist.is_main else CpuEstimate(r.epochs * steps, r.batch_size)
+    )
+    with job.dist.stop_request() as stop:
         while state.epoch < r.epochs:
             state.loader_state = job.train_loader.state_dict()  # the epoch's order comes from it
             train_one_epoch(job, state, stop, progress, estimate)
@@ -476,7 +534,7 @@ def fit(
             metrics = (
                 None
                 if stop.requested
-                else evaluate(job.forward, job.test_loader, r, job.device, stop)
+                else evaluate(job.eval_forward, job.test_loader, r, job.device, stop, job.dist)
             )
             test_s = sync(job.device) - t1
             state.spent["device_seconds"] += test_s

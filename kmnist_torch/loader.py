@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+from .distributed import part
+
 
 class TensorLoader:
     """The whole split as one uint8 tensor on ``device``; batches are indexed, cast to float32
@@ -22,6 +24,10 @@ class TensorLoader:
         device: where the data lives and the batches are made.
         drop_last: leave out the last, smaller batch.
         seed: makes the shuffle order reproducible (None: a fresh random seed).
+        rank, world_size: in a data-parallel run, ``batch_size`` is the global batch and this
+            process yields its ``rank``-th of ``world_size`` consecutive parts of each batch
+            (:func:`kmnist_torch.distributed.part`); every rank draws the same order from the
+            same ``seed``, so together the ranks see exactly the one-process batches.
 
     Yields:
         ``(images, targets)``: float32 B x C x H x W in [0, 1] and int64 B, on ``device``.
@@ -35,9 +41,13 @@ class TensorLoader:
         device: str | torch.device = "cpu",
         drop_last: bool = False,
         seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
         data = torch.as_tensor(dataset.data)
         if data.dtype != torch.uint8 or data.dim() not in (3, 4):
             raise ValueError(
@@ -54,6 +64,7 @@ class TensorLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()
@@ -73,6 +84,8 @@ class TensorLoader:
             order = None
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if self.world_size > 1:  # this rank's part of the global batch
+                lo, hi = part(lo, hi, self.rank, self.world_size)
             if order is None:
                 x, y = self.data[lo:hi], self.targets[lo:hi]
             else:

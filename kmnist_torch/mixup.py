@@ -44,6 +44,7 @@ def draw(
     rng: np.random.Generator,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    shard: tuple[int, int] = (0, 1),
 ) -> MixPlan | None:
     """The plan for one batch, or None for ``mode="none"``.
 
@@ -51,6 +52,12 @@ def draw(
     means no mixing (``lam = 1``). Manifold mixup draws the layer uniformly from ``layers``
     that are 0, 1 or 2 (input, after stage 1, after stage 2); input mixup always uses 0. The
     permutation is drawn with ``generator`` directly on its device.
+
+    ``shard=(rank, world_size)`` (data-parallel training, ``batch_size`` the rank's part of the
+    global batch): every rank draws the same ``lam`` and layer, and the same ``world_size``
+    permutations, one per rank's part, each using its own. Pairs stay within a rank's part,
+    since mixing across ranks would mean exchanging hidden states at every step; with one
+    process this is exactly the single permutation of the whole batch.
     """
     if mode not in MODES:
         raise ValueError(f"mixup mode must be one of {MODES}, got {mode!r}")
@@ -64,8 +71,11 @@ def draw(
         if not choices:
             raise ValueError(f"this model offers no layer for manifold mixup ({layers})")
         layer = int(choices[int(rng.integers(len(choices)))])
-    perm = torch.randperm(batch_size, generator=generator, device=device)
-    return MixPlan(lam, perm, layer)
+    rank, world_size = shard
+    perms = [
+        torch.randperm(batch_size, generator=generator, device=device) for _ in range(world_size)
+    ]
+    return MixPlan(lam, perms[rank], layer)
 
 
 def one_hot(targets: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -59,6 +59,11 @@ class Recipe:
     channels_last: bool = _h("channels_last memory format (CUDA only)")
     compile: bool = _h("torch.compile the model")
     eval_batch_size: int = _h("test batch size")
+    # Last, with a default: the recipes keep the model's own dropout.
+    dropout: bool = field(
+        default=True,
+        metadata={"help": "the model's dropout layers (simple_cnn's); off for exact comparisons"},
+    )
 
     def __post_init__(self) -> None:
         problems = self.problems()

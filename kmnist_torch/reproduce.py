@@ -26,15 +26,23 @@ re-split 8,000 train / 2,000 test and written as an official-format root in ``--
 (default OUT/resplit-data). Not the benchmark protocol: no target applies. ``--resplit``
 without SOURCE_DIR uses a root written before (e.g. carried to a machine without the source);
 ``--write-only`` writes the root and stops.
+
+``--devices 0,1,2,3`` (or ``cpu,cpu``) runs the cells concurrently, one worker process per
+listed device, each taking the next cell as it finishes one; the table is the one a sequential
+run gives (each cell seeds its own run, whichever process and device of a kind run it).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -302,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="run cells concurrently, one process per device: GPU indices or devices, "
+        "comma-separated (0,1,2,3; cuda:0,cuda:1; cpu,cpu)",
+    )
+    p.add_argument(
         "--download",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -369,11 +384,91 @@ def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
             cell["wall_seconds"] = time.perf_counter() - t0
 
 
+def parse_devices(text: str) -> list[str]:
+    """``--devices``: ``0,1`` -> ``["cuda:0", "cuda:1"]``; device names pass through."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise ValueError("--devices lists no device")
+    return [f"cuda:{d}" if d.isdigit() else d for d in devices]
+
+
+def _cell_in_worker(cell: dict[str, Any], args: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One cell in a worker process of the fan-out (``args``: the harness's, with a device)."""
+    torch.set_num_threads(threads)
+    _run_cell(cell, argparse.Namespace(**args))
+    return cell
+
+
+def _fan_out(
+    cells: list[dict[str, Any]],
+    args: argparse.Namespace,
+    devices: list[str],
+    done: Any,
+) -> None:
+    """Run ``cells`` on ``devices``, one worker process each (spawned: CUDA needs a fresh
+    process), every worker taking the next cell when it finishes one. ``done(cell)`` is called
+    in this process, one cell at a time, as each finishes; cells are updated in place."""
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(len(cells)):
+        todo.put(i)
+    lock = threading.Lock()
+    # CPU workers share the cores; a GPU worker keeps the default.
+    n_cpu = sum(torch.device(d).type == "cpu" for d in devices)
+    cpu_threads = max(1, torch.get_num_threads() // max(n_cpu, 1))
+    spawn = multiprocessing.get_context("spawn")
+    pools = [
+        concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) for _ in devices
+    ]
+
+    def serve(device: str, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        threads = cpu_threads if torch.device(device).type == "cpu" else torch.get_num_threads()
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            print(f"== {cells[i]['title']} on {DATASET_TITLES[cells[i]['dataset']]}: {device}")
+            try:
+                cell = pool.submit(
+                    _cell_in_worker, cells[i], {**vars(args), "device": device}, threads
+                ).result()
+            except Exception as exc:  # the worker died (a crash, not a cell error)
+                cell = {**cells[i], "error": f"worker on {device}: {type(exc).__name__}: {exc}"}
+            with lock:
+                cells[i].update(cell)
+                done(cells[i])
+
+    workers = [
+        threading.Thread(target=serve, args=(d, pool), daemon=True)
+        for d, pool in zip(devices, pools)
+    ]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            while w.is_alive():
+                w.join(0.5)  # a timed join lets Ctrl-C through
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every requested cell, writing the outputs after each; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.write_only and args.resplit is None:
-        build_parser().error("--write-only goes with --resplit SOURCE_DIR")
+        parser.error("--write-only goes with --resplit SOURCE_DIR")
+    devices = None
+    if args.devices is not None:
+        if args.device is not None:
+            parser.error("--device and --devices exclude each other")
+        try:
+            devices = parse_devices(args.devices)
+            for d in devices:
+                torch.device(d)
+        except (ValueError, RuntimeError) as exc:
+            parser.error(f"--devices {args.devices}: {exc}")
     if args.resplit is not None:
         try:
             _prepare_resplit(args)
@@ -388,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     meta = {
         "command": "python -m kmnist_torch.reproduce " + " ".join(argv or sys.argv[1:]),
-        "machine": _machine(args.device),
+        "machine": _machine(args.device or (devices[0] if devices else None)),
+        "devices": devices,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
@@ -400,18 +496,34 @@ def main(argv: list[str] | None = None) -> int:
     }
     cells = [new_cell(r, d, comparable) for d in args.datasets for r in args.rows]
     failures: list[str] = []
-    for cell in cells:
+
+    def report(cell: dict[str, Any]) -> None:
+        print(
+            f"   {cell['title']} on {DATASET_TITLES[cell['dataset']]}, {cell['metric']}: "
+            f"{_pct(cell['ours'])}"
+            + (f" (target {_pct(cell['target'])})" if cell["target"] is not None else "")
+            + (f"  ERROR {cell['error']}" if cell["error"] else ""),
+            flush=True,
+        )
+
+    if devices is not None:
+
+        def done(cell: dict[str, Any]) -> None:
+            nonlocal failures
+            failures = write_outputs(out, cells, meta, tolerance)
+            report(cell)
+
+        try:
+            _fan_out(cells, args, devices, done)
+        finally:
+            failures = write_outputs(out, cells, meta, tolerance)
+    for cell in cells if devices is None else []:
         print(f"== {cell['title']} on {DATASET_TITLES[cell['dataset']]}", flush=True)
         try:
             _run_cell(cell, args)
         finally:
             failures = write_outputs(out, cells, meta, tolerance)
-        print(
-            f"   {cell['metric']}: {_pct(cell['ours'])}"
-            + (f" (target {_pct(cell['target'])})" if cell["target"] is not None else "")
-            + (f"  ERROR {cell['error']}" if cell["error"] else ""),
-            flush=True,
-        )
+        report(cell)
     print()
     print(render_table(cells, tolerance))
     print(f"wrote {out / 'table.md'} and {out / 'results.json'}")

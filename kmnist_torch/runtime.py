@@ -173,10 +173,15 @@ class CpuEstimate:
 class RunDir:
     """A run's output folder, each file written atomically: ``checkpoint.pt`` (to resume),
     ``results.json``, ``model.pt`` (weights and metadata: :mod:`kmnist_torch.modelfile`) and
-    ``curves.png`` (:func:`kmnist_torch.plots.plot_curves`)."""
+    ``curves.png`` (:func:`kmnist_torch.plots.plot_curves`).
 
-    def __init__(self, out: str | os.PathLike) -> None:
+    In a data-parallel run every rank holds one, and only the one with ``main`` (rank 0)
+    writes: the writers are called on every rank (the checkpoint's state is gathered from
+    every rank), and return without writing elsewhere."""
+
+    def __init__(self, out: str | os.PathLike, main: bool = True) -> None:
         self.out = Path(out)
+        self.main = main
         self.checkpoint = self.out / CHECKPOINT
         self.results = self.out / RESULTS
         self.model = self.out / MODEL
@@ -222,6 +227,8 @@ class RunDir:
         """Write the run's config and state, to continue later with ``--resume``; with the
         model's metadata, so that ``load_model`` reads a checkpoint too."""
         payload = {"config": config, "model_meta": model_meta, **state.state_dict()}
+        if not self.main:
+            return
         atomic_write(self.checkpoint, lambda fh: torch.save(payload, fh))
 
     def write_results(
@@ -232,6 +239,8 @@ class RunDir:
     ) -> None:
         """Write ``results.json`` and ``curves.png``; with a model and its metadata (at the end
         of an epoch, so the weights match the scores), ``model.pt`` too."""
+        if not self.main:
+            return
         write_json(self.results, results, indent=2)
         history = results.get("epochs") or []
         if model is not None and model_meta is not None:

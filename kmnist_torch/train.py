@@ -6,20 +6,29 @@ The command line only: it parses, builds from the registries (``create_dataset``
 :func:`kmnist_torch.data.load_split`, ``create_model``, ``RECIPES``) and hands the run to
 :mod:`kmnist_torch.engine`. Every value of a recipe can be overridden by the flag of the same
 name (``--epochs``, ``--batch-size``, ``--lr`` ...).
+
+Data-parallel on N processes (one per GPU, or gloo on the CPU), with PyTorch's
+``DistributedDataParallel``; the recipe's batch size stays the global batch:
+
+    torchrun --nproc_per_node=4 -m kmnist_torch.train --recipe fast --dataset k49
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from . import mixup, modelfile
+from . import distributed, mixup, modelfile
 from .data import load_split
 from .datasets import list_datasets
 from .engine import CHECKPOINT, RESULTS, Job, RunDir, RunState, TrainError, determinism, fit
@@ -104,7 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not check the files' checksums (your own re-encodings)",
     )
-    run.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    run.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda if available; under torchrun: cuda (each rank on "
+        "cuda:LOCAL_RANK) or cpu)",
+    )
+    run.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: BatchNorm layers become SyncBatchNorm (statistics over "
+        "the global batch)",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
         "--deterministic",
@@ -220,19 +240,39 @@ def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: 
 
 
 def _build_job(
-    r: Recipe, train_set: Any, test_set: Any, device: torch.device, seed: int, meta: dict
+    r: Recipe,
+    train_set: Any,
+    test_set: Any,
+    device: torch.device,
+    seed: int,
+    meta: dict,
+    ctx: distributed.Dist | None = None,
+    sync_bn: bool = False,
 ) -> Job:
     """Loaders over the device-resident splits and the model, initialised from ``seed``;
-    ``meta`` (:func:`kmnist_torch.modelfile.model_meta` less the model) completes model.pt."""
+    ``meta`` (:func:`kmnist_torch.modelfile.model_meta` less the model) completes model.pt.
+    With several ranks (``ctx``), loaders yielding this rank's part of every batch and the
+    model wrapped in ``DistributedDataParallel``."""
+    ctx = ctx or distributed.Dist()
+    rank, world = ctx.shard
     train_loader = TensorLoader(
-        train_set, r.batch_size, shuffle=True, device=device, drop_last=True, seed=seed
+        train_set,
+        r.batch_size,
+        shuffle=True,
+        device=device,
+        drop_last=True,
+        seed=seed,
+        rank=rank,
+        world_size=world,
     )
     if len(train_loader) == 0:
         raise TrainError(
             f"{len(train_set.data)} training images make no full batch of {r.batch_size}; "
             "lower --batch-size or raise --limit-train"
         )
-    test_loader = TensorLoader(test_set, r.eval_batch_size, shuffle=False, device=device)
+    test_loader = TensorLoader(
+        test_set, r.eval_batch_size, shuffle=False, device=device, rank=rank, world_size=world
+    )
     in_chans = 1 if train_set.data.dim() == 3 else int(train_set.data.shape[1])
     args = {
         "num_classes": len(train_set.classes),
@@ -240,7 +280,9 @@ def _build_job(
         "img_size": int(train_set.data.shape[-1]),
     }
     torch.manual_seed(seed)  # initialisation and dropout
-    model = create_model(r.model, **args).to(device)
+    # preact18 has no dropout layers: --no-dropout changes nothing there.
+    options = {"dropout": False} if not r.dropout and r.model == "simple_cnn" else {}
+    model = create_model(r.model, **args, **options).to(device)
     if r.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model_meta = modelfile.model_meta(
@@ -252,8 +294,32 @@ def _build_job(
         recipe=r,
         **meta,
     )
+    num_classes = len(train_set.classes)
+    if not ctx.active:
+        return Job(r, model, train_loader, test_loader, device, num_classes, model_meta=model_meta)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    # Every rank starts from the same weights (DDP also broadcasts rank 0's); dropout then
+    # draws from the rank's own stream, or every rank would drop the same units of its rows.
+    torch.manual_seed(distributed.rank_seed(seed, ctx.rank))
+    # Evaluation calls the bare model: each rank tests its own rows, with no collective.
+    forward, eval_forward = ddp, model
+    if r.compile:
+        forward, eval_forward = torch.compile(ddp), torch.compile(model)
     return Job(
-        r, model, train_loader, test_loader, device, len(train_set.classes), None, model_meta
+        r,
+        model,
+        train_loader,
+        test_loader,
+        device,
+        num_classes,
+        forward=forward,
+        eval_forward=eval_forward,
+        dist=ctx,
+        model_meta=model_meta,
     )
 
 
@@ -263,19 +329,56 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     A first Ctrl-C stops after the current step with a checkpoint (``"interrupted": True`` in
     the results); ``--resume`` continues from it.
+
+    Started by ``torchrun`` with several processes, it trains data-parallel: every rank runs
+    this function, rank 0 alone writes and prints the epoch lines, and each rank returns the
+    same results.
     """
     wall_start = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
     recipe_name, r = resolve_recipe(args, parser)
+    ctx, ddp_device = distributed.setup(args.device)
+    try:
+        if not ctx.is_main:  # rank 0 prints the epoch lines; warnings and errors stay
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return _main(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
+        return _main(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _main(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    recipe_name: str,
+    r: Recipe,
+    ctx: distributed.Dist,
+    ddp_device: torch.device | None,
+    wall_start: float,
+) -> dict[str, Any]:
+    if ddp_device is not None:
+        args.device = str(ddp_device)
+        if not ctx.is_main:
+            args.progress = False
+        if r.batch_size % ctx.world_size:
+            parser.error(
+                f"--batch-size {r.batch_size} is the global batch: it must split evenly over "
+                f"the {ctx.world_size} processes"
+            )
+        if args.sync_bn and ddp_device.type != "cuda":
+            parser.error("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs)")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
     out = Path(args.out or f"runs/{args.dataset}-{recipe_name}-{r.model}-{r.mixup}-seed{args.seed}")
     config = _config(recipe_name, r, args, out, device.type == "cuda")
-    run_dir = RunDir(out)
-    saved = run_dir.open(config, args.resume, args.overwrite, _RESUMABLE_CHANGES)
+    config["world_size"] = ctx.world_size
+    run_dir = RunDir(out, main=ctx.is_main)
+    saved = ctx.from_main(
+        lambda: run_dir.open(config, args.resume, args.overwrite, _RESUMABLE_CHANGES)
+    )
     with determinism(args.deterministic, device):
         if not args.verify:
             print("warning: --no-verify: checksums are not checked", file=sys.stderr)
@@ -297,10 +400,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "options": _dataset_options(args),
         }
         meta = {"dataset": args.dataset, "recipe_name": recipe_name, "data": data}
-        job = _build_job(r, *splits, device, args.seed, meta)
+        job = _build_job(r, *splits, device, args.seed, meta, ctx, args.sync_bn)
         state = RunState(job, args.seed)
         if saved is not None:
             state.load_state_dict(saved)
+        if saved is not None and ctx.is_main:
             print(f"resuming {out} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
         train_set, test_set = splits
         info = {
@@ -313,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
         }
         res = fit(job, state, run_dir, config, info, args.stop_after, args.progress, wall_start)
-    print(f"run folder {out}: {run_dir.contents()}", flush=True)
+    if ctx.is_main:
+        print(f"run folder {out}: {run_dir.contents()}", flush=True)
     return res
 
 

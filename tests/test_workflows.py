@@ -100,6 +100,11 @@ def test_reproduce_runs_on_the_gpu_runner_with_check():
     assert datasets == ["mnist", "kmnist", "k49"]
     rows = args[args.index("--rows") + 1 : args.index("--rows") + 6]
     assert rows == ["knn", "cnn", "preact18", "preact18-input", "preact18-manifold"]
+    # The cells fan out over the GPUs the dispatch lists (one, GPU 0, on the weekly run).
+    assert args[args.index("--devices") + 1] == '"$DEVICES"'
+    devices = wf["on"]["workflow_dispatch"]["inputs"]["devices"]
+    assert devices["type"] == "string" and devices["default"] == "0"
+    assert job["env"]["DEVICES"] == "${{ inputs.devices || '0' }}"
     # The first step of each action: the main dataset root (the KKanji steps come later).
     assert not any("benchmarks/" in r for r in _runs(wf))  # the harness is in the package
     uses = {}

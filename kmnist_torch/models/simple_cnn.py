@@ -15,21 +15,24 @@ class SimpleCNN(nn.Module):
     dropout 0.5, dense to the classes. Convolutions are "valid" (no padding), as in Keras.
 
     ``mix_layers``: 0 the input, 1 after the first convolution, 2 after the pooling.
+    ``dropout=False`` leaves both dropout layers out (an exactly repeatable forward).
     """
 
     mix_layers: tuple[int, ...] = (0, 1, 2)
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dropout: bool = True
+    ) -> None:
         super().__init__()
         if img_size < 6:
             raise ValueError(f"simple_cnn needs images of at least 6x6, got {img_size}")
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(in_chans, 32, 3)
         self.conv2 = nn.Conv2d(32, 64, 3)
-        self.drop1 = nn.Dropout(0.25)
+        self.drop1 = nn.Dropout(0.25) if dropout else nn.Identity()
         side = (img_size - 4) // 2
         self.fc1 = nn.Linear(64 * side * side, 128)
-        self.drop2 = nn.Dropout(0.5)
+        self.drop2 = nn.Dropout(0.5) if dropout else nn.Identity()
         self.fc2 = nn.Linear(128, num_classes)
         # Keras defaults (glorot_uniform kernels, zero biases): Adadelta at lr 1.0 was tuned
         # with them, and PyTorch's default init changes the early training curve.
@@ -61,6 +64,8 @@ class SimpleCNN(nn.Module):
         return self.fc2(out)
 
 
-def simple_cnn(num_classes: int, in_chans: int = 1, img_size: int = 28) -> SimpleCNN:
+def simple_cnn(
+    num_classes: int, in_chans: int = 1, img_size: int = 28, dropout: bool = True
+) -> SimpleCNN:
     """The Keras benchmark CNN for square ``img_size`` inputs (its dense layer depends on it)."""
-    return SimpleCNN(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    return SimpleCNN(num_classes=num_classes, in_chans=in_chans, img_size=img_size, dropout=dropout)

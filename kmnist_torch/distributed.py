@@ -1,0 +1,228 @@
+"""Data-parallel training with PyTorch's own engine: ``torch.distributed`` and
+``DistributedDataParallel``, launched by ``torchrun``.
+
+What a process needs to know about the others lives in :class:`Dist` (rank, world size, a gloo
+group for small host-side messages). One process (``torchrun`` not used) is ``Dist()``: every
+helper here is then a no-op, so the engine has one code path.
+
+Semantics (README-distributed.md says the same for users):
+
+- The recipe's batch size is the *global* batch; each of the N processes takes ``B / N`` rows
+  of every global batch, in order (:func:`part`), from an order drawn from the shared seed.
+  The global batch of step i is the single-process batch of step i.
+- Random draws made per batch (mixup's lambda and layer, translations) come from generators
+  seeded alike on every rank and consumed in lockstep; see :func:`kmnist_torch.mixup.draw` and
+  :func:`kmnist_torch.augment.random_translate` (``shard=``).
+- Stop requests (Ctrl-C, or the SIGINT/SIGTERM that ``torchrun`` forwards) are agreed on with
+  an all-reduce at every step boundary (:class:`SharedStop`), so all ranks stop after the same
+  step and rank 0 writes one checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .runtime import StopRequest, TrainError
+
+__all__ = ["Dist", "SharedStop", "part", "rank_seed", "setup", "teardown"]
+
+T = TypeVar("T")
+
+
+def part(lo: int, hi: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` cut into ``world_size`` near-equal consecutive parts: rank's part.
+
+    Equal parts when ``world_size`` divides ``hi - lo`` (training batches); otherwise the
+    first parts are one shorter (the last, smaller test batch), and a part may be empty.
+    """
+    n = hi - lo
+    return lo + n * rank // world_size, lo + n * (rank + 1) // world_size
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for rank's own random streams (dropout), independent of every other rank's."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel run: ``rank`` of ``world_size`` processes,
+    ``local_rank`` on its machine, and a gloo group for host-side messages (stop flags,
+    random states, the checkpoint), which never make a CUDA device wait."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    cpu_group: Any = None
+
+    @property
+    def active(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and prints the epoch lines."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(rank, world_size)``, as the loader, mixup and translation take it."""
+        return self.rank, self.world_size
+
+    # ------------------------------------------------------------------- collectives
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place (on its device); returns it."""
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if not self.active:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(t.item())
+
+    def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """The 1-D tensors of every rank, of any lengths, concatenated in rank order."""
+        if not self.active:
+            return t
+        size = torch.tensor([len(t)], device=t.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+        padded[: len(t)] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (pickled, over the gloo group)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 only and hand its result (or its :class:`TrainError`) to every
+        rank: rank 0 alone reads and creates the output folder, so the ranks need not share a
+        filesystem to resume, and an error on rank 0 stops every rank instead of hanging."""
+        if not self.active:
+            return fn()
+        box: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                box[0] = fn()
+            except TrainError as exc:
+                box[1] = str(exc)
+        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
+        if box[1] is not None:
+            raise TrainError(box[1])
+        return box[0]
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics): each rank updated
+        its own from its own rows in the last forward, and rank 0's are the ones saved."""
+        if self.active:
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
+
+    def stop_request(self) -> SharedStop | StopRequest:
+        """The stop request for this run: agreed on by every rank when there are several."""
+        return SharedStop(self) if self.active else StopRequest()
+
+
+class SharedStop:
+    """:class:`~kmnist_torch.runtime.StopRequest` agreed on by every rank: ``requested`` is an
+    all-reduce of each rank's own request, so every rank must read it at the same points (the
+    engine reads it at step boundaries, and before and during evaluation). SIGTERM counts as a
+    request too: ``torchrun`` forwards the signal it gets (Ctrl-C's SIGINT, or a scheduler's
+    SIGTERM) to the workers and kills them 30 s later, time enough to finish a step and write
+    the checkpoint."""
+
+    def __init__(self, ctx: Dist) -> None:
+        self.ctx = ctx
+        self.local = StopRequest()
+        self._term: Any = None
+
+    def __enter__(self) -> SharedStop:
+        self.local.__enter__()
+        if self.local._installed:
+            self._term = signal.signal(signal.SIGTERM, self.local._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.local._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._term is None else self._term)
+        self.local.__exit__(*exc)
+
+    @property
+    def requested(self) -> bool:
+        """True on every rank once any rank was asked to stop."""
+        return self.ctx.any(self.local.requested)
+
+
+# ------------------------------------------------------------------------- process group
+
+
+def launched() -> bool:
+    """Started by ``torchrun`` (or with its environment) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str | None) -> tuple[Dist, torch.device | None]:
+    """Join the process group ``torchrun`` describes in the environment.
+
+    Args:
+        device: the ``--device`` asked for: None or ``cuda`` (each rank on
+            ``cuda:LOCAL_RANK``, NCCL) or ``cpu`` (gloo).
+
+    Returns:
+        ``(Dist, device)``; ``(Dist(), None)`` when not launched with several processes.
+    """
+    if not launched():
+        return Dist(), None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda: CUDA is not available here")
+        if local >= torch.cuda.device_count():
+            raise TrainError(
+                f"LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s) here: "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
+        where = torch.device("cuda", local)
+        torch.cuda.set_device(where)
+        dist.init_process_group("nccl", device_id=where)
+        cpu_group = dist.new_group(backend="gloo")
+    elif kind == "cpu":
+        where = torch.device("cpu")
+        dist.init_process_group("gloo")
+        cpu_group = dist.group.WORLD
+    else:
+        raise TrainError(
+            f"--device {device}: under torchrun pass --device cuda (each rank takes "
+            "cuda:LOCAL_RANK) or --device cpu"
+        )
+    return Dist(rank, world, local, cpu_group), where
+
+
+def teardown(ctx: Dist) -> None:
+    """Leave the process group (after the last collective)."""
+    if ctx.active and dist.is_initialized():
+        dist.destroy_process_group()
