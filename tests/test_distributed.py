@@ -184,7 +184,9 @@ def test_world_size_2_writes_once_and_follows_world_size_1(two_ranks, root, tmp_
     proc, out = two_ranks
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Rank 0 alone writes the folder and prints the epoch lines.
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "results.json"]
+    names = ["checkpoint.pt", "curves.png", "model.pt", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert proc.stdout.count("run folder ") == 1
     assert [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("epoch ")] == [
         "1/2",
         "2/2",
