@@ -29,7 +29,7 @@ _EXPORTS = {
     "default_root": "sources",
     "mirrors": "sources",
     "DownloadError": "fetch",
-    "FetchConfig": "fetch",
+    "FetchConfig": "settings",
     "FormatError": "formats",
 }
 

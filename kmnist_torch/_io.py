@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Union
 
+from .settings import lock_timeout
+
 CHUNK = 1 << 20
 RECORD_NAME = ".kmnist_torch-verified.json"
 TMP_SUFFIX = ".tmp"
@@ -110,22 +112,6 @@ def remove_unless_regular(path: Path) -> None:
             os.unlink(path)
 
 
-def _lock_timeout_from_env() -> float:
-    value = os.environ.get("KMNIST_TORCH_LOCK_TIMEOUT", "").strip()
-    if not value:
-        return 3600.0
-    try:
-        out = float(value)
-    except ValueError:
-        out = -1.0
-    if not (out >= 0 and out != float("inf")):
-        raise ValueError(
-            f"$KMNIST_TORCH_LOCK_TIMEOUT={value!r} is not allowed: use a number of seconds "
-            ">= 0 (default 3600)"
-        )
-    return out
-
-
 @contextlib.contextmanager
 def folder_lock(
     folder: str | os.PathLike,
@@ -139,7 +125,7 @@ def folder_lock(
     it gives up with :class:`LockTimeout`. The lock file is opened without following links and
     never truncated."""
     folder = Path(folder)
-    timeout = _lock_timeout_from_env() if timeout is None else timeout
+    timeout = lock_timeout() if timeout is None else timeout
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     try:

@@ -3,20 +3,8 @@ a progress bar, and bounds a hostile or broken server cannot push past. Knows no
 Kuzushiji: it is given URLs, a path, a size and checksums, and produces a verified file or one
 clear error.
 
-Settings come from the environment, so that a user behind a slow proxy (or a test of a stalled
-server) can change them without code (a bad value is an error naming the variable):
-
-- ``KMNIST_TORCH_TIMEOUT``: seconds to wait for a connection and for each read (> 0, default 30).
-- ``KMNIST_TORCH_RETRIES``: extra attempts per URL after a transient failure (whole number >= 0,
-  default 3).
-- ``KMNIST_TORCH_BACKOFF``: first back-off delay in seconds, doubled on each retry (>= 0,
-  default 1).
-- ``KMNIST_TORCH_MIN_RATE``: the slowest transfer accepted, in bytes/s (> 0, default 16384).
-  Each attempt at a file has an overall deadline of ``GRACE + bytes / MIN_RATE`` covering the
-  connection, status line, headers and body; past it that URL has failed.
-- ``KMNIST_TORCH_GRACE``: the fixed seconds added to every deadline (>= 0, default 60).
-- ``KMNIST_TORCH_MAX_BYTES``: the most bytes written for a file whose size is not known in
-  advance (whole number > 0, default 1 GiB). A file of known size is never written past it.
+Settings (timeouts, retries, the deadline and byte bounds) come from the environment through
+:mod:`kmnist_torch.settings`.
 
 Proxies are taken from the usual ``http_proxy``/``https_proxy``/``no_proxy`` variables.
 Redirects are followed (never from https to http); symbolic links at the partial file are
@@ -41,9 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 from ._io import CHUNK, HashRecord, hash_file, open_nofollow, write_json
+from .settings import FetchConfig
 
 USER_AGENT = "kmnist_torch (+https://pypi.org/project/kmnist-torch/)"
-DEFAULT_MAX_BYTES = 1 << 30
 
 
 class DownloadError(RuntimeError):
@@ -52,63 +40,6 @@ class DownloadError(RuntimeError):
 
 class ChecksumError(ValueError):
     """A file on disk does not match its published size or checksum."""
-
-
-def _env_number(name: str, default: float, rule: str, integer: bool = False) -> float:
-    """``$name`` as a number obeying ``rule`` (``">0"`` or ``">=0"``), else ``default``; a
-    ValueError naming the variable and the allowed values for anything else."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    kind = "a whole number" if integer else "a number"
-    allowed = f"{kind} {rule.replace('>=', '>= ').replace('>0', '> 0')} (default {default:g})"
-    try:
-        out = int(value) if integer else float(value)
-    except ValueError:
-        out = None
-    if out is None or out != out or out == float("inf") or (out < 0 if rule == ">=0" else out <= 0):
-        raise ValueError(f"${name}={value!r} is not allowed: use {allowed}")
-    return out
-
-
-def say(message: str) -> None:
-    """One line on stderr, terminal or not: what the download is doing and why."""
-    print(f"kmnist_torch: {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class FetchConfig:
-    """Network settings and bounds; the defaults read ``$KMNIST_TORCH_TIMEOUT``, ``_RETRIES``,
-    ``_BACKOFF``, ``_MIN_RATE``, ``_GRACE`` and ``_MAX_BYTES`` (see the module docstring)."""
-
-    timeout: float = field(default_factory=lambda: _env_number("KMNIST_TORCH_TIMEOUT", 30.0, ">0"))
-    retries: int = field(
-        default_factory=lambda: int(_env_number("KMNIST_TORCH_RETRIES", 3, ">=0", True))
-    )
-    backoff: float = field(default_factory=lambda: _env_number("KMNIST_TORCH_BACKOFF", 1.0, ">=0"))
-    min_rate: float = field(
-        default_factory=lambda: _env_number("KMNIST_TORCH_MIN_RATE", 16384.0, ">0")
-    )
-    grace: float = field(default_factory=lambda: _env_number("KMNIST_TORCH_GRACE", 60.0, ">=0"))
-    max_bytes: int = field(
-        default_factory=lambda: int(
-            _env_number("KMNIST_TORCH_MAX_BYTES", DEFAULT_MAX_BYTES, ">0", True)
-        )
-    )
-    progress: bool | None = None  # None: only when stderr is a terminal
-    log: Callable[[str], None] = say
-
-    def __post_init__(self) -> None:
-        for name, low in (("timeout", 0), ("min_rate", 0), ("max_bytes", 0)):
-            if not getattr(self, name) > low:
-                raise ValueError(f"FetchConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("retries", "backoff", "grace"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"FetchConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-
-    def deadline_for(self, n_bytes: int) -> float:
-        """Seconds one attempt may take to move ``n_bytes``: ``grace + n_bytes / min_rate``."""
-        return self.grace + n_bytes / self.min_rate
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import catalog
-from .formats import write_idx, write_npz
+from .formats import read_idx, write_idx, write_npz
+from .sources import DataFilesError
 
 
 def classmap_bytes(name: str) -> bytes:
@@ -143,3 +144,36 @@ def kkanji_tar(
         for name, data, attrs in extra:
             add(tf, name, data, **attrs)
     return buf.getvalue()
+
+
+# The real-image re-split: the real KMNIST test split cut into these many training and test
+# images (python -m kmnist_torch.reproduce --resplit).
+RESPLIT_TRAIN, RESPLIT_TEST = 8000, 2000
+
+
+def write_resplit(root: str | os.PathLike, source: str | os.PathLike, seed: int = 0) -> dict:
+    """Write ``root/KMNIST/raw/`` (official names and formats) with the real KMNIST test split
+    in ``source`` shuffled by ``seed`` and cut 8,000 train / 2,000 test.
+
+    Args:
+        root: the data root to write.
+        source: a folder with the real ``t10k-images-idx3-ubyte.gz`` and
+            ``t10k-labels-idx1-ubyte.gz``.
+        seed: the shuffle before the cut.
+
+    Returns:
+        The split sizes, ``{"train": 8000, "test": 2000}``.
+    """
+    images_gz = Path(source) / "t10k-images-idx3-ubyte.gz"
+    if not images_gz.is_file():
+        raise DataFilesError(
+            f"{images_gz} is absent: --resplit needs a folder holding the real KMNIST test "
+            "split (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)"
+        )
+    x = read_idx(images_gz, 3)
+    y = read_idx(Path(source) / "t10k-labels-idx1-ubyte.gz", 1)
+    order = np.random.default_rng(seed).permutation(len(x))
+    train, test = order[:RESPLIT_TRAIN], order[RESPLIT_TRAIN : RESPLIT_TRAIN + RESPLIT_TEST]
+    write_split(root, "kmnist", "train", x[train], y[train], fmt="mnist")
+    write_split(root, "kmnist", "test", x[test], y[test], fmt="mnist")
+    return {"train": len(train), "test": len(test)}

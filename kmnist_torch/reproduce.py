@@ -54,8 +54,8 @@ import torch
 from ._io import atomic_write
 from .data import load_split
 from .engine import TrainError, device_name
-from .fixtures import raw_folder, write_split
-from .formats import FormatError, read_idx
+from .fixtures import RESPLIT_TEST, RESPLIT_TRAIN, raw_folder, write_resplit
+from .formats import FormatError
 from .sources import DataFilesError
 from .table import (
     DATASET_TITLES,
@@ -85,39 +85,7 @@ QUICK_TRAIN = [
     "--eval-batch-size",
     "256",
 ]
-# --resplit: the real KMNIST test split cut into these many training and test images.
-RESPLIT_TRAIN, RESPLIT_TEST = 8000, 2000
-
-
 # ---------------------------------------------------------------------------- the re-split
-
-
-def write_resplit(root: str | os.PathLike, source: str | os.PathLike, seed: int = 0) -> dict:
-    """Write ``root/KMNIST/raw/`` (official names and formats) with the real KMNIST test split
-    in ``source`` shuffled by ``seed`` and cut 8,000 train / 2,000 test.
-
-    Args:
-        root: the data root to write.
-        source: a folder with the real ``t10k-images-idx3-ubyte.gz`` and
-            ``t10k-labels-idx1-ubyte.gz``.
-        seed: the shuffle before the cut.
-
-    Returns:
-        The split sizes, ``{"train": 8000, "test": 2000}``.
-    """
-    images_gz = Path(source) / "t10k-images-idx3-ubyte.gz"
-    if not images_gz.is_file():
-        raise DataFilesError(
-            f"{images_gz} is absent: --resplit needs a folder holding the real KMNIST test "
-            "split (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)"
-        )
-    x = read_idx(images_gz, 3)
-    y = read_idx(Path(source) / "t10k-labels-idx1-ubyte.gz", 1)
-    order = np.random.default_rng(seed).permutation(len(x))
-    train, test = order[:RESPLIT_TRAIN], order[RESPLIT_TRAIN : RESPLIT_TRAIN + RESPLIT_TEST]
-    write_split(root, "kmnist", "train", x[train], y[train], fmt="mnist")
-    write_split(root, "kmnist", "test", x[test], y[test], fmt="mnist")
-    return {"train": len(train), "test": len(test)}
 
 
 def _prepare_resplit(args: argparse.Namespace) -> None:
@@ -125,7 +93,7 @@ def _prepare_resplit(args: argparse.Namespace) -> None:
     args.root = args.root or str(Path(args.out) / "resplit-data")
     raw = raw_folder(args.root, "kmnist")
     if args.resplit:
-        sizes = write_resplit(args.root, args.resplit, args.resplit_seed)
+        sizes = write_resplit(args.root, args.resplit, args.resplit_seed)  # 8,000 / 2,000
         print(
             f"wrote {raw}: real KMNIST test images re-split "
             f"{sizes['train']:,} train / {sizes['test']:,} test"

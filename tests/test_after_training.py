@@ -18,9 +18,9 @@ from PIL import Image
 import kmnist_torch
 from kmnist_torch import catalog, evaluate, export, fonts, plots, predict, train
 from kmnist_torch.cli import main as cli_main
-from kmnist_torch.cli import montage_size
 from kmnist_torch.fixtures import random_split, write_split
 from kmnist_torch.modelfile import INPUT_CONVENTION
+from kmnist_torch.montage import montage_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 

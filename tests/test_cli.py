@@ -9,8 +9,9 @@ from conftest import mirror_env
 from PIL import Image
 
 from kmnist_torch import catalog
-from kmnist_torch.cli import main, montage_size
+from kmnist_torch.cli import main
 from kmnist_torch.fixtures import random_split, write_split
+from kmnist_torch.montage import montage_size
 
 
 def test_available_lists_every_catalog_dataset(capsys):

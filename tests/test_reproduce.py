@@ -15,7 +15,7 @@ from conftest import mirror_env
 
 from kmnist_torch import catalog, reproduce, table
 from kmnist_torch.baselines import knn_predict
-from kmnist_torch.fixtures import random_split, raw_folder, write_split
+from kmnist_torch.fixtures import random_split, raw_folder, write_resplit, write_split
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -283,7 +283,7 @@ def test_real_resplit_root_is_the_real_test_split_cut_8000_2000(real_dir, tmp_pa
     from kmnist_torch import KMNIST
     from kmnist_torch.formats import read_idx
 
-    assert reproduce.write_resplit(tmp_path, real_dir / "kmnist", seed=0) == {
+    assert write_resplit(tmp_path, real_dir / "kmnist", seed=0) == {
         "train": 8000,
         "test": 2000,
     }

@@ -13,7 +13,8 @@ with no published checksum and no official train/test split.
 - :mod:`.dataset`: the :class:`KKanji` class.
 """
 
-from .cache import decode_workers, prepare_cache
+from ..settings import decode_workers
+from .cache import prepare_cache
 from .dataset import KKanji
 from .layout import RECORD_NAME, VERIFICATION_NOTE, ArchiveError, KKanjiWarning
 from .split import write_split

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from .. import catalog
 from .._io import LockTimeout, folder_lock, hash_file, unchanged, write_json
-from ..fetch import DownloadError, Target, download, say
+from ..fetch import DownloadError, Target, download
 from ..formats import png_problem
+from ..settings import say
 from ..sources import NO_SOURCE, DataFilesError, mirrors
 from .layout import (
     CACHE_DIR,

@@ -20,6 +20,7 @@ import numpy as np
 from .. import catalog
 from .._io import folder_lock_if_writable, hash_file, remove_stale_temporaries, write_json
 from ..formats import read_gray_png
+from ..settings import decode_workers
 from ..sources import DataFilesError, resolve_root
 from .archive import ensure_tree
 from .layout import (
@@ -143,22 +144,6 @@ def _decode_chunk(paths: Sequence[str]) -> bytes:
     for i, p in enumerate(paths):
         out[i * SIDE * SIDE : (i + 1) * SIDE * SIDE] = read_gray_png(p, (SIDE, SIDE)).tobytes()
     return bytes(out)
-
-
-def decode_workers() -> int:
-    """Processes used to decode: ``$KMNIST_TORCH_DECODE_WORKERS``, else the usable CPU cores."""
-    env = os.environ.get("KMNIST_TORCH_DECODE_WORKERS", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(
-                f"$KMNIST_TORCH_DECODE_WORKERS={env!r} is not allowed: use a whole number >= 1 "
-                "(default: the usable CPU cores)"
-            )
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:

@@ -1,0 +1,117 @@
+"""The settings a user changes through the environment, read in one place: each value is
+checked, and a bad one is an error naming the variable and the values it allows.
+Torch-free.
+
+- ``KMNIST_TORCH_TIMEOUT``: seconds to wait for a connection and for each read (> 0, default 30).
+- ``KMNIST_TORCH_RETRIES``: extra attempts per URL after a transient failure (whole number >= 0,
+  default 3).
+- ``KMNIST_TORCH_BACKOFF``: first back-off delay in seconds, doubled on each retry (>= 0,
+  default 1).
+- ``KMNIST_TORCH_MIN_RATE``: the slowest transfer accepted, in bytes/s (> 0, default 16384).
+  Each attempt at a file has an overall deadline of ``GRACE + bytes / MIN_RATE`` covering the
+  connection, status line, headers and body; past it that URL has failed.
+- ``KMNIST_TORCH_GRACE``: the fixed seconds added to every deadline (>= 0, default 60).
+- ``KMNIST_TORCH_MAX_BYTES``: the most bytes written for a file whose size is not known in
+  advance (whole number > 0, default 1 GiB). A file of known size is never written past it.
+- ``KMNIST_TORCH_LOCK_TIMEOUT``: seconds to wait for another process's lock (>= 0, default 3600).
+- ``KMNIST_TORCH_DECODE_WORKERS``: KKanji decoding processes (whole number >= 1, default: the
+  usable cores).
+
+The data root and the mirrors are in :mod:`kmnist_torch.sources`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+def env_number(
+    name: str,
+    default: float,
+    rule: str,
+    integer: bool = False,
+    default_text: str | None = None,
+    kind: str | None = None,
+) -> float:
+    """``$name`` as a number obeying ``rule`` (``">0"``, ``">=0"``, ``">=1"`` ...), else
+    ``default`` when unset or empty; a ValueError naming the variable and the allowed values
+    for anything else."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    op, bound = re.fullmatch(r"(>=?)(\d+)", rule).groups()
+    kind = kind or ("a whole number" if integer else "a number")
+    allowed = f"{kind} {op} {bound} (default {default_text or f'{default:g}'})"
+    try:
+        out: float | None = int(value) if integer else float(value)
+    except ValueError:
+        out = None
+    if (
+        out is None
+        or not math.isfinite(out)
+        or (out < int(bound) if op == ">=" else out <= int(bound))
+    ):
+        raise ValueError(f"${name}={value!r} is not allowed: use {allowed}")
+    return out
+
+
+def say(message: str) -> None:
+    """One line on stderr, terminal or not: what a download is doing and why."""
+    print(f"kmnist_torch: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class FetchConfig:
+    """Network settings and bounds; the defaults read ``$KMNIST_TORCH_TIMEOUT``, ``_RETRIES``,
+    ``_BACKOFF``, ``_MIN_RATE``, ``_GRACE`` and ``_MAX_BYTES`` (see the module docstring)."""
+
+    timeout: float = field(default_factory=lambda: env_number("KMNIST_TORCH_TIMEOUT", 30.0, ">0"))
+    retries: int = field(
+        default_factory=lambda: int(env_number("KMNIST_TORCH_RETRIES", 3, ">=0", True))
+    )
+    backoff: float = field(default_factory=lambda: env_number("KMNIST_TORCH_BACKOFF", 1.0, ">=0"))
+    min_rate: float = field(
+        default_factory=lambda: env_number("KMNIST_TORCH_MIN_RATE", 16384.0, ">0")
+    )
+    grace: float = field(default_factory=lambda: env_number("KMNIST_TORCH_GRACE", 60.0, ">=0"))
+    max_bytes: int = field(
+        default_factory=lambda: int(
+            env_number("KMNIST_TORCH_MAX_BYTES", DEFAULT_MAX_BYTES, ">0", True)
+        )
+    )
+    progress: bool | None = None  # None: only when stderr is a terminal
+    log: Callable[[str], None] = say
+
+    def __post_init__(self) -> None:
+        for name, low in (("timeout", 0), ("min_rate", 0), ("max_bytes", 0)):
+            if not getattr(self, name) > low:
+                raise ValueError(f"FetchConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("retries", "backoff", "grace"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"FetchConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def deadline_for(self, n_bytes: int) -> float:
+        """Seconds one attempt may take to move ``n_bytes``: ``grace + n_bytes / min_rate``."""
+        return self.grace + n_bytes / self.min_rate
+
+
+def lock_timeout() -> float:
+    """``$KMNIST_TORCH_LOCK_TIMEOUT``: seconds to wait for another process's lock."""
+    return env_number("KMNIST_TORCH_LOCK_TIMEOUT", 3600.0, ">=0", kind="a number of seconds")
+
+
+def decode_workers() -> int:
+    """``$KMNIST_TORCH_DECODE_WORKERS``, else the usable CPU cores."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        cores = max(1, os.cpu_count() or 1)
+    value = env_number("KMNIST_TORCH_DECODE_WORKERS", cores, ">=1", True, "the usable CPU cores")
+    return int(value)
