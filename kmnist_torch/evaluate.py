@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import plots
+from ._args import add_data_options
 from ._io import write_json
 from .data import load_split
 from .formats import FormatError
@@ -49,22 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained run: metrics.json, confusion.png and errors.png.",
     )
     p.add_argument("run", metavar="RUN", help="run folder (or its model.pt / checkpoint.pt)")
-    p.add_argument("--root", default=None, help="data folder (default: the run's)")
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval-<split>")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="do not check the files' checksums (your own re-encodings)",
-    )
-    p.add_argument(
-        "--download",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="download missing files (default: yes)",
-    )
+    add_data_options(p, root_help="data folder (default: the run's)")
     return p
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._args import add_data_options
 from .formats import FormatError
 from .modelfile import find_model_file, load_model
 from .sources import DataFilesError
@@ -179,14 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(torch.export, load with torch.export.load)",
     )
     p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument(
-        "--root", default=None, help="data folder of the check batch (default: the run's)"
-    )
-    p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="do not check the data files' checksums",
+    add_data_options(
+        p,
+        root_help="data folder of the check batch (default: the run's)",
+        download=False,
+        device_help=None,
     )
     return p
 

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._args import add_data_options
 from ._io import atomic_write
 from .data import load_split
 from .engine import TrainError, device_name
@@ -270,31 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="POINTS",
         help="one tolerance for all rows, in percentage points (default: per row)",
     )
-    p.add_argument(
-        "--root",
-        default=None,
-        help="data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch; "
-        "with --resplit, OUT/resplit-data)",
+    add_data_options(
+        p,
+        root_help="data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch; with "
+        "--resplit, OUT/resplit-data)",
     )
-    p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument(
         "--devices",
         default=None,
         metavar="LIST",
         help="run cells concurrently, one process per device: GPU indices or devices, "
         "comma-separated (0,1,2,3; cuda:0,cuda:1; cpu,cpu)",
-    )
-    p.add_argument(
-        "--download",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="download missing files (default: yes); --no-download for files placed by hand",
-    )
-    p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip checksums (your own copies of the files)",
     )
     p.add_argument(
         "--recipe",

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, mixup, modelfile
+from ._args import add_data_options
 from .data import load_split
 from .datasets import list_datasets
 from .engine import CHECKPOINT, RESULTS, Job, RunDir, RunState, TrainError, determinism, fit
@@ -96,28 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="hyperparameter table to start from (default: cnn for simple_cnn, else paper)",
     )
     run.add_argument("--dataset", choices=DATASETS, default="kmnist")
-    run.add_argument(
-        "--root",
-        default=None,
-        help="data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch)",
-    )
-    run.add_argument(
-        "--download",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="download missing files (default: yes)",
-    )
-    run.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="do not check the files' checksums (your own re-encodings)",
-    )
-    run.add_argument(
-        "--device",
-        default=None,
-        help="torch device (default: cuda if available; under torchrun: cuda (each rank on "
-        "cuda:LOCAL_RANK) or cpu)",
+    add_data_options(
+        run,
+        device_help="torch device (default: cuda if available; under torchrun: cuda (each "
+        "rank on cuda:LOCAL_RANK) or cpu)",
     )
     run.add_argument(
         "--sync-bn",

@@ -1,0 +1,35 @@
+"""The command-line options every command that reads data shares, written once: where the
+data is (``--root``), whether to fetch it (``--download``), whether to check it
+(``--no-verify``) and where to compute (``--device``)."""
+
+from __future__ import annotations
+
+import argparse
+
+ROOT_HELP = "data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch)"
+
+
+def add_data_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    root_help: str = ROOT_HELP,
+    download: bool = True,
+    device_help: str | None = "torch device (default: cuda if available)",
+) -> None:
+    """Add ``--root``, ``--download/--no-download`` (when ``download``), ``--no-verify`` and
+    ``--device`` (when ``device_help``) to ``parser``."""
+    parser.add_argument("--root", default=None, help=root_help)
+    if download:
+        parser.add_argument(
+            "--download",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="download missing files (default: yes); --no-download for files placed by hand",
+        )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="do not check the files' checksums (your own re-encodings or subsets)",
+    )
+    if device_help is not None:
+        parser.add_argument("--device", default=None, help=device_help)
