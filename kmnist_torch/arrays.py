@@ -62,7 +62,9 @@ def _warn_once(path: Path, message: str) -> None:
         warnings.warn(message, UncheckedContentWarning, stacklevel=4)
 
 
-def _extracted_target(remote: RemoteFile, folder: Path) -> Target | None:
+def extracted_target(remote: RemoteFile, folder: Path) -> Target | None:
+    """The idx file extracted from ``remote`` (an idx.gz) in ``folder``, with the size and the
+    checksums we know of it; None for files that are not gzipped."""
     ex = remote.extracted
     if ex is None:
         return None
@@ -107,7 +109,7 @@ def _check_extracted(
 ) -> tuple[str | None, bool]:
     """(why the extracted copy of ``remote`` is not usable or None, whether its content was
     checked against a known checksum)."""
-    target = _extracted_target(remote, folder)
+    target = extracted_target(remote, folder)
     assert target is not None
     if not verify:  # subsets and re-encodings: the decoder's format checks still apply
         return None, False

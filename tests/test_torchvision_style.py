@@ -246,3 +246,20 @@ def test_extracted_train_images_have_no_checksum_so_a_warning_says_so(tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UncheckedContentWarning)  # once per process
         KMNIST(tmp_path, train=True)
+
+
+def test_verify_command_checks_extracted_files_and_never_overstates(tmp_path, capsys):
+    from kmnist_torch.cli import main
+
+    _layout_root(tmp_path, "kmnist", "extracted")
+    assert main(["verify", "kmnist", "--root", str(tmp_path)]) == 1  # fixture sizes: not official
+    out = capsys.readouterr().out
+    assert "t10k-labels-idx1-ubyte: BAD: wrong size" in out
+    # An extracted training-images file of the official size: no checksum exists for it.
+    raw = tmp_path / "KMNIST" / "raw"
+    for p in raw.iterdir():
+        p.unlink()
+    write_idx(raw / "train-images-idx3-ubyte", np.zeros((60000, 28, 28), np.uint8), False)
+    assert main(["verify", "kmnist", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "train-images-idx3-ubyte: OK (size only: no published checksum to check)" in out
