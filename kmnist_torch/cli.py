@@ -172,6 +172,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return status
 
 
+def _copy_problem(gz: Path, copy: Path) -> str | None:
+    """Why ``copy`` is not the decompressed content of ``gz`` (the extracted idx file kept
+    beside it, which loading reads), or None."""
+    from .formats import read_gzip
+
+    try:
+        same = read_gzip(gz) == copy.read_bytes()
+    except (FormatError, OSError) as exc:
+        return f"cannot compare it with {gz.name} ({exc})"
+    if same:
+        return None
+    return f"differs from {gz.name}, which it was extracted from (rewritten from it on repair)"
+
+
 def _verify_arrays(root: Path, info, repair: bool) -> int:
     """Rehash every file of ``info`` under ``root`` in whichever form it is there (the
     official file, or only the idx file extracted from it), then decode each complete split."""
@@ -197,6 +211,10 @@ def _verify_arrays(root: Path, info, repair: bool) -> int:
                     continue
                 known = bool(t.md5 or t.sha256)
                 checked.append((t, check(t, True, record, full=True), known))
+                copy = extracted_target(remote, folder)
+                if form == "official" and copy is not None and copy.dest.is_file():
+                    # The extracted copy is what loading reads: it must be the .gz's content.
+                    checked.append((copy, _copy_problem(t.dest, copy.dest), True))
             for t, problem, known in checked:
                 verdict = "OK" if known else "OK (size only: no published checksum to check)"
                 print(f"{name} {t.dest.name}: {verdict if problem is None else 'BAD: ' + problem}")
@@ -205,13 +223,12 @@ def _verify_arrays(root: Path, info, repair: bool) -> int:
                 for t in bad:
                     t.dest.unlink(missing_ok=True)
                     record.forget(t.dest.name)
-                try:
+                try:  # fetch the official files now missing; loading re-extracts the copies
                     targets = [target_for(f, folder, info.bases) for f in pair]
                     ensure_files(targets, True, True, name=name)
                     for t in bad:
-                        print(
-                            f"{name} {t.dest.name}: repaired (the official file downloaded again)"
-                        )
+                        how = "downloaded again" if t.dest.suffix else "rewritten from the .gz"
+                        print(f"{name} {t.dest.name}: repaired ({how})")
                     bad, forms = [], ["official"] * len(pair)
                 except DataFilesError as exc:
                     print(f"{name} {split} ({fmt}): repair failed: {exc}")

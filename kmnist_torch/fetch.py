@@ -86,6 +86,8 @@ def check(
     rehashes every byte (what ``python -m kmnist_torch verify`` does).
     """
     dest = target.dest
+    if dest.is_symlink():  # never read through: a download replaces the link itself
+        return "a symbolic link, not a file (it is replaced, never followed)"
     if not dest.is_file():
         return "missing"
     size = dest.stat().st_size

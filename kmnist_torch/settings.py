@@ -14,6 +14,8 @@ Torch-free.
 - ``KMNIST_TORCH_MAX_BYTES``: the most bytes written for a file whose size is not known in
   advance (whole number > 0, default 1 GiB). A file of known size is never written past it.
 - ``KMNIST_TORCH_LOCK_TIMEOUT``: seconds to wait for another process's lock (>= 0, default 3600).
+- ``KMNIST_TORCH_OFFICIAL``: ``0`` (or no/false/off) never contacts the publishers' hosts
+  (default 1; any other value is an error).
 - ``KMNIST_TORCH_DECODE_WORKERS``: KKanji decoding processes (whole number >= 1, default: the
   usable cores).
 
@@ -62,6 +64,24 @@ def env_number(
     return out
 
 
+_TRUE = ("1", "yes", "true", "on")
+_FALSE = ("0", "no", "false", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """``$name`` as yes or no (1/0, yes/no, true/false, on/off, any case), else ``default``
+    when unset or empty; anything else is a ValueError, never a silent guess."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(
+        f"${name}={os.environ[name]!r} is not allowed: use 1 or 0 (yes/no, true/false, on/off; "
+        f"default {int(default)})"
+    )
+
+
 def say(message: str) -> None:
     """One line on stderr, terminal or not: what a download is doing and why."""
     print(f"kmnist_torch: {message}", file=sys.stderr, flush=True)
@@ -83,7 +103,7 @@ class FetchConfig:
     grace: float = field(default_factory=lambda: env_number("KMNIST_TORCH_GRACE", 60.0, ">=0"))
     max_bytes: int = field(
         default_factory=lambda: int(
-            env_number("KMNIST_TORCH_MAX_BYTES", DEFAULT_MAX_BYTES, ">0", True)
+            env_number("KMNIST_TORCH_MAX_BYTES", DEFAULT_MAX_BYTES, ">0", True, "1073741824")
         )
     )
     progress: bool | None = None  # None: only when stderr is a terminal

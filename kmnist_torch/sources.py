@@ -9,6 +9,7 @@ user changes through the environment. Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import warnings
@@ -18,6 +19,8 @@ from . import catalog
 from ._io import HashRecord, LockTimeout, folder_lock
 from .catalog import RemoteFile
 from .fetch import DownloadError, FetchConfig, Target, check, download
+from .formats import magic_problem
+from .settings import env_flag
 
 DOWNLOAD_LOCK = ".download.lock"
 
@@ -47,7 +50,7 @@ def mirrors(bases: tuple[str, ...] | None = None) -> list[str]:
     Empty when neither is set: files placed by hand still load; only a download then fails,
     with :data:`NO_SOURCE`."""
     found = [b for b in re.split(r"[,\s]+", os.environ.get("KMNIST_TORCH_MIRRORS", "")) if b]
-    if os.environ.get("KMNIST_TORCH_OFFICIAL", "1").strip().lower() not in ("0", "no", "false"):
+    if env_flag("KMNIST_TORCH_OFFICIAL", True):
         found.extend(bases or (catalog.OFFICIAL_BASE,))
     out: list[str] = []
     for b in found:
@@ -73,6 +76,7 @@ def target_for(
         urls = [base + remote.path for base in bases or (catalog.OFFICIAL_BASE,)]
     return Target(
         dest=folder / remote.name,
+        accept=functools.partial(magic_problem, name=remote.name),  # judged on the .part
         urls=urls,
         size=remote.size,
         md5=remote.md5,

@@ -724,3 +724,73 @@ def test_unreachable_host_is_said_at_once(tmp_path, quick, capfd):
     with pytest.raises(DownloadError, match="127.0.0.1:9/f"):
         download(t, _cfg())
     assert "downloading file.bin" in capfd.readouterr().err
+
+
+def test_verify_compares_the_extracted_copy_with_its_gz(tmp_path, monkeypatch, capsys):
+    # Loading reads the extracted idx copy beside a .gz: verify must notice when its bytes
+    # changed (size and mtime restored), and --repair rewrites it from the .gz.
+    raw_dir, _ = _official_like_root(tmp_path, monkeypatch)
+    root = str(tmp_path / "root")
+    KMNIST(root, train=False)  # writes the extracted copies
+    copy = raw_dir / "t10k-images-idx3-ubyte"
+    st = copy.stat()
+    data = bytearray(copy.read_bytes())
+    data[16:800] = bytes(784)  # image 0 blanked
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert main(["verify", "kmnist", "--root", root]) == 1
+    out = capsys.readouterr().out
+    assert "t10k-images-idx3-ubyte: BAD: differs from t10k-images-idx3-ubyte.gz" in out
+    assert main(["verify", "kmnist", "--root", root, "--repair"]) == 0
+    assert "t10k-images-idx3-ubyte: repaired (rewritten from the .gz)" in capsys.readouterr().out
+    assert main(["verify", "kmnist", "--root", root]) == 0
+
+
+@pytest.mark.parametrize("mode", ["html", "garbage"])
+def test_no_verify_still_refuses_what_is_not_the_file_and_asks_the_next_mirror(
+    tmp_path, http_server, fast_net, mode
+):
+    # Without checksums, the first bytes still tell an HTML page or garbage from a gzip, an
+    # npz or a class map: that mirror has failed, nothing lands on disk, the next one serves.
+    images, labels = random_split(20)
+    good = write_split(tmp_path / "src", "kmnist", "test", images, labels)
+    body = b"<!DOCTYPE html><html>not here</html>" if mode == "html" else b"\x00garbage" * 50
+    for f in good.iterdir():
+        http_server.add(f"/bad/kmnist/{f.name}", body)
+        http_server.add(f"/good/kmnist/{f.name}", f.read_bytes())
+    mirror_env(fast_net, f"{http_server.url}/bad", f"{http_server.url}/good")
+    with pytest.warns(UserWarning, match="verify=False"):
+        ds = KMNIST(tmp_path / "root", train=False, download=True, verify=False)
+    assert ds.targets.tolist() == labels.tolist()
+    raw = tmp_path / "root" / "KMNIST" / "raw"
+    assert (raw / "kmnist_classmap.csv").read_bytes().startswith(b"index,codepoint,char")
+
+
+def test_official_flag_refuses_values_it_does_not_know(monkeypatch):
+    from kmnist_torch.sources import mirrors
+
+    monkeypatch.delenv("KMNIST_TORCH_MIRRORS", raising=False)
+    monkeypatch.setenv("KMNIST_TORCH_OFFICIAL", "off")
+    assert mirrors() == []
+    monkeypatch.setenv("KMNIST_TORCH_OFFICIAL", "none")
+    with pytest.raises(ValueError, match="KMNIST_TORCH_OFFICIAL='none' is not allowed"):
+        mirrors()
+
+
+def test_a_symlink_at_the_final_file_is_replaced_never_read(tmp_path, http_server, fast_net):
+    images, labels = random_split(20)
+    good = write_split(tmp_path / "src", "kmnist", "test", images, labels)
+    for f in good.iterdir():
+        http_server.add(f"/kmnist/{f.name}", f.read_bytes())
+    mirror_env(fast_net, http_server.url)
+    raw = tmp_path / "root" / "KMNIST" / "raw"
+    raw.mkdir(parents=True)
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"precious")
+    (raw / "t10k-labels-idx1-ubyte.gz").symlink_to(precious)
+    with pytest.warns(UserWarning, match="verify=False"):
+        ds = KMNIST(tmp_path / "root", train=False, download=True, verify=False)
+    assert ds.targets.tolist() == labels.tolist()
+    assert not (raw / "t10k-labels-idx1-ubyte.gz").is_symlink()
+    assert precious.read_bytes() == b"precious"
