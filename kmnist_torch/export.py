@@ -189,9 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The file name each format is written under (torch.export.save insists on .pt2).
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".pth"), "pt2": (".pt2",)}
+
+
+def _out_problem(out: Path, fmt: str) -> str | None:
+    """Why ``--out`` cannot take the export, or None: checked before any work is done."""
+    if out.suffix.lower() not in SUFFIXES[fmt]:
+        return f"--out {out}: a {fmt} file ends in {' or '.join(SUFFIXES[fmt])}"
+    if out.is_dir():
+        return f"--out {out} is a folder; name the file to write"
+    if out.exists():
+        return f"--out {out} exists; remove it first or name another file (nothing overwritten)"
+    if not out.parent.is_dir():
+        return f"--out {out}: the folder {out.parent} does not exist"
+    return None
+
+
 def main(argv: list[str] | None = None) -> float:
     """Parse ``argv``, export and check; returns the largest difference from eager."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _out_problem(Path(args.out), args.format)
+    if problem:
+        parser.error(problem)
     model_file = find_model_file(args.run)
     model = load_model(model_file, "cpu")
     batch, source = _check_batch(model_file, model.meta, args.root, args.verify)

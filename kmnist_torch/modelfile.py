@@ -114,6 +114,37 @@ def save_model(
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
+class ModelFileError(ValueError):
+    """A model file or checkpoint cannot be used: damaged, foreign, or with metadata that does
+    not describe its weights."""
+
+
+# Bounds on what a model file may claim, so an edited one cannot make us allocate without end.
+MAX_IMAGE_SIZE = 1024
+MAX_CHANNELS = 4
+
+
+def _check_meta(meta: Any, file: Path) -> None:
+    """Refuse metadata that cannot describe a model of ours: before anything is built."""
+    problem = None
+    if not isinstance(meta, dict) or not {"arch", "model_args", "classes"} <= meta.keys():
+        problem = "no metadata (arch, model_args, classes)"
+    else:
+        args, classes = meta["model_args"], meta["classes"]
+        ok = isinstance(args, dict) and isinstance(classes, list)
+        size, chans = (args.get("img_size"), args.get("in_chans", 1)) if ok else (None, None)
+        if not ok:
+            problem = "malformed metadata"
+        elif args.get("num_classes") != len(classes):
+            problem = f"{args.get('num_classes')} classes in model_args, {len(classes)} named"
+        elif not (isinstance(size, int) and 8 <= size <= MAX_IMAGE_SIZE):
+            problem = f"image size {size!r} (expected 8 to {MAX_IMAGE_SIZE})"
+        elif not (isinstance(chans, int) and 1 <= chans <= MAX_CHANNELS):
+            problem = f"{chans!r} input channels (expected 1 to {MAX_CHANNELS})"
+    if problem:
+        raise ModelFileError(f"{file}: {problem}; the file is damaged or was edited")
+
+
 def find_model_file(path: str | os.PathLike) -> Path:
     """The file :func:`load_model` reads for ``path``: a run folder's ``model.pt`` (its
     ``checkpoint.pt`` when it has none), or the file named."""
@@ -171,14 +202,29 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     from .models import create_model
 
     file = find_model_file(path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, empty, foreign: any failure to read it
+        # torch's own message may advise weights_only=False (running the file's code): not
+        # advice to pass on for a file that failed to load.
+        raise ModelFileError(
+            f"{file} is damaged or not a model file (reading it failed: {type(exc).__name__}); "
+            "train the run again, or restore the file from a copy"
+        ) from exc
     if not isinstance(state, dict) or not ("state_dict" in state or "model" in state):
-        raise ValueError(f"{file} is not a kmnist_torch model file or checkpoint")
+        raise ModelFileError(f"{file} is not a kmnist_torch model file or checkpoint")
     if "state_dict" in state:
-        meta, weights = state["meta"], state["state_dict"]
+        meta, weights = state.get("meta"), state["state_dict"]
     else:
         meta, weights = _meta_from_checkpoint(state, file), state["model"]
-    model = create_model(meta["arch"], **meta["model_args"])
-    model.load_state_dict(weights)
+    _check_meta(meta, file)
+    try:
+        model = create_model(meta["arch"], **meta["model_args"])
+        model.load_state_dict(weights)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ModelFileError(
+            f"{file}: its weights do not fit the model its metadata names "
+            f"({str(exc).splitlines()[0][:200]}); the file is damaged or was edited"
+        ) from exc
     model.meta = {**meta, "file": str(file)}
     return model.to(device).eval()

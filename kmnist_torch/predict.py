@@ -33,6 +33,14 @@ def _border(a: np.ndarray) -> np.ndarray:
     )
 
 
+# Larger images are refused before decoding: a few kilobytes of PNG can claim gigapixels.
+MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read: missing, a folder, damaged, not an image, too big."""
+
+
 def load_image(
     path: str | os.PathLike, size: int, channels: int = 1, invert: str = "auto"
 ) -> torch.Tensor:
@@ -47,12 +55,34 @@ def load_image(
     Returns:
         float32 C x size x size in [0, 1], white ink on black.
     """
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            paper = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(paper, im.convert("RGBA"))
-        gray = np.asarray(im.convert("L"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(
+                    f"{path}: {w}x{h} pixels, more than the {MAX_PIXELS:,} accepted; scale it "
+                    "down to the character first"
+                )
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                paper = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(paper, im.convert("RGBA"))
+            gray = np.asarray(im.convert("L"), dtype=np.uint8)
+    except ImageError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ImageError(f"{path}: a folder, not an image file") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{path}: not an image file PIL can read") from exc
+    except Image.DecompressionBombError as exc:  # PIL's own refusal, far above our bound
+        raise ImageError(
+            f"{path}: more than the {MAX_PIXELS:,} pixels accepted ({exc}); scale it down to "
+            "the character first"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: damaged or unreadable image ({exc})") from exc
     background = int(np.median(_border(gray)))
     if invert == "yes" or (invert == "auto" and background > 127):
         gray, background = 255 - gray, 255 - background
@@ -100,15 +130,25 @@ def predict(
 
     Returns:
         ``[{"image": path, "predictions": [...]}]`` in the order of ``paths`` (see
-        :func:`top_k` for the predictions).
+        :func:`top_k` for the predictions); an image that cannot be read gets no predictions
+        and an ``"error"`` saying why.
     """
     meta = model.meta
     device = next(model.parameters()).device
-    x = torch.stack(
-        [load_image(p, meta["image_size"], meta["channels"], invert) for p in paths]
-    ).to(device)
-    probs = torch.softmax(model(x).float(), dim=1).cpu()
-    return [{"image": str(p), "predictions": t} for p, t in zip(paths, top_k(probs, meta, k))]
+    results: list[dict[str, Any]] = []
+    images = []
+    for p in paths:  # one unreadable image does not cost the others their predictions
+        try:
+            images.append(load_image(p, meta["image_size"], meta["channels"], invert))
+            results.append({"image": str(p), "predictions": []})
+        except ImageError as exc:
+            results.append({"image": str(p), "predictions": [], "error": str(exc)})
+    if images:
+        probs = torch.softmax(model(torch.stack(images).to(device)).float(), dim=1).cpu()
+        good = [r for r in results if "error" not in r]
+        for r, t in zip(good, top_k(probs, meta, k)):
+            r["predictions"] = t
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +184,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(json.dumps(results, ensure_ascii=False, indent=1))
         return results
     for r in results:
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
+            continue
         guesses = "  ".join(
             f"{g['character']} ({g['codepoint']}"
             + (f", {g['romaji']}" if g["romaji"] else "")
@@ -157,11 +200,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def run_cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: errors as one line."""
     try:
-        main(argv)
-    except (FileNotFoundError, UnidentifiedImageError, ValueError) as exc:
+        results = main(argv)
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -198,7 +198,14 @@ class RunDir:
         state = None
         if self.checkpoint.exists():
             if resume:
-                state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+                try:
+                    state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+                    state["config"]
+                except Exception as exc:  # truncated, empty, foreign: it cannot resume anything
+                    raise TrainError(
+                        f"{self.checkpoint} is damaged ({type(exc).__name__}) and cannot be "
+                        "resumed: pass --overwrite to start the run again, or another --out"
+                    ) from exc
                 old = state["config"]
                 changed = sorted(
                     k

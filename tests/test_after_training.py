@@ -8,6 +8,8 @@ import importlib.util
 import io
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,7 @@ def run(tmp_path_factory):
             res = train.main(argv)
     finally:
         torch.set_num_threads(threads)
-    return {"root": root, "out": out, "results": res, "stdout": stdout.getvalue()}
+    return {"root": root, "out": out, "results": res, "stdout": stdout.getvalue(), "argv": argv}
 
 
 def _png(path: Path) -> tuple[int, int]:
@@ -235,6 +237,26 @@ def test_predict_explains_a_file_that_is_no_image(run, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_predict_reports_each_bad_image_and_still_answers_for_the_good(run, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.new("L", (40, 30), 255).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:60])
+    huge = tmp_path / "huge.png"  # a tiny file whose header claims 50,000 x 50,000 pixels
+    data = bytearray(good.read_bytes())
+    data[16:24] = struct.pack(">II", 50000, 50000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    huge.write_bytes(bytes(data))
+    paths = [good, tmp_path, cut, huge, tmp_path / "missing.png"]
+    assert predict.run_cli([str(run["out"]), "--json", *map(str, paths)]) == 1
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert [bool(r["predictions"]) for r in doc] == [True, False, False, False, False]
+    assert "a folder" in doc[1]["error"] and "damaged or unreadable" in doc[2]["error"]
+    assert "more than the" in doc[3]["error"] and "no such file" in doc[4]["error"]
+    assert "Traceback" not in err
+
+
 # -------------------------------------------------------------------------------------- export
 
 
@@ -242,7 +264,7 @@ def test_predict_explains_a_file_that_is_no_image(run, tmp_path, capsys):
 def test_export_matches_eager_with_a_dynamic_batch(run, tmp_path, fmt, capsys):
     if fmt == "onnx" and not all(importlib.util.find_spec(m) for m in export.ONNX_TOOLS):
         pytest.fail("the test extra installs the ONNX tools: pip install -e '.[test]'")
-    out = tmp_path / f"model.{fmt}"
+    out = tmp_path / ("model" + export.SUFFIXES[fmt][0])
     diff = export.main([str(run["out"]), "--format", fmt, "--out", str(out), "--no-verify"])
     assert diff <= export.TOLERANCE
     assert "max abs difference" in capsys.readouterr().out
@@ -300,3 +322,56 @@ def test_montage_samples_by_seed_with_gaps_title_and_no_verify(run, tmp_path, ca
     assert (pa[2 * gap + cell :, x0 : x0 + gap] == 255).all()
     assert pa[: gap + cell, :].min() < 128  # a title is drawn
     assert cli_main(["montage", "kmnist", "--out", str(a), *root, "--split", "all"]) == 2
+
+
+def test_export_refuses_an_out_it_would_damage_before_any_work(run, tmp_path, capsys):
+    picture = tmp_path / "keep.png"
+    picture.write_bytes(b"not yours to overwrite")
+    for out, fmt, why in (
+        (picture, "onnx", "a onnx file ends in .onnx"),
+        (tmp_path, "pt2", "a pt2 file ends in .pt2"),
+        (tmp_path / "x.onnx", "pt2", "a pt2 file ends in .pt2"),
+        (tmp_path / "missing" / "m.pt2", "pt2", "does not exist"),
+    ):
+        with pytest.raises(SystemExit):
+            export.main([str(run["out"]), "--format", fmt, "--out", str(out), "--no-verify"])
+        assert why in capsys.readouterr().err
+    (tmp_path / "m.pt2").write_bytes(b"old")
+    with pytest.raises(SystemExit):
+        export.main([str(run["out"]), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert "nothing overwritten" in capsys.readouterr().err
+    assert picture.read_bytes() == b"not yours to overwrite"
+
+
+def test_damaged_or_edited_model_files_are_clear_errors(run, tmp_path, capsys):
+    good = torch.load(run["out"] / "model.pt", weights_only=True)
+    cases = {
+        "truncated.pt": (run["out"] / "model.pt").read_bytes()[:1000],
+        "empty.pt": b"",
+        "html.pt": b"<!DOCTYPE html><html></html>",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    edited = {
+        "huge.pt": {**good, "meta": {**good["meta"], "model_args": {
+            **good["meta"]["model_args"], "img_size": 60000}}},
+        "classes.pt": {**good, "meta": {**good["meta"], "classes": ["a"]}},
+    }  # fmt: skip
+    for name, doc in edited.items():
+        torch.save(doc, tmp_path / name)
+    for name in [*cases, *edited]:
+        assert predict.run_cli([str(tmp_path / name), str(tmp_path / "none.png")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}") and "Traceback" not in err, err
+        assert "weights_only" not in err
+    assert evaluate.run_cli([str(tmp_path / "truncated.pt")]) == 1
+    assert "is damaged" in capsys.readouterr().err
+
+
+def test_train_resume_on_a_damaged_checkpoint_says_what_to_do(run, tmp_path, capsys):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    assert train.run_cli([*run["argv"], "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is damaged" in err and "--overwrite" in err
