@@ -1,9 +1,11 @@
-"""The upstream 4-nearest-neighbour baseline, exactly, on the GPU when there is one.
+"""The upstream 4-nearest-neighbour baseline, on the GPU when there is one.
 
 Upstream scores scikit-learn's ``KNeighborsClassifier(n_neighbors=4, weights="distance")`` on the
 raw flattened uint8 pixels. :func:`knn_predict` gives the same predictions: the same exact
 Euclidean distances, the same neighbours, the same weights and the same vote, batched over the
-test images so memory stays bounded.
+test images so memory stays bounded. One exception: where training images tie at the k-th
+smallest distance we keep the lowest indices, while scikit-learn picks among them in the order
+of its internal partition (rare on real images; seen on random images of a few grey levels).
 
 How the distances stay exact in float32: pixels shifted to ``[-128, 127]`` leave every
 difference (so every distance) unchanged, and the dot product of two such rows is an integer of

@@ -333,6 +333,9 @@ def _output_problem(out: Path, suffixes: tuple[str, ...] | None = None) -> str |
     return None
 
 
+MAX_PER_CLASS = 200  # images in one montage row
+
+
 def cmd_montage(args: argparse.Namespace) -> int:
     """Save a grid of random examples per class, labelled with the character."""
     root = Path(args.root) if args.root else default_root()
@@ -341,6 +344,10 @@ def cmd_montage(args: argparse.Namespace) -> int:
         problem = f"--per-class must be a whole number >= 1, got {args.per_class}"
     if problem is None and args.max_classes < 1:
         problem = f"--max-classes must be a whole number >= 1, got {args.max_classes}"
+    if problem is None and args.per_class > MAX_PER_CLASS:
+        problem = f"--per-class is at most {MAX_PER_CLASS} (a row that wide is unreadable)"
+    if problem is None and args.seed < 0:
+        problem = f"--seed must be a whole number >= 0, got {args.seed}"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

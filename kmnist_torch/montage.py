@@ -55,6 +55,9 @@ def montage(
 
     gap = MONTAGE_GAP
     n_classes = min(len(dataset.classes), max_classes)
+    # No wider than the largest class can fill: blank tiles are no use to anyone.
+    counts = np.bincount(np.asarray(torch.as_tensor(dataset.targets)), minlength=n_classes)
+    per_class = max(1, min(per_class, int(counts[:n_classes].max(initial=1))))
     font = find_cjk_font(int(cell * 0.75))
     small = find_cjk_font(int(cell * 0.4)) or ImageFont.load_default()
     path = cjk_font_path() if font is not None else None

@@ -433,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_only:
             return 0
     tolerance = None if args.tolerance is None else args.tolerance / 100
-    # A smoke run or cut-down data is not a reproduction: no targets apply to it.
-    comparable = not (args.quick or args.epochs or args.limit_train or args.limit_test)
+    # A smoke run, cut-down data or files not checked against the published checksums is not
+    # a reproduction: no targets apply to it (it could pass or fail on other data).
+    comparable = not (
+        args.quick or args.epochs or args.limit_train or args.limit_test or not args.verify
+    )
     out = Path(args.out)
     meta = {
         "command": "python -m kmnist_torch.reproduce " + " ".join(argv or sys.argv[1:]),
@@ -443,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
+        "verified": args.verify,
         "quick": args.quick,
         "comparable": comparable,
         "recipe": args.recipe,

@@ -160,6 +160,9 @@ class CpuEstimate:
         self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         if self.steps == self.want:
             per_step, left = self.seconds / self.steps, self.total_steps - steps_done
+            self.done = True
+            if left <= 0:  # a run shorter than the probe: nothing left to estimate
+                return
             print(
                 f"warning: training on the CPU: {per_step:.2f} s per step of {self.batch_size} "
                 f"images, so the {left} steps left need about {_duration(per_step * left)} plus "

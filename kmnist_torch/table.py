@@ -187,7 +187,7 @@ def render_table(cells: list[dict[str, Any]], tolerance: float | None = None) ->
         if c["error"]:
             status = "error"
         elif c["target"] is None:
-            status = "no target" if c["comparable"] else "not comparable (cut-down run)"
+            status = "no target" if c["comparable"] else "not comparable (cut-down or unverified)"
         else:
             status = "FAIL" if id(c) in failing else "ok"
         out.append(

@@ -37,7 +37,7 @@ from .formats import FormatError
 from .loader import TensorLoader
 from .models import create_model, list_models
 from .recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, RecipeError, default_recipe_name
-from .sources import DataFilesError
+from .sources import DataFilesError, resolve_root
 
 __all__ = [
     "CHECKPOINT",
@@ -219,6 +219,8 @@ def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: 
     config.update(
         out=str(out), amp_active=r.amp and on_cuda, channels_last_active=r.channels_last and on_cuda
     )
+    # Absolute, so that evaluate and export find the data from any working directory.
+    config["root"] = str(resolve_root(args.root).resolve())
     return config
 
 
