@@ -179,9 +179,39 @@ def test_quick_knn_run_downloads_from_a_mirror(http_server, fast_net, tmp_path):
     )
 
 
+def _as_official(monkeypatch, raw: Path) -> None:
+    """Make the fixture files in ``raw`` the published KMNIST release for this test (sizes,
+    checksums, split sizes), so a run verifies them and is held to its target."""
+    import dataclasses
+    import gzip
+    import hashlib
+
+    from kmnist_torch import catalog, datasets
+    from kmnist_torch.catalog import LocalFile
+
+    def published(f):
+        data = (raw / f.name).read_bytes()
+        plain = gzip.decompress(data)
+        return dataclasses.replace(
+            f,
+            size=len(data),
+            md5=hashlib.md5(data).hexdigest(),
+            sha256=hashlib.sha256(data).hexdigest(),
+            extracted=LocalFile(f.extracted.name, len(plain), hashlib.md5(plain).hexdigest()),
+        )
+
+    info = catalog.KMNIST
+    splits = {s: {"mnist": tuple(map(published, fm["mnist"]))} for s, fm in info.splits.items()}
+    sizes = {"train": 400, "test": 120}
+    fake = dataclasses.replace(info, splits=splits, split_sizes=sizes)
+    monkeypatch.setattr(datasets.KMNIST, "info", fake)
+    monkeypatch.setitem(catalog.DATASETS, "kmnist", fake)
+
+
 def test_check_fails_below_target_and_no_download_uses_placed_files(tmp_path, monkeypatch):
     _offline(monkeypatch)
     _place(tmp_path / "root")
+    _as_official(monkeypatch, tmp_path / "root" / "KMNIST" / "raw")
     expected = _expected_knn_accuracy()
     argv = [
         "--datasets",
@@ -190,7 +220,6 @@ def test_check_fails_below_target_and_no_download_uses_placed_files(tmp_path, mo
         "knn",
         "--check",
         "--no-download",
-        "--no-verify",
         "--root",
         str(tmp_path / "root"),
         "--device",
@@ -339,3 +368,17 @@ def test_out_has_a_default_and_write_only_needs_resplit(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--write-only"])
     assert "--write-only goes with --resplit" in capsys.readouterr().err
+
+
+def test_a_run_on_unverified_files_is_held_to_no_target(tmp_path, monkeypatch):
+    # Files not checked against the published checksums could be anything: the table shows
+    # the figure but neither passes nor fails it, and says so.
+    _offline(monkeypatch)
+    _place(tmp_path / "root")
+    argv = ["--datasets", "kmnist", "--rows", "knn", "--check", "--no-download", "--no-verify"]
+    argv += ["--root", str(tmp_path / "root"), "--device", "cpu", "--out", str(tmp_path / "o")]
+    assert reproduce.main(argv) == 0
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert doc["verified"] is False and doc["comparable"] is False and doc["failures"] == []
+    assert doc["cells"][0]["target"] is None and doc["cells"][0]["ours"] is not None
+    assert "not comparable (cut-down or unverified)" in (tmp_path / "o" / "table.md").read_text()
