@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -99,17 +98,6 @@ def _is_link(path: Path) -> bool:
         return os.path.islink(path)
     except OSError:
         return False
-
-
-def remove_unless_regular(path: Path) -> None:
-    """Remove ``path`` if it is anything but a regular file (a symbolic link, a folder left by
-    someone else...), so it is recreated rather than followed."""
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(f"{path} is a folder where a file is expected")
-            os.unlink(path)
 
 
 @contextlib.contextmanager

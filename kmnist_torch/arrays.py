@@ -13,6 +13,7 @@ shapes, dtypes and label range can be checked.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from . import formats
-from ._io import HashRecord, atomic_write, hash_file
+from ._io import HashRecord, atomic_write
 from .catalog import DatasetInfo, LocalFile, RemoteFile
-from .fetch import Target
+from .fetch import Target, check
 from .sources import DataFilesError, ensure_files, mirrors, target_for
 
 LEGACY_FILES = {"train": "training.pt", "test": "test.pt"}
@@ -104,28 +105,6 @@ def missing_error(info: DatasetInfo, root: Path, fmt: str, name: str) -> DataFil
     return DataFilesError("\n".join(lines))
 
 
-def _check_extracted(
-    remote: RemoteFile, folder: Path, verify: bool, record: HashRecord
-) -> tuple[str | None, bool]:
-    """(why the extracted copy of ``remote`` is not usable or None, whether its content was
-    checked against a known checksum)."""
-    target = extracted_target(remote, folder)
-    assert target is not None
-    if not verify:  # subsets and re-encodings: the decoder's format checks still apply
-        return None, False
-    size = target.dest.stat().st_size
-    if size != target.size:  # the official split fixes the size: anything else is damaged
-        return f"wrong size: {size} bytes, expected {target.size}", False
-    if not (target.md5 or target.sha256):
-        return None, False
-    md5, sha = record.hashes(target.dest)
-    if target.md5 and md5 != target.md5:
-        return f"md5 mismatch: {md5}, expected {target.md5} (of the extracted official file)", True
-    if target.sha256 and sha != target.sha256:
-        return f"sha256 mismatch: {sha}, expected {target.sha256}", True
-    return None, True
-
-
 def load(
     info: DatasetInfo,
     root: Path,
@@ -155,7 +134,9 @@ def load(
     for i, (remote, form) in enumerate(zip(pair, forms)):
         if form != "extracted":
             continue
-        problem, checked = _check_extracted(remote, folder, verify, record)
+        target = extracted_target(remote, folder)
+        problem = check(target, verify, record)  # refuses a symbolic link, verify or not
+        checked = verify and bool(target.md5 or target.sha256)
         if problem is None:
             if not checked:
                 verified = False
@@ -176,9 +157,9 @@ def load(
         forms[i] = "official"  # fetch the published file instead, and decode that
     official = [target_for(f, folder, info.bases) for f, form in zip(pair, forms)]
     official = [t for t, form in zip(official, forms) if form == "official"]
-    ensure_files(official, download, verify, name=name, extras=extras)
+    ensure_files(official, download, verify, name=name, extras=extras, record=record)
     verified = verified and verify
-    images, labels = _decode(info, folder, pair, forms, fmt)
+    images, labels = _decode(info, folder, pair, forms, fmt, record)
     names = [f.extracted.name if form == "extracted" else f.name for f, form in zip(pair, forms)]
     _check_arrays(info, split, images, labels, (folder / names[0], folder / names[1]), verify)
     source = "npz" if fmt == "npz" else ("idx" if "extracted" in forms else "idx.gz")
@@ -186,7 +167,7 @@ def load(
 
 
 def _decode(
-    info: DatasetInfo, folder: Path, pair, forms: list[str], fmt: str
+    info: DatasetInfo, folder: Path, pair, forms: list[str], fmt: str, record: HashRecord
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = info.image_shape
     if fmt == "npz":
@@ -199,7 +180,7 @@ def _decode(
         if form == "extracted":
             out.append(formats.read_idx(folder / remote.extracted.name, ndim, dims))
         else:
-            out.append(read_idx_cached(folder / remote.name, remote.extracted, ndim, dims))
+            out.append(read_idx_cached(folder / remote.name, remote.extracted, ndim, dims, record))
     return out[0], out[1]
 
 
@@ -230,7 +211,11 @@ def _check_arrays(
 
 
 def read_idx_cached(
-    gz_path: Path, extracted: LocalFile | None, ndim: int, shape: tuple[int, ...] | None
+    gz_path: Path,
+    extracted: LocalFile | None,
+    ndim: int,
+    shape: tuple[int, ...] | None,
+    record: HashRecord | None = None,
 ) -> np.ndarray:
     """Decode an idx.gz, using (and keeping) the extracted copy torchvision also reads.
 
@@ -238,16 +223,17 @@ def read_idx_cached(
     (same md5, neither file touched since); otherwise the gz is decoded and the copy rewritten.
     """
     plain = gz_path.with_suffix("") if extracted is None else gz_path.with_name(extracted.name)
-    record = HashRecord(gz_path.parent)
+    record = record or HashRecord(gz_path.parent)
     gz_md5 = record.hashes(gz_path)[0]  # remembered after the first load
-    entry = record.lookup(plain) if plain.is_file() else None
+    entry = record.lookup(plain) if plain.is_file() and not plain.is_symlink() else None
     if entry is not None and entry.get("from_md5") == gz_md5:
         return formats.read_idx(plain, ndim, shape)
     raw = formats.read_gzip(gz_path)
     arr = formats.parse_idx(raw, gz_path, ndim, shape)
     try:
         atomic_write(plain, raw, fsync=False)
-        md5, sha = hash_file(plain)
+        # Hashed from memory: the bytes just written, not read back from disk.
+        md5, sha = hashlib.md5(raw).hexdigest(), hashlib.sha256(raw).hexdigest()
         record.remember(plain, md5, sha, from_md5=gz_md5)
     except OSError:  # read-only root: keep working from the gz
         pass

@@ -13,21 +13,18 @@ from pathlib import Path
 
 from . import catalog
 from ._io import HashRecord
+from .errors import FormatError
 from .fetch import Target, check
-from .formats import FormatError
 from .montage import montage
-from .sources import NO_SOURCE, DataFilesError, default_root, mirrors, target_for
+from .sources import NO_SOURCE, DataFilesError, default_root, mirrors, resolve_root, target_for
 
 
-def _dataset_class(name: str):
-    info = catalog.get(name)
-    if info.name == "kkanji":
-        from .kkanji import KKanji
+def _create(name: str, root: Path, **kwargs):
+    """The dataset ``name`` from the registry (imported here: the catalog commands need no
+    torch)."""
+    from .datasets import create_dataset
 
-        return KKanji
-    from . import datasets
-
-    return {"mnist": datasets.MNIST, "kmnist": datasets.KMNIST, "k49": datasets.K49}[info.name]
+    return create_dataset(name, root, **kwargs)
 
 
 def _names(names: list[str]) -> list[str]:
@@ -108,9 +105,7 @@ def _checked(ds, verify: bool) -> str:
 def cmd_download(args: argparse.Namespace) -> int:
     """Download and check every split of each named dataset; carry on past a failure, then
     list every file still missing with its URLs and the path to put it at."""
-    from .datasets import create_dataset
-
-    root = Path(args.root) if args.root else default_root()
+    root = resolve_root(args.root)
     failed: list[str] = []
     missing: list[Target] = []
     if not args.verify:
@@ -133,7 +128,7 @@ def cmd_download(args: argparse.Namespace) -> int:
                 with warnings.catch_warnings():
                     if not args.verify:  # said once above
                         warnings.filterwarnings("ignore", message=".*verify=False")
-                    ds = create_dataset(name, root, download=True, verify=args.verify, **kw)
+                    ds = _create(name, root, download=True, verify=args.verify, **kw)
                 where = getattr(ds, "raw_folder", None) or ds.folder
                 print(f"{label}: {len(ds):,} images, {_checked(ds, args.verify)}, in {where}")
             except (DataFilesError, FormatError, ValueError) as exc:
@@ -157,7 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     trusted), decode each split, check KKanji's tar against its record and its decoded cache
     against the PNG tree. Exit 1 naming every bad file; ``--repair`` downloads bad files again
     and rebuilds the KKanji cache."""
-    root = Path(args.root).expanduser() if args.root else default_root()
+    root = resolve_root(args.root)
     if not root.is_dir():
         print(f"error: {root} is not a folder: nothing to verify (pass --root, or set "
               "$KMNIST_TORCH_ROOT to the data folder)", file=sys.stderr)  # fmt: skip
@@ -189,11 +184,11 @@ def _copy_problem(gz: Path, copy: Path) -> str | None:
 def _verify_arrays(root: Path, info, repair: bool) -> int:
     """Rehash every file of ``info`` under ``root`` in whichever form it is there (the
     official file, or only the idx file extracted from it), then decode each complete split."""
-    from .arrays import extracted_target, present
+    from .arrays import extracted_target, present, raw_folder
     from .sources import ensure_files
 
     name = info.name
-    folder = root / info.folder / "raw"
+    folder = raw_folder(root, info)
     record = HashRecord(folder)
     found = False
     status = 0
@@ -239,7 +234,7 @@ def _verify_arrays(root: Path, info, repair: bool) -> int:
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # said per file above
-                        ds = _dataset_class(name)(root, train=split == "train", **kw)
+                        ds = _create(name, root, train=split == "train", **kw)
                     print(f"{name} {split} ({fmt}): decodes, {len(ds):,} images")
                 except (DataFilesError, FormatError) as exc:
                     print(f"{name} {split} ({fmt}): BAD: {exc}")
@@ -338,7 +333,7 @@ MAX_PER_CLASS = 200  # images in one montage row
 
 def cmd_montage(args: argparse.Namespace) -> int:
     """Save a grid of random examples per class, labelled with the character."""
-    root = Path(args.root) if args.root else default_root()
+    root = resolve_root(args.root)
     problem = _output_problem(Path(args.out), IMAGE_SUFFIXES)
     if problem is None and args.per_class < 1:
         problem = f"--per-class must be a whole number >= 1, got {args.per_class}"
@@ -351,7 +346,6 @@ def cmd_montage(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    cls = _dataset_class(args.name)
     info = catalog.get(args.name)
     split = args.split
     try:
@@ -360,7 +354,8 @@ def cmd_montage(args: argparse.Namespace) -> int:
                 warnings.simplefilter("ignore")
             if info.name == "kkanji":
                 split = split or "all"
-                ds = cls(root, split=split, download=args.download, verify=args.verify)
+                ds = _create(args.name, root, split=split, download=args.download,
+                             verify=args.verify)  # fmt: skip
             elif split == "all":
                 print(f"error: --split all is for kkanji; {args.name} has train and test",
                       file=sys.stderr)  # fmt: skip
@@ -370,8 +365,9 @@ def cmd_montage(args: argparse.Namespace) -> int:
                 for k, name in enumerate(names):
                     last = k == len(names) - 1
                     try:
-                        ds = cls(root, train=name == "train", download=args.download and last,
-                                 verify=args.verify)  # fmt: skip
+                        fetch_it = args.download and last
+                        ds = _create(args.name, root, train=name == "train", download=fetch_it,
+                                     verify=args.verify)  # fmt: skip
                         split = name
                         break
                     except DataFilesError:

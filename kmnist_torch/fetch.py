@@ -38,10 +38,6 @@ class DownloadError(RuntimeError):
     """No URL produced a file with the expected size and checksums."""
 
 
-class ChecksumError(ValueError):
-    """A file on disk does not match its published size or checksum."""
-
-
 @dataclass
 class Target:
     """A file to have: where it goes, where it can come from, and how to recognise it.

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import catalog
+from .arrays import raw_folder
 from .formats import read_idx, write_idx, write_npz
 from .sources import DataFilesError
 
@@ -23,11 +24,6 @@ def classmap_bytes(name: str) -> bytes:
     info = catalog.get(name)
     rows = ["index,codepoint,char"] + [f"{c.index},{c.codepoint},{c.char}" for c in info.classes]
     return ("\n".join(rows) + "\n").encode("utf-8")
-
-
-def raw_folder(root: str | os.PathLike, name: str) -> Path:
-    """``root/<Folder>/raw``: where a dataset's official files live (torchvision's layout)."""
-    return Path(root) / catalog.get(name).folder / "raw"
 
 
 def write_split(
@@ -55,7 +51,7 @@ def write_split(
             f"expected N x {info.image_shape[0]} x {info.image_shape[1]} images and N labels, "
             f"got {images.shape} and {labels.shape}"
         )
-    folder = raw_folder(root, info.name)
+    folder = raw_folder(Path(root), info)
     folder.mkdir(parents=True, exist_ok=True)
     images_file, labels_file = info.splits[split][fmt]
     for remote, arr in ((images_file, images), (labels_file, labels)):

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class FormatError(ValueError):
-    """A file on disk is not what its format promises (wrong magic, shape, dtype or length)."""
+from .errors import FormatError
 
 
 def _fail(path: os.PathLike | str, expected: str, found: str) -> FormatError:
@@ -229,31 +227,6 @@ def read_npz(
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-# How each kind of official file begins: a download whose first bytes differ is not that file
-# (an HTML error page, a truncated or foreign file), whatever the checksums say or skip.
-MAGIC = {
-    ".gz": (b"\x1f\x8b", "a gzip file"),
-    ".npz": (b"PK\x03\x04", "an npz (zip) file"),
-    ".csv": (b"index,codepoint,char", "a class map (index,codepoint,char)"),
-}
-
-
-def magic_problem(path: os.PathLike | str, name: str | None = None) -> str | None:
-    """Why the file at ``path`` does not begin as its kind of official file must (by the
-    suffix of ``name``, default ``path``'s own: .gz, .npz, .csv), or None; files of other
-    kinds are not judged here."""
-    path = Path(path)
-    expected = MAGIC.get(Path(name or path.name).suffix)
-    if expected is None:
-        return None
-    magic, kind = expected
-    with open(path, "rb") as fh:
-        head = fh.read(max(len(magic), 64))
-    if head.startswith(magic):
-        return None
-    looks = "an HTML page" if head.lstrip()[:1] == b"<" else f"bytes {head[:8]!r}"
-    return f"not {kind}: it begins with {looks}"
 
 
 def png_problem(data: bytes, size: tuple[int, int]) -> str | None:

@@ -51,11 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import catalog
 from ._args import add_data_options
 from ._io import atomic_write
+from .arrays import raw_folder
 from .data import load_split
 from .engine import TrainError, device_name
-from .fixtures import RESPLIT_TEST, RESPLIT_TRAIN, raw_folder, write_resplit
+from .fixtures import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
 from .formats import FormatError
 from .sources import DataFilesError
 from .table import (
@@ -92,7 +94,7 @@ QUICK_TRAIN = [
 def _prepare_resplit(args: argparse.Namespace) -> None:
     """Write (or find) the re-split root and point the run at it, as a cut-down KMNIST run."""
     args.root = args.root or str(Path(args.out) / "resplit-data")
-    raw = raw_folder(args.root, "kmnist")
+    raw = raw_folder(Path(args.root), catalog.KMNIST)
     if args.resplit:
         sizes = write_resplit(args.root, args.resplit, args.resplit_seed)  # 8,000 / 2,000
         print(

@@ -19,7 +19,6 @@ from . import catalog
 from ._io import HashRecord, LockTimeout, folder_lock
 from .catalog import RemoteFile
 from .fetch import DownloadError, FetchConfig, Target, check, download
-from .formats import magic_problem
 from .settings import env_flag
 
 DOWNLOAD_LOCK = ".download.lock"
@@ -85,6 +84,32 @@ def target_for(
     )
 
 
+# How each kind of official file begins: a download whose first bytes differ is not that file
+# (an HTML error page, a truncated or foreign file), whatever the checksums say or skip.
+MAGIC = {
+    ".gz": (b"\x1f\x8b", "a gzip file"),
+    ".npz": (b"PK\x03\x04", "an npz (zip) file"),
+    ".csv": (b"index,codepoint,char", "a class map (index,codepoint,char)"),
+}
+
+
+def magic_problem(path: os.PathLike | str, name: str | None = None) -> str | None:
+    """Why the file at ``path`` does not begin as its kind of official file must (by the
+    suffix of ``name``, default ``path``'s own: .gz, .npz, .csv), or None; files of other
+    kinds are not judged here."""
+    path = Path(path)
+    expected = MAGIC.get(Path(name or path.name).suffix)
+    if expected is None:
+        return None
+    magic, kind = expected
+    with open(path, "rb") as fh:
+        head = fh.read(max(len(magic), 64))
+    if head.startswith(magic):
+        return None
+    looks = "an HTML page" if head.lstrip()[:1] == b"<" else f"bytes {head[:8]!r}"
+    return f"not {kind}: it begins with {looks}"
+
+
 class DataFilesError(RuntimeError):
     """Files a dataset needs are missing, damaged, stale, or could not be downloaded."""
 
@@ -96,6 +121,7 @@ def ensure_files(
     name: str = "the dataset",
     config: FetchConfig | None = None,
     extras: list[Target] = (),
+    record: HashRecord | None = None,
 ) -> None:
     """Make sure every target is on disk and passes its checks; download what is missing, bad
     or stale when ``download_missing``. Raises one :class:`DataFilesError` naming every file
@@ -107,7 +133,7 @@ def ensure_files(
     if not targets:
         return
     folder = targets[0].dest.parent
-    record = HashRecord(folder)
+    record = record or HashRecord(folder)
     problems = {id(t): check(t, verify, record) for t in targets}
     bad = [t for t in targets if problems[id(t)]]
     if not bad:

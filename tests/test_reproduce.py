@@ -14,8 +14,9 @@ import torch
 from conftest import mirror_env
 
 from kmnist_torch import catalog, reproduce, table
+from kmnist_torch.arrays import raw_folder
 from kmnist_torch.baselines import knn_predict
-from kmnist_torch.fixtures import random_split, raw_folder, write_resplit, write_split
+from kmnist_torch.fixtures import random_split, write_resplit, write_split
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -346,7 +347,7 @@ def test_resplit_writes_a_root_runs_knn_on_it_and_reuses_it(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--rows", "knn", "--device", "cpu", "--out", str(out)]
     assert reproduce.main(["--resplit", str(source), "--write-only", *argv]) == 0
-    raw = raw_folder(out / "resplit-data", "kmnist")
+    raw = raw_folder(out / "resplit-data", catalog.KMNIST)
     assert (raw / "train-images-idx3-ubyte.gz").is_file() and not (out / "results.json").exists()
     # No SOURCE_DIR: the root written before is used (a machine without the source).
     assert reproduce.main(["--resplit", *argv]) == 0
