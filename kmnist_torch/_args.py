@@ -5,6 +5,8 @@ data is (``--root``), whether to fetch it (``--download``), whether to check it
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any, Callable
 
 ROOT_HELP = "data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch)"
 
@@ -33,3 +35,28 @@ def add_data_options(
     )
     if device_help is not None:
         parser.add_argument("--device", default=None, help=device_help)
+
+
+def run_main(
+    main: Callable[[list[str] | None], Any],
+    argv: list[str] | None = None,
+    status: Callable[[Any], int] = lambda result: 0,
+    interrupted: str = "interrupted",
+    errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run a command's ``main`` the way every command line of the package ends: what a user
+    can act on (missing or damaged files, a bad setting or argument, an unreadable path, and
+    the command's own ``errors``) as one ``error:`` line and exit 1, Ctrl-C as exit 130; else
+    ``status(result)``. Anything else is a bug, and keeps its traceback."""
+    from .errors import FormatError
+    from .sources import DataFilesError
+
+    try:
+        result = main(argv)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except (DataFilesError, FormatError, ValueError, OSError, *errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return status(result)

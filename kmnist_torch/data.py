@@ -94,3 +94,21 @@ def load_split(
     return SimpleNamespace(
         data=data, targets=targets, classes=classes, codepoints=codepoints, romaji=romaji
     )
+
+
+# The trainer's KKanji flags -> KKanji's arguments (the rest of a run's options need none).
+KKANJI_OPTIONS = {
+    "test_fraction": "test_fraction",
+    "min_per_class": "min_per_class",
+    "shots": "shots",
+    "split_seed": "seed",
+}
+
+
+def dataset_options(dataset: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's own arguments among a run's options ``given`` (flag name -> value): for
+    KKanji its split options that were set (left out: KKanji's defaults); none otherwise."""
+    if dataset != "kkanji":
+        return {}
+    options = {key: given.get(flag) for flag, key in KKANJI_OPTIONS.items()}
+    return {k: v for k, v in options.items() if v is not None}

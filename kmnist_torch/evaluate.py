@@ -20,24 +20,16 @@ import numpy as np
 import torch
 
 from . import plots
-from ._args import add_data_options
+from ._args import add_data_options, run_main
 from ._io import write_json
-from .data import load_split
-from .formats import FormatError
+from .data import dataset_options, load_split
 from .loader import TensorLoader
 from .metrics import accuracy, balanced_accuracy
 from .modelfile import find_model_file, load_model
-from .sources import DataFilesError
 
 __all__ = ["build_parser", "class_report", "load_run_split", "main", "predict_split", "run_cli"]
 
 # The trainer's names of KKanji's split options -> the dataset's argument names.
-_KKANJI_OPTIONS = {
-    "test_fraction": "test_fraction",
-    "min_per_class": "min_per_class",
-    "shots": "shots",
-    "split_seed": "seed",
-}
 # Above this many classes metrics.json keeps the confusion matrix as (true, predicted, count)
 # triples: KKanji's 3,832 x 3,832 as nested lists would be ~40 MB of zeros.
 DENSE_MAX_CLASSES = 1000
@@ -67,10 +59,7 @@ def _dataset_options(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, 
     options = (meta.get("data") or {}).get("options")
     if options is not None:
         return dict(options)
-    if meta["dataset"] != "kkanji":
-        return {}
-    given = {key: config.get(flag) for flag, key in _KKANJI_OPTIONS.items()}
-    return {k: v for k, v in given.items() if v is not None}
+    return dataset_options(meta["dataset"], config)  # a checkpoint from before model files
 
 
 def load_run_split(
@@ -243,12 +232,7 @@ def _print_summary(doc: dict[str, Any], matrix: np.ndarray, classes: list[str], 
 
 def run_cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: errors as one line."""
-    try:
-        main(argv)
-    except (DataFilesError, FormatError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(main, argv)
 
 
 if __name__ == "__main__":

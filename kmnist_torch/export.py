@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._args import add_data_options
+from ._args import add_data_options, run_main
 from .formats import FormatError
 from .modelfile import find_model_file, load_model
 from .sources import DataFilesError
@@ -226,12 +226,7 @@ def main(argv: list[str] | None = None) -> float:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: errors as one line."""
-    try:
-        main(argv)
-    except (ExportError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(main, argv, errors=(ExportError,))
 
 
 if __name__ == "__main__":

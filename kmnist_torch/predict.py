@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._args import run_main
 from .modelfile import load_model
 
 __all__ = ["build_parser", "load_image", "main", "predict", "run_cli", "top_k"]
@@ -199,12 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: errors as one line."""
-    try:
-        results = main(argv)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 1 if any("error" in r for r in results) else 0
+    return run_main(main, argv, status=lambda results: int(any("error" in r for r in results)))
 
 
 if __name__ == "__main__":

@@ -29,15 +29,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, mixup, modelfile
-from ._args import add_data_options
-from .data import load_split
+from ._args import add_data_options, run_main
+from .data import dataset_options, load_split
 from .datasets import list_datasets
 from .engine import CHECKPOINT, RESULTS, Job, RunDir, RunState, TrainError, determinism, fit
-from .formats import FormatError
 from .loader import TensorLoader
 from .models import create_model, list_models
 from .recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, RecipeError, default_recipe_name
-from .sources import DataFilesError, resolve_root
+from .sources import resolve_root
 
 __all__ = [
     "CHECKPOINT",
@@ -70,12 +69,6 @@ _CHOICES = {
     "schedule": list(SCHEDULES),
     "mixup": list(mixup.MODES),
     "loss": list(mixup.LOSSES),
-}
-_KKANJI_OPTIONS = {
-    "test_fraction": "test_fraction",
-    "min_per_class": "min_per_class",
-    "shots": "shots",
-    "split_seed": "seed",
 }
 
 
@@ -205,10 +198,7 @@ def resolve_recipe(
 
 def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     """KKanji's split options given on the command line (left out: KKanji's defaults)."""
-    if args.dataset != "kkanji":
-        return {}
-    given = {key: getattr(args, flag) for flag, key in _KKANJI_OPTIONS.items()}
-    return {k: v for k, v in given.items() if v is not None}
+    return dataset_options(args.dataset, vars(args))
 
 
 def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: bool) -> dict:
@@ -409,15 +399,13 @@ def _main(
 
 def run_cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: errors as one line, exit 130 after Ctrl-C."""
-    try:
-        res = main(argv)
-    except (TrainError, DataFilesError, FormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("aborted; the last checkpoint is kept", file=sys.stderr)
-        return 130
-    return 130 if res["interrupted"] else 0
+    return run_main(
+        main,
+        argv,
+        status=lambda res: 130 if res["interrupted"] else 0,
+        interrupted="aborted; the last checkpoint is kept",
+        errors=(TrainError,),
+    )
 
 
 if __name__ == "__main__":
