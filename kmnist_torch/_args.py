@@ -14,25 +14,27 @@ ROOT_HELP = "data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch)"
 def add_data_options(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     root_help: str = ROOT_HELP,
-    download: bool = True,
+    download: bool | None = True,
     device_help: str | None = "torch device (default: cuda if available)",
+    verify: bool = True,
 ) -> None:
-    """Add ``--root``, ``--download/--no-download`` (when ``download``), ``--no-verify`` and
-    ``--device`` (when ``device_help``) to ``parser``."""
+    """Add ``--root``, ``--download/--no-download`` (defaulting to ``download``; left out when
+    None), ``--no-verify`` (when ``verify``) and ``--device`` (when ``device_help``)."""
     parser.add_argument("--root", default=None, help=root_help)
-    if download:
+    if download is not None:
         parser.add_argument(
             "--download",
             action=argparse.BooleanOptionalAction,
-            default=True,
-            help="download missing files (default: yes); --no-download for files placed by hand",
+            default=download,
+            help=f"download missing files (default: {'yes' if download else 'no'})",
         )
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="do not check the files' checksums (your own re-encodings or subsets)",
-    )
+    if verify:
+        parser.add_argument(
+            "--no-verify",
+            dest="verify",
+            action="store_false",
+            help="do not check the files' checksums (your own re-encodings or subsets)",
+        )
     if device_help is not None:
         parser.add_argument("--device", default=None, help=device_help)
 

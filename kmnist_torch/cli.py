@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from . import catalog
+from ._args import add_data_options
 from ._io import HashRecord
 from .errors import FormatError
 from .fetch import Target, check
@@ -425,39 +426,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("download", help="download and verify datasets")
     s.add_argument("names", nargs="+")
-    s.add_argument("--root")
     s.add_argument("--format", choices=["mnist", "npz", "all"], default=None,
                    help="KMNIST file format (default mnist; K49 has only npz)")  # fmt: skip
-    s.add_argument("--no-verify", dest="verify", action="store_false")
+    add_data_options(s, download=None, device_help=None)
     s.set_defaults(func=cmd_download)
     s = sub.add_parser("verify", help="check downloaded files against the catalog")
     s.add_argument("names", nargs="*")
-    s.add_argument("--root")
+    add_data_options(s, download=None, device_help=None, verify=False)
     s.add_argument("--repair", action="store_true",
                    help="download bad files again and rebuild the KKanji cache")  # fmt: skip
     s.set_defaults(func=cmd_verify)
     s = sub.add_parser("montage", help="save a grid of examples per class as PNG")
     s.add_argument("name")
     s.add_argument("--out", required=True)
-    s.add_argument("--root")
     s.add_argument("--per-class", type=int, default=10)
     s.add_argument("--max-classes", type=int, default=49)
     s.add_argument("--split", choices=["train", "test", "all"], default=None,
                    help="default: train if present, else test (all for kkanji)")  # fmt: skip
     s.add_argument("--seed", type=int, default=0, help="which random images per class")
-    s.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="do not check checksums (subsets and re-encodings)")  # fmt: skip
-    s.add_argument("--download", action="store_true")
+    add_data_options(s, download=False, device_help=None)
     s.set_defaults(func=cmd_montage)
     s = sub.add_parser("kkanji-split", help="write the KKanji train/test split as JSON")
     s.add_argument("--out", required=True)
-    s.add_argument("--root")
     s.add_argument("--test-fraction", type=float, default=0.2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--min-per-class", type=int, default=1)
     s.add_argument("--shots", type=int, default=None)
-    s.add_argument("--download", action="store_true")
-    s.add_argument("--no-verify", dest="verify", action="store_false")
+    add_data_options(s, download=False, device_help=None)
     s.set_defaults(func=cmd_kkanji_split)
     return p
 

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(
         p,
         root_help="data folder of the check batch (default: the run's)",
-        download=False,
+        download=None,
         device_help=None,
     )
     return p
