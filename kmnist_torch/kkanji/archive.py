@@ -19,7 +19,7 @@ from .._io import LockTimeout, folder_lock, hash_file, unchanged, write_json
 from ..fetch import DownloadError, Target, download
 from ..formats import png_problem
 from ..settings import say
-from ..sources import NO_SOURCE, DataFilesError, mirrors
+from ..sources import NO_SOURCE, DataFilesError, target_for, urls_for
 from .layout import (
     CACHE_DIR,
     LOCK_NAME,
@@ -234,7 +234,7 @@ def _missing_message(folder: Path) -> str:
     archive = catalog.KKANJI.archive
     assert archive is not None
     # With no source configured, still say where the file comes from officially.
-    urls = [b + archive.path for b in mirrors() or [catalog.OFFICIAL_BASE]]
+    urls = target_for(archive, folder, catalog.KKANJI.bases, shown=True).urls
     lines = [f"KKanji: neither {TREE_NAME}/ nor {TAR_NAME} is in {folder}."]
     lines += [f"    from: {u}" for u in urls]
     lines += [
@@ -322,7 +322,7 @@ def _use_tar(folder: Path, md5: str, sha: str, verify: bool, how: str) -> None:
 def _download_and_use(folder: Path, verify: bool) -> None:
     archive = catalog.KKANJI.archive
     assert archive is not None
-    urls = [b + archive.path for b in mirrors()]
+    urls = urls_for(archive, catalog.KKANJI.bases)
     if not urls:
         raise DataFilesError(f"KKanji: {TAR_NAME} is needed in {folder}, but {NO_SOURCE}.")
     tar = folder / TAR_NAME
