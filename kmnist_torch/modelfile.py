@@ -10,6 +10,7 @@ in eval mode, with the metadata as its ``.meta``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -110,8 +111,32 @@ def save_model(
     """Write ``model.pt`` atomically: the weights on the CPU and ``meta``, with ``metrics``
     (the last epoch's test scores) in ``meta["metrics"]``."""
     meta = {**meta, "metrics": {k: metrics[k] for k in _METRICS if k in (metrics or {})}}
-    payload = {"format": FORMAT, "meta": meta, "state_dict": _plain_state(model)}
+    weights = _plain_state(model)
+    payload = {
+        "format": FORMAT,
+        "meta": meta,
+        "state_dict": weights,
+        "weights_sha256": weights_sha256(weights),
+    }
     atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """A sha256 of every tensor's name, dtype, shape and bytes: what tells a model file whose
+    weights changed after it was written (bit rot, an edit) from the one the run wrote."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _safe_sha(weights: Any) -> str | None:
+    try:
+        return weights_sha256(weights)
+    except (AttributeError, TypeError, RuntimeError):  # not a dict of tensors
+        return None
 
 
 class ModelFileError(ValueError):
@@ -215,6 +240,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         raise ModelFileError(f"{file} is not a kmnist_torch model file or checkpoint")
     if "state_dict" in state:
         meta, weights = state.get("meta"), state["state_dict"]
+        recorded = state.get("weights_sha256")  # files of older releases have none
+        if recorded is not None and _safe_sha(weights) != recorded:
+            raise ModelFileError(
+                f"{file}: its weights differ from those the run wrote (sha256 mismatch): the "
+                "file is damaged or was edited; train the run again, or restore it from a copy"
+            )
     else:
         meta, weights = _meta_from_checkpoint(state, file), state["model"]
     _check_meta(meta, file)

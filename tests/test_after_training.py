@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import kmnist_torch
-from kmnist_torch import catalog, evaluate, export, fonts, plots, predict, train
+from kmnist_torch import catalog, evaluate, export, fonts, modelfile, plots, predict, train
 from kmnist_torch.cli import main as cli_main
 from kmnist_torch.fixtures import random_split, write_split
 from kmnist_torch.modelfile import INPUT_CONVENTION
@@ -81,7 +81,7 @@ def _test_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_model_file_holds_weights_and_metadata_loadable_weights_only(run):
     state = torch.load(run["out"] / "model.pt", map_location="cpu", weights_only=True)
-    assert set(state) == {"format", "meta", "state_dict"}  # no optimiser state
+    assert set(state) == {"format", "meta", "state_dict", "weights_sha256"}  # no optimiser state
     meta = state["meta"]
     assert meta["arch"] == "simple_cnn"
     assert meta["model_args"] == {"num_classes": 10, "in_chans": 1, "img_size": 28}
@@ -375,3 +375,16 @@ def test_train_resume_on_a_damaged_checkpoint_says_what_to_do(run, tmp_path, cap
     assert train.run_cli([*run["argv"], "--out", str(out), "--resume"]) == 1
     err = capsys.readouterr().err
     assert "checkpoint.pt is damaged" in err and "--overwrite" in err
+
+
+def test_a_flipped_byte_in_the_weights_of_model_pt_is_caught(run, tmp_path, capsys):
+    doc = torch.load(run["out"] / "model.pt", weights_only=True)
+    assert doc["weights_sha256"] == modelfile.weights_sha256(doc["state_dict"])
+    name = next(k for k, v in doc["state_dict"].items() if v.is_floating_point())
+    bytes_ = doc["state_dict"][name].reshape(-1).view(torch.uint8)
+    bytes_[3] ^= 0x10  # one bit of one weight, as bit rot would
+    torch.save(doc, tmp_path / "rotten.pt")
+    with pytest.raises(modelfile.ModelFileError, match="sha256 mismatch"):
+        kmnist_torch.load_model(tmp_path / "rotten.pt")
+    assert evaluate.run_cli([str(tmp_path / "rotten.pt")]) == 1
+    assert "differ from those the run wrote" in capsys.readouterr().err
