@@ -363,6 +363,7 @@ def cmd_montage(args: argparse.Namespace) -> int:
                 return 2
             else:
                 names = [split] if split else ["train", "test"]  # none named: whichever is there
+                tried: list[str] = []
                 for k, name in enumerate(names):
                     last = k == len(names) - 1
                     try:
@@ -371,9 +372,10 @@ def cmd_montage(args: argparse.Namespace) -> int:
                                      verify=args.verify)  # fmt: skip
                         split = name
                         break
-                    except DataFilesError:
-                        if last:
-                            raise
+                    except DataFilesError as exc:
+                        tried.append(f"{name} split: {exc}")
+                        if last:  # every split tried: say why each one failed
+                            raise DataFilesError("\n".join(tried)) from exc
     except (DataFilesError, FormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
