@@ -107,3 +107,10 @@ def test_download_carries_on_and_lists_every_missing_file(tmp_path, http_server,
     assert f"{http_server.url}/k49/k49-test-imgs.npz" in summary
     assert str(root / "K49" / "raw" / "k49-test-imgs.npz") in summary
     assert "t10k-images-idx3-ubyte.gz" not in summary  # downloaded
+
+
+def test_montage_says_why_each_split_failed(tmp_path, fast_net, capsys):
+    rc = main(["montage", "k49", "--root", str(tmp_path), "--out", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "train split: K49" in err and "test split: K49" in err
+    assert not (tmp_path / "m.png").exists()
