@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Union
 
-from .settings import lock_timeout
+from .settings import lock_timeout, say
 
 CHUNK = 1 << 20
 RECORD_NAME = ".kmnist_torch-verified.json"
@@ -61,15 +61,6 @@ def write_json(path: str | os.PathLike, doc: Any, indent: int | None = 1) -> Non
     """``doc`` as JSON (UTF-8, characters kept as they are), written atomically."""
     text = json.dumps(doc, indent=indent, ensure_ascii=False)
     atomic_write(path, text + "\n")
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporaries that :func:`atomic_write` left behind in ``folder`` when a
-    process was killed mid-write. Call it while holding the folder's lock."""
-    with contextlib.suppress(OSError):
-        for p in folder.glob(f".*{TMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                p.unlink()
 
 
 class LockTimeout(TimeoutError):
@@ -141,11 +132,9 @@ def folder_lock(
                 break
             except BlockingIOError:
                 if not said:
-                    print(
-                        f"kmnist_torch: another process is {what} in {folder} (it holds "
-                        f"{path}); waiting up to {timeout:g} s ($KMNIST_TORCH_LOCK_TIMEOUT)",
-                        file=sys.stderr,
-                        flush=True,
+                    say(
+                        f"another process is {what} in {folder} (it holds {path}); waiting "
+                        f"up to {timeout:g} s ($KMNIST_TORCH_LOCK_TIMEOUT)"
                     )
                     said = True
                 if time.monotonic() >= deadline:

@@ -164,6 +164,14 @@ def make_target(dest_dir: Path, urls: list[str], data: bytes, **kw):
     )
 
 
+TIMING = {"images_per_second", "train_seconds", "test_seconds"}
+
+
+def epoch_numbers(res: dict) -> list[dict]:
+    """A run's per-epoch records without the timings: what two runs must agree on."""
+    return [{k: v for k, v in e.items() if k not in TIMING} for e in res["epochs"]]
+
+
 def wait_for(predicate, timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until true or ``timeout`` seconds pass."""
     end = time.monotonic() + timeout

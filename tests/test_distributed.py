@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import epoch_numbers
 from test_reproduce import _offline, _place
 from test_train import _write_kmnist
 
@@ -49,11 +50,6 @@ EXACT = [
     "91",
     "--deterministic",
 ]
-TIMING = {"images_per_second", "train_seconds", "test_seconds"}
-
-
-def _numbers(res: dict) -> list[dict]:
-    return [{k: v for k, v in e.items() if k not in TIMING} for e in res["epochs"]]
 
 
 def _argv(root: Path, out: Path, *extra: str) -> list[str]:
@@ -196,8 +192,8 @@ def test_world_size_2_writes_once_and_follows_world_size_1(two_ranks, root, tmp_
     assert two["num_test"] == 91 and two["images_per_second"] > 0
     one = train.main(_argv(root, tmp_path / "one", *EXACT))
     assert one["world_size"] == 1
-    assert len(_numbers(one)) == len(_numbers(two)) == 2
-    for a, b in zip(_numbers(one), _numbers(two)):
+    assert len(epoch_numbers(one)) == len(epoch_numbers(two)) == 2
+    for a, b in zip(epoch_numbers(one), epoch_numbers(two)):
         assert a.keys() == b.keys()
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
@@ -215,7 +211,7 @@ def test_world_size_2_stopped_and_resumed_finishes_like_the_whole_run(two_ranks,
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resuming" in rest.stderr and rest.stderr.count("resuming") == 1
     res = json.loads((out / "results.json").read_text())
-    assert res["finished"] and _numbers(res) == _numbers(
+    assert res["finished"] and epoch_numbers(res) == epoch_numbers(
         json.loads((whole / "results.json").read_text())
     )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import mirror_env
+from conftest import epoch_numbers, mirror_env
 
 from kmnist_torch import engine, train
 from kmnist_torch.augment import random_translate
@@ -321,11 +321,6 @@ SMALL = [
     "0.5",
     "--deterministic",
 ]
-TIMING = {"images_per_second", "train_seconds", "test_seconds"}
-
-
-def _numbers(res: dict) -> list[dict]:
-    return [{k: v for k, v in e.items() if k not in TIMING} for e in res["epochs"]]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -438,7 +433,7 @@ def test_resume_after_an_epoch_ends_with_the_same_numbers(kmnist_root, tmp_path)
     first = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--stop-after", "1"))
     assert first["interrupted"] and not first["finished"] and len(first["epochs"]) == 1
     rest = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
-    assert rest["finished"] and _numbers(rest) == _numbers(whole)
+    assert rest["finished"] and epoch_numbers(rest) == epoch_numbers(whole)
     assert rest["test_accuracy"] == whole["test_accuracy"]
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
 
@@ -463,7 +458,7 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works as before again
     monkeypatch.setattr(engine, "random_translate", real)
     rest = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
-    assert _numbers(rest) == _numbers(whole)
+    assert epoch_numbers(rest) == epoch_numbers(whole)
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
 
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import catalog
-from .._io import folder_lock_if_writable, hash_file, remove_stale_temporaries, write_json
+from .._io import folder_lock_if_writable, hash_file, write_json
 from ..formats import read_gray_png
 from ..settings import decode_workers
 from ..sources import DataFilesError, resolve_root
@@ -250,10 +250,10 @@ def remove_stale_cache_temporaries(folder: Path) -> None:
     """Remove the ``*.tmp`` files a killed build left in the cache folder (call it holding the
     lock: no other build is running then)."""
     with contextlib.suppress(OSError):
+        # Matches the build's "<images>.npy.<pid>.tmp" and _io's hidden ".<name>.<pid>.tmp".
         for p in (folder / CACHE_DIR).glob("*.tmp"):
             with contextlib.suppress(OSError):
                 p.unlink()
-    remove_stale_temporaries(folder / CACHE_DIR)
 
 
 def images(folder: Path, listing: Listing, workers: int | None = None) -> np.ndarray:
