@@ -2,7 +2,7 @@
 
 The real training images cannot be fetched here, so the 60,000 images are the real test images
 from ../shared (each used six times) when present, else random pixels. Both the ``.gz`` files
-and the extracted copies torchvision reads are written (kmnist_torch.fixtures), so both
+and the extracted copies torchvision reads are written (kmnist_torch.data.resplit), so both
 packages load the same root.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import _shared
 import numpy as np
 
-from kmnist_torch.fixtures import random_split, write_split
-from kmnist_torch.formats import read_npz
+from kmnist_torch.data.formats import read_npz
+from kmnist_torch.data.resplit import write_split
 
 
 def write_train_split(root: Path, n: int = 60000) -> str:
@@ -24,7 +24,9 @@ def write_train_split(root: Path, n: int = 60000) -> str:
         base, base_y = read_npz(real[0], (-1, 28, 28)), read_npz(real[1], (-1,))
         source = "real KMNIST test images from ../shared, tiled to the train split's size"
     else:
-        base, base_y = random_split(10000, "kmnist", seed=0)
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8)
+        base_y = (np.arange(10000) % 10).astype(np.uint8)
         source = "random pixels (../shared absent)"
     reps = -(-n // len(base))
     x, y = np.concatenate([base] * reps)[:n], np.concatenate([base_y] * reps)[:n]

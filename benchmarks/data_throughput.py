@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
 from kmnist_torch import KMNIST, TensorLoader
-from kmnist_torch.engine import device_name
+from kmnist_torch.training.runtime import device_name
 
 
 def epoch_images_per_second(loader, device: torch.device) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from _kmnist_fixture import write_train_split
 
-from kmnist_torch.engine import device_name
+from kmnist_torch.training.runtime import device_name
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,8 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-from kmnist_torch import fetch
-from kmnist_torch.fetch import DownloadError, FetchConfig, Target, download
+from kmnist_torch.download import fetch
+from kmnist_torch.download.fetch import Target, download
+from kmnist_torch.errors import DownloadError
+from kmnist_torch.settings import FetchConfig
 
 KNOWN_SIZE = 5_000  # a file the size of a class map
 

@@ -32,7 +32,10 @@ import torch
 from PIL import Image
 
 from kmnist_torch import catalog
-from kmnist_torch.kkanji import KKanji, decode_workers, prepare_cache, write_split
+from kmnist_torch.data.kkanji.cache import prepare_cache
+from kmnist_torch.data.kkanji.dataset import KKanji
+from kmnist_torch.data.kkanji.split import write_split_file
+from kmnist_torch.settings import decode_workers
 
 SHARED_KKANJI = _shared.KKANJI
 FULL_IMAGES = 140424
@@ -159,7 +162,7 @@ def main() -> None:
             loads = {
                 'KKanji(split="all"), cache hit': lambda: KKanji(root, "all", verify=verify),
                 'KKanji(split="train"), cache hit': lambda: KKanji(root, "train", verify=verify),
-                "write_split (no decoding)": lambda: write_split(
+                "write_split_file (no decoding)": lambda: write_split_file(
                     root / "split.json", root, verify=verify
                 ),
             }

@@ -1,4 +1,4 @@
-"""The 4-NN baseline: kmnist_torch.baselines.knn_predict against scikit-learn, same data, same run.
+"""The 4-NN baseline: kmnist_torch.models.knn.knn_predict against scikit-learn, same data, same run.
 
 Real images where ../shared is beside the checkout (the KMNIST test split re-split into
 --train/--test images), else synthetic uint8 images of those sizes. Prints a table, writes JSON
@@ -22,9 +22,9 @@ import _shared
 import numpy as np
 import torch
 
-from kmnist_torch import formats
-from kmnist_torch.baselines import default_device, knn_predict
-from kmnist_torch.engine import device_name
+from kmnist_torch.data import formats
+from kmnist_torch.models.knn import default_device, knn_predict
+from kmnist_torch.training.runtime import device_name
 
 
 def load_data(

@@ -4,13 +4,13 @@ same model, same device, same run.
 - reference: a torchvision-style dataset (one PIL image per item, ``RandomCrop(28, padding=2)``
   for the up-to-2-px translation, ``ToTensor``), a ``DataLoader``, float32 throughout;
 - ours: the split held on the device by ``TensorLoader``, translation on the device for the
-  whole batch (``kmnist_torch.augment``), bf16 autocast and channels_last on CUDA,
+  whole batch (``kmnist_torch.training.augment``), bf16 autocast and channels_last on CUDA,
   ``--compile`` optional.
 
-Both time the trainer's own step, ``kmnist_torch.engine.train_step`` (SGD Nesterov, mixup by
-``kmnist_torch.mixup``); only the data path and the speed-ups differ. Images: the
-real KMNIST test split from ../shared when present, else random ones. Prints a table and the
-ratio; writes JSON (--out).
+Both time the trainer's own step, ``kmnist_torch.training.engine.train_step`` (SGD
+Nesterov, mixup by ``kmnist_torch.training.mixup``); only the data path and the speed-ups
+differ. Images: the real KMNIST test split from ../shared when present, else random ones.
+Prints a table and the ratio; writes JSON (--out).
 
     python benchmarks/train_throughput.py                          # CUDA defaults
     python benchmarks/train_throughput.py --device cpu --batch-size 32 --steps 5
@@ -32,10 +32,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from kmnist_torch import TensorLoader, formats, mixup
-from kmnist_torch.engine import Job, RunState, device_name, sync, train_step
-from kmnist_torch.models import create_model
-from kmnist_torch.recipes import RECIPES
+from kmnist_torch import TensorLoader
+from kmnist_torch.data import formats
+from kmnist_torch.models.registry import create_model
+from kmnist_torch.training import mixup
+from kmnist_torch.training.engine import Job, RunState, train_step
+from kmnist_torch.training.recipes import RECIPES
+from kmnist_torch.training.runtime import device_name, sync
 
 NUM_CLASSES = 10
 

@@ -50,8 +50,7 @@ def run_main(
     can act on (missing or damaged files, a bad setting or argument, an unreadable path, and
     the command's own ``errors``) as one ``error:`` line and exit 1, Ctrl-C as exit 130; else
     ``status(result)``. Anything else is a bug, and keeps its traceback."""
-    from .errors import FormatError
-    from .sources import DataFilesError
+    from .errors import DataFilesError, FormatError
 
     try:
         result = main(argv)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Union
 
+from .errors import LockTimeout
 from .settings import lock_timeout, say
 
 CHUNK = 1 << 20
@@ -61,10 +62,6 @@ def write_json(path: str | os.PathLike, doc: Any, indent: int | None = 1) -> Non
     """``doc`` as JSON (UTF-8, characters kept as they are), written atomically."""
     text = json.dumps(doc, indent=indent, ensure_ascii=False)
     atomic_write(path, text + "\n")
-
-
-class LockTimeout(TimeoutError):
-    """Another process held a folder's lock for longer than we were willing to wait."""
 
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

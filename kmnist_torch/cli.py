@@ -14,16 +14,16 @@ from pathlib import Path
 from . import catalog
 from ._args import add_data_options
 from ._io import HashRecord
-from .errors import FormatError
-from .fetch import Target, check
-from .montage import montage
-from .sources import NO_SOURCE, DataFilesError, default_root, mirrors, resolve_root, target_for
+from .download.fetch import Target, check
+from .download.sources import NO_SOURCE, default_root, mirrors, resolve_root, target_for
+from .errors import DataFilesError, FormatError
+from .reporting.montage import montage
 
 
 def _create(name: str, root: Path, **kwargs):
     """The dataset ``name`` from the registry (imported here: the catalog commands need no
     torch)."""
-    from .datasets import create_dataset
+    from .data.registry import create_dataset
 
     return create_dataset(name, root, **kwargs)
 
@@ -83,7 +83,7 @@ def _still_missing(info: catalog.DatasetInfo, root: Path, fmts: list[str]) -> li
         if (folder / "kkanji2").is_dir() or (folder / info.archive.name).is_file():
             return []
         return [target_for(info.archive, folder, info.bases, shown=True)]
-    from .arrays import present, raw_folder
+    from .data.arrays import present, raw_folder
 
     folder = raw_folder(root, info)
     remotes = [f for pairs in info.splits.values() for fmt in fmts for f in pairs.get(fmt, ())]
@@ -171,7 +171,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _copy_problem(gz: Path, copy: Path) -> str | None:
     """Why ``copy`` is not the decompressed content of ``gz`` (the extracted idx file kept
     beside it, which loading reads), or None."""
-    from .formats import read_gzip
+    from .data.formats import read_gzip
 
     try:
         same = read_gzip(gz) == copy.read_bytes()
@@ -185,8 +185,8 @@ def _copy_problem(gz: Path, copy: Path) -> str | None:
 def _verify_arrays(root: Path, info, repair: bool) -> int:
     """Rehash every file of ``info`` under ``root`` in whichever form it is there (the
     official file, or only the idx file extracted from it), then decode each complete split."""
-    from .arrays import extracted_target, present, raw_folder
-    from .sources import ensure_files
+    from .data.arrays import extracted_target, present, raw_folder
+    from .download.sources import ensure_files
 
     name = info.name
     folder = raw_folder(root, info)
@@ -249,7 +249,7 @@ def _verify_kkanji(root: Path, info, repair: bool) -> int:
     import shutil
 
     from ._io import hash_file
-    from .kkanji import archive, cache, layout
+    from .data.kkanji import archive, cache, layout
 
     folder = root / info.folder
     if not folder.exists():
@@ -271,7 +271,7 @@ def _verify_kkanji(root: Path, info, repair: bool) -> int:
     listing = None
     if tree.is_dir():
         try:
-            listing = cache._scan(tree, verify=True)
+            listing = cache.scan_tree(tree, verify=True)
         except DataFilesError as exc:
             tree_bad = True
             bad.append(str(exc))
@@ -300,7 +300,7 @@ def _verify_kkanji(root: Path, info, repair: bool) -> int:
     if bad:
         return 1
     if listing is not None:
-        has_cache = cache._cache_paths(folder, listing.fingerprint)[1].is_file()
+        has_cache = cache.cache_paths(folder, listing.fingerprint)[1].is_file()
         note = "; decoded cache checked against the PNGs" if has_cache else "; no cache yet"
         print(f"kkanji: OK, {listing.total:,} images in {len(listing.codepoints):,} classes{note}")
     else:
@@ -396,7 +396,7 @@ def cmd_montage(args: argparse.Namespace) -> int:
 
 def cmd_kkanji_split(args: argparse.Namespace) -> int:
     """Write the KKanji split's file names as JSON, so a split can be published and reused."""
-    from .kkanji import write_split
+    from .data.kkanji.split import write_split_file
 
     problem = _output_problem(Path(args.out))
     if problem:
@@ -406,7 +406,7 @@ def cmd_kkanji_split(args: argparse.Namespace) -> int:
         if not args.verify:
             warnings.simplefilter("ignore")
         try:
-            split = write_split(args.out, root=args.root, test_fraction=args.test_fraction,
+            split = write_split_file(args.out, root=args.root, test_fraction=args.test_fraction,
                                 seed=args.seed, min_per_class=args.min_per_class,
                                 shots=args.shots, download=args.download,
                                 verify=args.verify)  # fmt: skip

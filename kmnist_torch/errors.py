@@ -1,8 +1,87 @@
-"""Errors a user acts on, importable without numpy or torch (so the CLI's catalog commands
-start at once)."""
+"""Every error and warning a user acts on, in one place, importable without numpy or torch (so
+the command lines' catalog verbs start at once).
+
+Each error class carries ``exit_code``: what a command line of the package exits with when the
+error ends it (one ``error:`` line on stderr, no traceback). The other exit codes are fixed by
+convention: 0 success, 2 a bad command line (argparse), 130 Ctrl-C.
+
+| error | raised when | exit code |
+| --- | --- | --- |
+| :class:`DataFilesError` | files a dataset needs are missing, damaged or stale | 1 |
+| :class:`ArchiveError` | ``kkanji.tar`` is unsafe or damaged | 1 |
+| :class:`DownloadError` | no URL produced the expected file | 1 |
+| :class:`FormatError` | a file is not what its format promises | 1 |
+| :class:`LockTimeout` | another process held a folder's lock too long | 1 |
+| :class:`RecipeError` | bad values in a recipe | 1 |
+| :class:`TrainError` | a run cannot start or continue as asked | 1 |
+| :class:`ModelFileError` | a model file or checkpoint cannot be used | 1 |
+| :class:`ImageError` | an image given to ``predict`` cannot be read | 1 |
+| :class:`ExportError` | a model cannot be exported as asked | 1 |
+"""
 
 from __future__ import annotations
 
+INTERRUPTED = 130  # exit code after Ctrl-C, as shells report SIGINT
+USAGE = 2  # exit code of a bad command line, as argparse gives it
 
-class FormatError(ValueError):
+
+class UserError(Exception):
+    """Base of the errors a user can act on: a command line prints ``error: <message>`` and
+    exits with ``exit_code`` instead of showing a traceback."""
+
+    exit_code = 1
+
+
+class DataFilesError(UserError, RuntimeError):
+    """Files a dataset needs are missing, damaged, stale, or could not be downloaded."""
+
+
+class ArchiveError(DataFilesError):
+    """``kkanji.tar`` is unsafe (a member outside ``kkanji2/U+XXXX/*.png``, a link, a device),
+    damaged (truncated, not a tar) or holds something other than 64x64 grayscale PNGs."""
+
+
+class DownloadError(UserError, RuntimeError):
+    """No URL produced a file with the expected size and checksums."""
+
+
+class FormatError(UserError, ValueError):
     """A file on disk is not what its format promises (wrong magic, shape, dtype or length)."""
+
+
+class LockTimeout(UserError, TimeoutError):
+    """Another process held a folder's lock for longer than we were willing to wait."""
+
+
+class RecipeError(UserError, ValueError):
+    """Bad values in a recipe; ``problems`` lists ``(field, what is wrong)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("bad recipe: " + "; ".join(f"{k} {msg}" for k, msg in problems))
+
+
+class TrainError(UserError, RuntimeError):
+    """A run cannot start or continue as asked (for example, its output folder is taken)."""
+
+
+class ModelFileError(UserError, ValueError):
+    """A model file or checkpoint cannot be used: damaged, foreign, or with metadata that does
+    not describe its weights."""
+
+
+class ImageError(UserError, ValueError):
+    """An image file that cannot be read: missing, a folder, damaged, not an image, too big."""
+
+
+class ExportError(UserError, RuntimeError):
+    """The model cannot be exported as asked, or the export does not match the model."""
+
+
+class UncheckedContentWarning(UserWarning):
+    """A file was used after checking only its size and format: no published checksum exists
+    for it (an extracted training-images idx file, a legacy processed ``.pt``)."""
+
+
+class KKanjiWarning(UserWarning):
+    """The data was used although not everything could be verified (``verify=False``)."""

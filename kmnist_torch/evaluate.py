@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import plots
 from ._args import add_data_options, run_main
 from ._io import write_json
-from .data import dataset_options, load_split
-from .loader import TensorLoader
-from .metrics import accuracy, balanced_accuracy
-from .modelfile import find_model_file, load_model
+from .data.loader import TensorLoader
+from .data.splits import dataset_options, load_split
+from .models.modelfile import find_model_file, load_model
+from .reporting import plots
+from .training.metrics import accuracy, balanced_accuracy
 
 __all__ = ["build_parser", "class_report", "load_run_split", "main", "predict_split", "run_cli"]
 
@@ -75,7 +75,7 @@ def load_run_split(
     and the ``results.json`` beside it.
 
     Returns:
-        ``(split, results)``: :func:`kmnist_torch.data.load_split`'s namespace and the run's
+        ``(split, results)``: :func:`kmnist_torch.data.splits.load_split`'s namespace and the run's
         ``results.json`` document (empty where there is none).
     """
     run = _run_config(model_file)

@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from ._args import add_data_options, run_main
-from .formats import FormatError
-from .modelfile import find_model_file, load_model
-from .sources import DataFilesError
+from .errors import DataFilesError, ExportError, FormatError
+from .models.modelfile import find_model_file, load_model
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportError", "build_parser", "export", "main", "run_cli"]
 
@@ -35,10 +34,6 @@ FORMATS = ("onnx", "torchscript", "pt2")
 TOLERANCE = 1e-4
 ONNX_TOOLS = ("onnx", "onnxscript", "onnxruntime")
 CHECK_BATCH = 64
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported as asked, or the export does not match the model."""
 
 
 class Logits(nn.Module):

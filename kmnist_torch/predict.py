@@ -22,7 +22,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ._args import run_main
-from .modelfile import load_model
+from .errors import ImageError
+from .models.modelfile import load_model
 
 __all__ = ["build_parser", "load_image", "main", "predict", "run_cli", "top_k"]
 
@@ -36,10 +37,6 @@ def _border(a: np.ndarray) -> np.ndarray:
 
 # Larger images are refused before decoding: a few kilobytes of PNG can claim gigapixels.
 MAX_PIXELS = 50_000_000
-
-
-class ImageError(ValueError):
-    """An image file that cannot be read: missing, a folder, damaged, not an image, too big."""
 
 
 def load_image(

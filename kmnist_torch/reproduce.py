@@ -6,11 +6,11 @@ upstream's figures, written to OUT/table.md and OUT/results.json.
     python -m kmnist_torch.reproduce --datasets kmnist --rows knn cnn --out smoke --quick
     python -m kmnist_torch.reproduce --resplit SOURCE_DIR --rows knn cnn --out resplit-out
 
-Rows: ``knn`` is kmnist_torch.baselines.knn_predict (scikit-learn's 4-NN, exactly); the others
+Rows: ``knn`` is kmnist_torch.models.knn.knn_predict (scikit-learn's 4-NN, exactly); the others
 train with kmnist_torch.train (``cnn``: the Keras benchmark network and recipe; ``preact18*``:
 PreActResNet-18, no mixup / input mixup / manifold mixup, recipe ``--recipe``, default
 ``paper``). The metric is top-1 accuracy, balanced accuracy for K49 (as upstream) and KKanji.
-Both kinds of row read the data through kmnist_torch.data.load_split (the same stratified
+Both kinds of row read the data through kmnist_torch.data.splits.load_split (the same stratified
 ``--limit-*`` subsets).
 
 Targets are upstream's figures on today's data where upstream published them, else on the data
@@ -54,25 +54,24 @@ import torch
 from . import catalog
 from ._args import add_data_options
 from ._io import atomic_write
-from .arrays import raw_folder
-from .data import load_split
-from .engine import TrainError, device_name
-from .fixtures import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
-from .formats import FormatError
-from .sources import DataFilesError
-from .table import (
+from .data.arrays import raw_folder
+from .data.resplit import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
+from .data.splits import load_split
+from .errors import DataFilesError, FormatError, TrainError
+from .reporting.table import (
     DATASET_TITLES,
     DATASETS,
     ROWS,
     TOLERANCE,
     UPSTREAM_OLD,
     UPSTREAM_TODAY,
-    _pct,
     check_cells,
     finish_cell,
     new_cell,
+    pct,
     render_table,
 )
+from .training.runtime import device_name
 
 # --quick: sizes for a CPU smoke run of a few minutes over every cell.
 QUICK_KNN = {"limit_train": 2000, "limit_test": 500}
@@ -121,8 +120,8 @@ def _load(dataset: str, args: argparse.Namespace, train: bool, limit: int | None
 
 def run_knn(cell: dict[str, Any], args: argparse.Namespace) -> None:
     """Score the 4-NN baseline on one dataset (device seconds: the prediction only)."""
-    from .baselines import default_device, knn_predict
-    from .metrics import accuracy, balanced_accuracy
+    from .models.knn import default_device, knn_predict
+    from .training.metrics import accuracy, balanced_accuracy
 
     limit_train = args.limit_train or (QUICK_KNN["limit_train"] if args.quick else None)
     limit_test = args.limit_test or (QUICK_KNN["limit_test"] if args.quick else None)
@@ -192,7 +191,7 @@ def train_argv(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> lis
 
 def run_trained(cell: dict[str, Any], args: argparse.Namespace) -> None:
     """Train one cell with kmnist_torch.train and take its last epoch's scores."""
-    from . import train  # imported here: the knn rows work without the trainer
+    from . import train
 
     out = Path(args.out) / "runs" / f"{cell['dataset']}-{cell['row']}"
     argv = train_argv(cell, args, out)
@@ -298,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="a stratified subset of N training images (kmnist_torch.data)",
+        help="a stratified subset of N training images (kmnist_torch.data.splits)",
     )
     p.add_argument(
         "--limit-test",
@@ -461,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     def report(cell: dict[str, Any]) -> None:
         print(
             f"   {cell['title']} on {DATASET_TITLES[cell['dataset']]}, {cell['metric']}: "
-            f"{_pct(cell['ours'])}"
-            + (f" (target {_pct(cell['target'])})" if cell["target"] is not None else "")
+            f"{pct(cell['ours'])}"
+            + (f" (target {pct(cell['target'])})" if cell["target"] is not None else "")
             + (f"  ERROR {cell['error']}" if cell["error"] else ""),
             flush=True,
         )

@@ -19,7 +19,7 @@ Torch-free.
 - ``KMNIST_TORCH_DECODE_WORKERS``: KKanji decoding processes (whole number >= 1, default: the
   usable cores).
 
-The data root and the mirrors are in :mod:`kmnist_torch.sources`.
+The data root and the mirrors are in :mod:`kmnist_torch.download.sources`.
 """
 
 from __future__ import annotations

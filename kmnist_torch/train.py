@@ -3,9 +3,9 @@
     python -m kmnist_torch.train --model preact18 --mixup manifold --dataset kmnist
 
 The command line only: it parses, builds from the registries (``create_dataset`` through
-:func:`kmnist_torch.data.load_split`, ``create_model``, ``RECIPES``) and hands the run to
-:mod:`kmnist_torch.engine`. Every value of a recipe can be overridden by the flag of the same
-name (``--epochs``, ``--batch-size``, ``--lr`` ...).
+:func:`kmnist_torch.data.splits.load_split`, ``create_model``, ``RECIPES``) and hands the run to
+:mod:`kmnist_torch.training.engine`. Every value of a recipe can be overridden by the flag of
+the same name (``--epochs``, ``--batch-size``, ``--lr`` ...).
 
 Data-parallel on N processes (one per GPU, or gloo on the CPU), with PyTorch's
 ``DistributedDataParallel``; the recipe's batch size stays the global batch:
@@ -28,15 +28,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, mixup, modelfile
 from ._args import add_data_options, run_main
-from .data import dataset_options, load_split
-from .datasets import list_datasets
-from .engine import CHECKPOINT, RESULTS, Job, RunDir, RunState, TrainError, determinism, fit
-from .loader import TensorLoader
-from .models import create_model, list_models
-from .recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, RecipeError, default_recipe_name
-from .sources import resolve_root
+from .data.loader import TensorLoader
+from .data.registry import list_datasets
+from .data.splits import dataset_options, load_split
+from .download.sources import resolve_root
+from .errors import RecipeError, TrainError
+from .models import modelfile
+from .models.registry import create_model, list_models
+from .training import distributed, mixup
+from .training.engine import Job, RunState, fit
+from .training.recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, default_recipe_name
+from .training.runtime import CHECKPOINT, RESULTS, RunDir, determinism
 
 __all__ = [
     "CHECKPOINT",
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limit_help = (
         "use a stratified subset of N {} images (per-class proportional, the same "
-        "subset whatever --seed: kmnist_torch.data.LIMIT_SEED)"
+        "subset whatever --seed: kmnist_torch.data.splits.LIMIT_SEED)"
     )
     run.add_argument(
         "--limit-train", type=int, default=None, metavar="N", help=limit_help.format("training")
@@ -225,7 +228,7 @@ def _build_job(
     sync_bn: bool = False,
 ) -> Job:
     """Loaders over the device-resident splits and the model, initialised from ``seed``;
-    ``meta`` (:func:`kmnist_torch.modelfile.model_meta` less the model) completes model.pt.
+    ``meta`` (:func:`kmnist_torch.models.modelfile.model_meta` less the model) completes model.pt.
     With several ranks (``ctx``), loaders yielding this rank's part of every batch and the
     model wrapped in ``DistributedDataParallel``."""
     ctx = ctx or distributed.Dist()

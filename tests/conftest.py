@@ -152,7 +152,7 @@ def make_target(dest_dir: Path, urls: list[str], data: bytes, **kw):
     """A download target for ``data``: its size, md5 and sha256, at ``dest_dir/file.bin``."""
     import hashlib
 
-    from kmnist_torch.fetch import Target
+    from kmnist_torch.download.fetch import Target
 
     return Target(
         dest=dest_dir / "file.bin",

@@ -15,14 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakedata import random_split
 from PIL import Image
 
 import kmnist_torch
-from kmnist_torch import catalog, evaluate, export, fonts, modelfile, plots, predict, train
+from kmnist_torch import catalog, evaluate, export, predict, train
 from kmnist_torch.cli import main as cli_main
-from kmnist_torch.fixtures import random_split, write_split
-from kmnist_torch.modelfile import INPUT_CONVENTION
-from kmnist_torch.montage import montage_size
+from kmnist_torch.data.resplit import write_split
+from kmnist_torch.models import modelfile
+from kmnist_torch.models.modelfile import INPUT_CONVENTION
+from kmnist_torch.reporting import fonts, plots
+from kmnist_torch.reporting.montage import montage_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -70,7 +73,7 @@ def _png(path: Path) -> tuple[int, int]:
 
 
 def _test_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from kmnist_torch.data import load_split
+    from kmnist_torch.data.splits import load_split
 
     split = load_split("kmnist", root, train=False, limit=100, download=False, verify=False)
     return split.data, split.targets
@@ -218,7 +221,7 @@ def test_predict_reads_black_on_white_pngs_of_any_size(run, tmp_path, capsys):
 
 
 def test_predict_on_real_kmnist_test_images(run, real_dir, tmp_path):
-    from kmnist_torch.datasets import KMNIST
+    from kmnist_torch.data.mnist import KMNIST
 
     raw = tmp_path / "KMNIST" / "raw"
     raw.mkdir(parents=True)

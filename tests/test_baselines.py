@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kmnist_torch import formats
-from kmnist_torch.baselines import kneighbors, knn_predict
+from kmnist_torch.data import formats
+from kmnist_torch.models.knn import kneighbors, knn_predict
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

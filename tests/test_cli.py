@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 from conftest import mirror_env
+from fakedata import random_split
 from PIL import Image
 
 from kmnist_torch import catalog
 from kmnist_torch.cli import main
-from kmnist_torch.fixtures import random_split, write_split
-from kmnist_torch.montage import montage_size
+from kmnist_torch.data.resplit import write_split
+from kmnist_torch.reporting.montage import montage_size
 
 
 def test_available_lists_every_catalog_dataset(capsys):

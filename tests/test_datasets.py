@@ -13,7 +13,7 @@ import torch
 from conftest import mirror_env
 
 from kmnist_torch import K49, KMNIST, DataFilesError, FormatError, catalog
-from kmnist_torch.formats import write_idx, write_npz
+from kmnist_torch.data.formats import write_idx, write_npz
 
 KMNIST_TEST_FILES = [
     "t10k-images-idx3-ubyte.gz",
@@ -57,7 +57,7 @@ def test_formats_pixel_equal_and_classmap_agrees(tmp_path, real_mirror, real_dir
     a = KMNIST(tmp_path, train=False, download=True, format="mnist")
     b = KMNIST(tmp_path, train=False, download=True, format="npz")
     assert torch.equal(a.data, b.data) and torch.equal(a.targets, b.targets)
-    from kmnist_torch.formats import read_classmap
+    from kmnist_torch.data.formats import read_classmap
 
     rows = read_classmap(real_dir / "kmnist" / "kmnist_classmap.csv")
     assert [(r[1], r[2]) for r in rows] == list(zip(a.codepoints, a.classes))
@@ -68,7 +68,7 @@ def test_formats_pixel_equal_and_classmap_agrees(tmp_path, real_mirror, real_dir
 def test_second_load_needs_no_network_and_no_rehash(tmp_path, real_mirror, monkeypatch):
     KMNIST(tmp_path, train=False, download=True)
     n = len(real_mirror.requests)
-    import kmnist_torch.fetch as fetch
+    import kmnist_torch.download.fetch as fetch
 
     def no_hash(path):
         raise AssertionError(f"re-hashed {path}")

@@ -20,10 +20,11 @@ from conftest import epoch_numbers
 from test_reproduce import _offline, _place
 from test_train import _write_kmnist
 
-from kmnist_torch import distributed, mixup, reproduce, train
-from kmnist_torch.augment import random_translate
-from kmnist_torch.engine import RunDir
-from kmnist_torch.loader import TensorLoader
+from kmnist_torch import reproduce, train
+from kmnist_torch.data.loader import TensorLoader
+from kmnist_torch.training import distributed, mixup
+from kmnist_torch.training.augment import random_translate
+from kmnist_torch.training.runtime import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,12 +150,8 @@ def test_part_bounds_cover_the_batch_once():
 
 
 def test_only_the_main_run_dir_writes(tmp_path):
-    class State:
-        def state_dict(self):
-            return {"epoch": 0}
-
     quiet = RunDir(tmp_path / "run", main=False)
-    quiet.save_checkpoint({}, State())
+    quiet.save_checkpoint({}, {"epoch": 0})
     quiet.write_results({"a": 1})
     assert not (tmp_path / "run").exists()
 

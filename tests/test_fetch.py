@@ -13,11 +13,14 @@ import warnings
 import numpy as np
 import pytest
 from conftest import make_target, mirror_env
+from fakedata import random_split
 
 from kmnist_torch import KMNIST, DataFilesError, FormatError
-from kmnist_torch.fetch import DownloadError, FetchConfig, _NoDowngradeRedirect, download
-from kmnist_torch.fixtures import random_split, write_split
-from kmnist_torch.formats import read_idx, read_npz, write_idx
+from kmnist_torch.data.formats import read_idx, read_npz, write_idx
+from kmnist_torch.data.resplit import write_split
+from kmnist_torch.download.fetch import _NoDowngradeRedirect, download
+from kmnist_torch.errors import DownloadError
+from kmnist_torch.settings import FetchConfig
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 

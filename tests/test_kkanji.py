@@ -23,14 +23,14 @@ import PIL.Image
 import pytest
 import torch
 from conftest import SHARED_REAL, Server, mirror_env
+from fakedata import kkanji_files, kkanji_tar, write_kkanji_tree
 
 from kmnist_torch import catalog
-from kmnist_torch import kkanji as kk
-from kmnist_torch.fixtures import kkanji_files, kkanji_tar, write_kkanji_tree
-from kmnist_torch.formats import FormatError
-from kmnist_torch.kkanji import ArchiveError, KKanji, KKanjiWarning, write_split
-from kmnist_torch.kkanji import cache as kkcache
-from kmnist_torch.sources import DataFilesError
+from kmnist_torch.data.kkanji import cache as kkcache
+from kmnist_torch.data.kkanji.dataset import KKanji
+from kmnist_torch.data.kkanji.layout import RECORD_NAME
+from kmnist_torch.data.kkanji.split import write_split_file
+from kmnist_torch.errors import ArchiveError, DataFilesError, FormatError, KKanjiWarning
 
 SUBSET2 = "kkanji2-subset-2perclass"  # 3,832 classes, 6,849 images (815 singletons)
 TOP100 = "kkanji2-top100-50perclass"  # the 100 largest classes, 50 images each
@@ -97,7 +97,7 @@ def _nothing_trusted(folder: Path) -> None:
     assert not (folder / "kkanji2").exists()
     assert not list(folder.glob(".kkanji2.extract-*"))
     assert not (folder / "cache").exists() or not any((folder / "cache").iterdir())
-    assert not (folder / kk.RECORD_NAME).exists()
+    assert not (folder / RECORD_NAME).exists()
 
 
 # --------------------------------------------------------------------------- module fixtures
@@ -134,7 +134,7 @@ def top100_files():
     return kkanji_files(100, 50, seed=0)
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::kmnist_torch.kkanji.KKanjiWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::kmnist_torch.errors.KKanjiWarning")
 
 
 # --------------------------------------------------------------------------- the real subset
@@ -144,7 +144,7 @@ def test_download_extracts_records_and_caches(subset, real_dir):
     folder = subset.folder
     assert subset.hits == 1
     assert sum(1 for _ in (folder / "kkanji2").glob("U+*/*.png")) == 6849
-    rec = json.loads((folder / kk.RECORD_NAME).read_text())
+    rec = json.loads((folder / RECORD_NAME).read_text())
     assert rec["sha256"] == hashlib.sha256(subset.tar).hexdigest()
     assert rec["size"] == len(subset.tar) == (folder / "kkanji.tar").stat().st_size
     (npy,) = (folder / "cache").glob("images-*.npy")
@@ -338,7 +338,7 @@ def test_bad_arguments_are_refused(tmp_path):
 def test_write_split_json_matches_the_dataset(top100_files, tmp_path):
     _write_tree(tmp_path / "KKanji", _subset_of(top100_files, 4, 50))
     out = tmp_path / "out" / "split.json"
-    doc = write_split(out, root=tmp_path, seed=3, shots=7, verify=False)
+    doc = write_split_file(out, root=tmp_path, seed=3, shots=7, verify=False)
     assert json.loads(out.read_text(encoding="utf-8")) == doc
     assert not (tmp_path / "KKanji" / "cache").exists()  # a split needs no decoding
     ds = KKanji(tmp_path, verify=False, seed=3, shots=7)
@@ -572,7 +572,7 @@ def test_cli_kkanji_split_writes_the_json_and_verify_reports(top100_files, tmp_p
     assert "48 train / 12 test file names" in capsys.readouterr().out
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert (len(doc["train"]), len(doc["test"])) == (48, 12)
-    assert doc == write_split(tmp_path / "again.json", root=tmp_path, seed=5, verify=False)
+    assert doc == write_split_file(tmp_path / "again.json", root=tmp_path, seed=5, verify=False)
     # verify=True (the default) refuses the subset: a clear error, exit status 1, no JSON.
     assert main(["kkanji-split", "--root", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 1
     err = capsys.readouterr().err

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kmnist_torch import mixup
-from kmnist_torch.models import create_model
+from kmnist_torch.models.registry import create_model
+from kmnist_torch.training import mixup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 

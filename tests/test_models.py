@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from kmnist_torch import mixup
-from kmnist_torch.models import PreActResNet, SimpleCNN, create_model, list_models
+from kmnist_torch.models.preact_resnet import PreActResNet
+from kmnist_torch.models.registry import create_model, list_models
+from kmnist_torch.models.simple_cnn import SimpleCNN
+from kmnist_torch.training import mixup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 

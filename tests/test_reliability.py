@@ -22,13 +22,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_target, mirror_env
+from fakedata import kkanji_files, kkanji_tar, random_split
 
-from kmnist_torch import KMNIST, DataFilesError, FormatError, arrays, catalog
+from kmnist_torch import KMNIST, DataFilesError, FormatError, catalog
 from kmnist_torch._io import HashRecord, folder_lock
 from kmnist_torch.cli import main
-from kmnist_torch.fetch import DownloadError, FetchConfig, Target, download
-from kmnist_torch.fixtures import kkanji_files, kkanji_tar, random_split, write_split
-from kmnist_torch.formats import read_idx, read_npz, write_idx
+from kmnist_torch.data import arrays
+from kmnist_torch.data.formats import read_idx, read_npz, write_idx
+from kmnist_torch.data.resplit import write_split
+from kmnist_torch.download.fetch import Target, download
+from kmnist_torch.errors import DownloadError
+from kmnist_torch.settings import FetchConfig
 
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB
 HTML = b"<!DOCTYPE html><html><body>Please log in to the proxy</body></html>\n" * 20
@@ -344,7 +348,7 @@ def _kkanji_subset(monkeypatch):
 
 
 def test_kkanji_html_from_first_mirror_then_tar_from_second(tmp_path, hostile, quick):
-    from kmnist_torch.kkanji import KKanji
+    from kmnist_torch.data.kkanji.dataset import KKanji
 
     files = _kkanji_subset(quick)
     hostile.route("/m1/kkanji/kkanji.tar",
@@ -377,7 +381,7 @@ def test_gzip_bomb_is_refused_with_flat_memory(tmp_path):
     try:
         with pytest.raises(FormatError, match="more data"):
             read_idx(path, 3, (-1, 28, 28))
-        from kmnist_torch.formats import read_gzip
+        from kmnist_torch.data.formats import read_gzip
 
         with pytest.raises(FormatError, match="more data"):
             read_gzip(path)
@@ -456,7 +460,9 @@ def _official_like_root(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     images, labels = random_split(catalog.KMNIST.split_sizes["test"])
     raw_dir = write_split(tmp_path / "root", "kmnist", "test", images, labels, fmt="mnist")
     served = {p.name: p.read_bytes() for p in raw_dir.iterdir() if p.is_file()}
-    from kmnist_torch import cli, datasets, sources
+    from kmnist_torch import cli
+    from kmnist_torch.data import mnist as datasets
+    from kmnist_torch.download import sources
 
     original = sources.target_for
 
@@ -511,8 +517,9 @@ def test_verify_on_a_missing_root_exits_1(tmp_path, capsys):
 
 
 def _kkanji_root_with_cache(tmp_path, monkeypatch):
-    from kmnist_torch.fixtures import write_kkanji_tree
-    from kmnist_torch.kkanji import KKanji
+    from fakedata import write_kkanji_tree
+
+    from kmnist_torch.data.kkanji.dataset import KKanji
 
     files = _kkanji_subset(monkeypatch)
     folder = tmp_path / "KKanji"
@@ -594,7 +601,7 @@ def test_symlinked_lock_file_is_not_followed(tmp_path):
 
 
 def test_stale_cache_temporaries_are_removed_by_the_next_run(tmp_path, monkeypatch):
-    from kmnist_torch.kkanji import KKanji
+    from kmnist_torch.data.kkanji.dataset import KKanji
 
     folder, npy = _kkanji_root_with_cache(tmp_path, monkeypatch)
     stale = [folder / "cache" / f"{npy.name}.999999.tmp", folder / "cache" / ".index.json.9.tmp"]
@@ -628,7 +635,7 @@ def test_bad_setting_is_named_by_the_cli(var, value, allowed, tmp_path, quick, c
 
 
 def test_bad_decode_workers_is_named(tmp_path, monkeypatch, capsys):
-    from kmnist_torch.fixtures import write_kkanji_tree
+    from fakedata import write_kkanji_tree
 
     files = _kkanji_subset(monkeypatch)
     write_kkanji_tree(tmp_path / "KKanji", files)
@@ -768,7 +775,7 @@ def test_no_verify_still_refuses_what_is_not_the_file_and_asks_the_next_mirror(
 
 
 def test_official_flag_refuses_values_it_does_not_know(monkeypatch):
-    from kmnist_torch.sources import mirrors
+    from kmnist_torch.download.sources import mirrors
 
     monkeypatch.delenv("KMNIST_TORCH_MIRRORS", raising=False)
     monkeypatch.setenv("KMNIST_TORCH_OFFICIAL", "off")

@@ -1,4 +1,5 @@
-"""The reproduction harness (kmnist_torch.reproduce, its table in kmnist_torch.table): targets,
+"""The reproduction harness (kmnist_torch.reproduce, its table in
+kmnist_torch.reporting.table): targets,
 --check, the table and JSON it writes, quick runs end to end on fixture data (served from
 127.0.0.1, or placed by hand), the real-image re-split, and every owned command's --help."""
 
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import mirror_env
+from fakedata import random_split
 
-from kmnist_torch import catalog, reproduce, table
-from kmnist_torch.arrays import raw_folder
-from kmnist_torch.baselines import knn_predict
-from kmnist_torch.fixtures import random_split, write_resplit, write_split
+from kmnist_torch import catalog, reproduce
+from kmnist_torch.data.arrays import raw_folder
+from kmnist_torch.data.resplit import write_resplit, write_split
+from kmnist_torch.models.knn import knn_predict
+from kmnist_torch.reporting import table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,8 +190,9 @@ def _as_official(monkeypatch, raw: Path) -> None:
     import gzip
     import hashlib
 
-    from kmnist_torch import catalog, datasets
+    from kmnist_torch import catalog
     from kmnist_torch.catalog import LocalFile
+    from kmnist_torch.data import mnist as datasets
 
     def published(f):
         data = (raw / f.name).read_bytes()
@@ -313,7 +317,7 @@ def test_quick_cnn_cell_trains(tmp_path, monkeypatch):
 @pytest.mark.real_data
 def test_real_resplit_root_is_the_real_test_split_cut_8000_2000(real_dir, tmp_path):
     from kmnist_torch import KMNIST
-    from kmnist_torch.formats import read_idx
+    from kmnist_torch.data.formats import read_idx
 
     assert write_resplit(tmp_path, real_dir / "kmnist", seed=0) == {
         "train": 8000,

@@ -15,12 +15,13 @@ import PIL.Image
 import pytest
 import torch
 import torchvision
+from fakedata import random_split
 from torchvision.datasets import wrap_dataset_for_transforms_v2
 
 from kmnist_torch import K49, KMNIST, MNIST, DataFilesError, FormatError
-from kmnist_torch.arrays import UncheckedContentWarning
-from kmnist_torch.fixtures import random_split, write_split
-from kmnist_torch.formats import write_idx
+from kmnist_torch.data.formats import write_idx
+from kmnist_torch.data.resplit import write_split
+from kmnist_torch.errors import UncheckedContentWarning
 
 SIZES = {"train": 24, "test": 13}  # small and different, so a mix-up of splits shows
 
@@ -230,7 +231,7 @@ def test_extracted_train_images_have_no_checksum_so_a_warning_says_so(tmp_path, 
     # The real extracted test split stands in for a train split: the size is official.
     import gzip
 
-    import kmnist_torch.arrays as arrays
+    import kmnist_torch.data.arrays as arrays
 
     raw = tmp_path / "KMNIST" / "raw"
     raw.mkdir(parents=True)

@@ -10,20 +10,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import epoch_numbers, mirror_env
+from fakedata import random_split
 
-from kmnist_torch import engine, train
-from kmnist_torch.augment import random_translate
-from kmnist_torch.data import LIMIT_SEED, load_split, stratified_subset
-from kmnist_torch.fixtures import random_split, write_split
-from kmnist_torch.metrics import accuracy, balanced_accuracy
-from kmnist_torch.recipes import RECIPES, Recipe, RecipeError
+from kmnist_torch import train
+from kmnist_torch.data.resplit import write_split
+from kmnist_torch.data.splits import LIMIT_SEED, load_split, stratified_subset
+from kmnist_torch.errors import RecipeError
+from kmnist_torch.training import engine
+from kmnist_torch.training.augment import random_translate
+from kmnist_torch.training.metrics import accuracy, balanced_accuracy
+from kmnist_torch.training.recipes import RECIPES, Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -276,7 +278,7 @@ def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_kmnist(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
-    """A KMNIST root in the official formats and names (kmnist_torch.fixtures)."""
+    """A KMNIST root in the official formats and names (kmnist_torch.data.resplit)."""
     write_split(root, "kmnist", "train", *_images(n_train, 0), fmt="mnist")
     return write_split(root, "kmnist", "test", *_images(n_test, 1), fmt="mnist")
 
@@ -522,9 +524,9 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
             self.targets = torch.arange(n) % 3
             self.classes = ["\u4e00", "\u4e01", "\u4e03"]
 
-    monkeypatch.setitem(
-        sys.modules, "kmnist_torch.kkanji", types.SimpleNamespace(KKanji=FakeKKanji)
-    )
+    from kmnist_torch.data import registry
+
+    monkeypatch.setitem(registry.DATASETS, "kkanji", FakeKKanji)
     argv = _argv(
         tmp_path / "root",
         tmp_path / "run",

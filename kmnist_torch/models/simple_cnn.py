@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mixup import mix
+from .mixing import mix
 
 
 class SimpleCNN(nn.Module):

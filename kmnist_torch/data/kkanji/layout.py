@@ -7,8 +7,8 @@ import re
 import sys
 import warnings
 
-from .. import catalog
-from ..sources import DataFilesError
+from ... import catalog
+from ...errors import KKanjiWarning
 
 TAR_NAME = "kkanji.tar"
 TREE_NAME = "kkanji2"
@@ -30,15 +30,6 @@ VERIFICATION_NOTE = catalog.KKANJI_VERIFICATION_NOTE
 
 CLASS_RE = re.compile(r"U\+([0-9A-Fa-f]{4,6})")
 NAME_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_\-]*\.png")
-
-
-class ArchiveError(DataFilesError):
-    """``kkanji.tar`` is unsafe (a member outside ``kkanji2/U+XXXX/*.png``, a link, a device),
-    damaged (truncated, not a tar) or holds something other than 64x64 grayscale PNGs."""
-
-
-class KKanjiWarning(UserWarning):
-    """The data was used although not everything could be verified (``verify=False``)."""
 
 
 def expected() -> tuple[int, int]:

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ._io import atomic_write
+from .._io import atomic_write
+from ..errors import ModelFileError
 
 __all__ = [
     "FORMAT",
@@ -56,20 +57,21 @@ def model_meta(
     """The metadata of a model file, less its test metrics (added by :func:`save_model`).
 
     Args:
-        arch: the :func:`kmnist_torch.models.create_model` name.
+        arch: the :func:`kmnist_torch.models.registry.create_model` name.
         model_args: the rest of its arguments (``num_classes``, ``in_chans``, ``img_size``).
         dataset: the dataset it was trained on.
         classes: the characters, in class-index order.
         codepoints: ``"U+XXXX"`` per class (None: computed from ``classes``).
         romaji: the reading per class (None where there is none, as for kanji).
-        recipe_name: the recipe's name in :data:`kmnist_torch.recipes.RECIPES`.
-        recipe: the :class:`~kmnist_torch.recipes.Recipe` (or its dict) it was trained with.
+        recipe_name: the recipe's name in :data:`kmnist_torch.training.recipes.RECIPES`.
+        recipe: the :class:`~kmnist_torch.training.recipes.Recipe` (or its dict) it was
+            trained with.
         data: how the training and test images were chosen (limits, split options).
 
     Returns:
         A dict of plain values (loadable with ``weights_only=True``).
     """
-    from . import __version__
+    from .. import __version__
 
     classes = list(classes)
     if dataclasses.is_dataclass(recipe):
@@ -139,11 +141,6 @@ def _safe_sha(weights: Any) -> str | None:
         return None
 
 
-class ModelFileError(ValueError):
-    """A model file or checkpoint cannot be used: damaged, foreign, or with metadata that does
-    not describe its weights."""
-
-
 # Bounds on what a model file may claim, so an edited one cannot make us allocate without end.
 MAX_IMAGE_SIZE = 1024
 MAX_CHANNELS = 4
@@ -189,7 +186,7 @@ def _meta_from_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
     catalog (checkpoints written before model files existed)."""
     if state.get("model_meta"):
         return state["model_meta"]
-    from . import catalog
+    from .. import catalog
 
     config = state.get("config", {})
     name = config.get("dataset")
@@ -224,7 +221,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         ``codepoints``, ``romaji``, ``input``, ``image_size``, ``metrics`` ...). It takes
         float32 N x C x H x W images, white ink on black, in [0, 1], and returns logits.
     """
-    from .models import create_model
+    from .registry import create_model
 
     file = find_model_file(path)
     try:

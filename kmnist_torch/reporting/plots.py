@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._io import atomic_write
 from . import fonts
-from ._io import atomic_write
 
 DPI = 100
 CURVES_SIZE = (1100, 420)

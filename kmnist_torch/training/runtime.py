@@ -1,6 +1,6 @@
 """What a run needs around its training loop: its output folder (checkpoint, results), the
 determinism switches, the Ctrl-C stop request, device names and timing, the git commit, and the
-CPU-time estimate. Re-exported by :mod:`kmnist_torch.engine`."""
+CPU-time estimate. Re-exported by :mod:`kmnist_torch.training.engine`."""
 
 from __future__ import annotations
 
@@ -13,23 +13,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from ._io import atomic_write, write_json
-
-if TYPE_CHECKING:
-    from .engine import RunState
+from .._io import atomic_write, write_json
+from ..errors import TrainError
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
-MODEL = "model.pt"  # kmnist_torch.modelfile.MODEL, named here without importing it
+MODEL = "model.pt"  # kmnist_torch.models.modelfile.MODEL, named here without importing it
 CURVES = "curves.png"
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or continue as asked (for example, its output folder is taken)."""
 
 
 # ------------------------------------------------------------------------ run machinery
@@ -115,7 +109,9 @@ def device_name(device: str | torch.device) -> str:
     return str(device)
 
 
-def _git_commit() -> dict[str, Any]:
+def git_commit() -> dict[str, Any]:
+    """The package's git commit and whether its tree was modified, for ``results.json``
+    (None for both where the package is not in a git checkout)."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(
@@ -175,8 +171,8 @@ class CpuEstimate:
 
 class RunDir:
     """A run's output folder, each file written atomically: ``checkpoint.pt`` (to resume),
-    ``results.json``, ``model.pt`` (weights and metadata: :mod:`kmnist_torch.modelfile`) and
-    ``curves.png`` (:func:`kmnist_torch.plots.plot_curves`).
+    ``results.json``, ``model.pt`` (weights and metadata: :mod:`kmnist_torch.models.modelfile`) and
+    ``curves.png`` (:func:`kmnist_torch.reporting.plots.plot_curves`).
 
     In a data-parallel run every rank holds one, and only the one with ``main`` (rank 0)
     writes: the writers are called on every rank (the checkpoint's state is gathered from
@@ -232,11 +228,15 @@ class RunDir:
         return state
 
     def save_checkpoint(
-        self, config: dict[str, Any], state: RunState, model_meta: dict[str, Any] | None = None
+        self,
+        config: dict[str, Any],
+        state: dict[str, Any],
+        model_meta: dict[str, Any] | None = None,
     ) -> None:
-        """Write the run's config and state, to continue later with ``--resume``; with the
+        """Write the run's config and state (a ``state_dict()``, taken on every rank since
+        it gathers the ranks' random streams), to continue later with ``--resume``; with the
         model's metadata, so that ``load_model`` reads a checkpoint too."""
-        payload = {"config": config, "model_meta": model_meta, **state.state_dict()}
+        payload = {"config": config, "model_meta": model_meta, **state}
         if not self.main:
             return
         atomic_write(self.checkpoint, lambda fh: torch.save(payload, fh))
@@ -254,11 +254,11 @@ class RunDir:
         write_json(self.results, results, indent=2)
         history = results.get("epochs") or []
         if model is not None and model_meta is not None:
-            from .modelfile import save_model
+            from ..models.modelfile import save_model
 
             save_model(self.model, model, model_meta, history[-1] if history else None)
         if history:
-            from .plots import plot_curves
+            from ..reporting.plots import plot_curves
 
             plot_curves(history, self.curves, title=str(self.out))
 

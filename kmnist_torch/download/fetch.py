@@ -28,14 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ._io import CHUNK, HashRecord, hash_file, open_nofollow, write_json
-from .settings import FetchConfig
+from .._io import CHUNK, HashRecord, hash_file, open_nofollow, write_json
+from ..errors import DownloadError
+from ..settings import FetchConfig
 
 USER_AGENT = "kmnist_torch (+https://pypi.org/project/kmnist-torch/)"
-
-
-class DownloadError(RuntimeError):
-    """No URL produced a file with the expected size and checksums."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ Nothing here parses a command line or builds a dataset or model: :func:`fit` tak
 :class:`RunState` (everything that changes while training) and a :class:`RunDir` (where the
 checkpoint, ``results.json``, ``model.pt`` and ``curves.png`` go). A data-parallel run passes
 a ``DistributedDataParallel`` ``forward``, sharded loaders and its
-:class:`~kmnist_torch.distributed.Dist`.
+:class:`~kmnist_torch.training.distributed.Dist`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.loader import TensorLoader
+from ..errors import TrainError
 from . import mixup
 from .augment import random_translate
 from .distributed import Dist
-from .loader import TensorLoader
 from .metrics import accuracy, balanced_accuracy
 from .optim import build_optimizer, lr_factor
 from .recipes import Recipe
@@ -36,10 +37,9 @@ from .runtime import (
     CpuEstimate,
     RunDir,
     StopRequest,
-    TrainError,
-    _git_commit,
     determinism,
     device_name,
+    git_commit,
     sync,
 )
 
@@ -85,7 +85,8 @@ class Job:
     device: torch.device
     num_classes: int
     forward: Callable[..., torch.Tensor] | None = None
-    # What model.pt says about the model (kmnist_torch.modelfile.model_meta); None: no model.pt.
+    # What model.pt says about the model (kmnist_torch.models.modelfile.model_meta);
+    # None: no model.pt.
     model_meta: dict[str, Any] | None = None
     eval_forward: Callable[..., torch.Tensor] | None = None
     dist: Dist = field(default_factory=Dist)
@@ -392,7 +393,7 @@ def summarize(
         "device_type": job.device.type,
         "world_size": job.dist.world_size,
         "torch_version": torch.__version__,
-        **_git_commit(),
+        **git_commit(),
         "finished": finished,
         "interrupted": interrupted,
     }
@@ -483,7 +484,7 @@ def fit(
             state.spent["device_seconds"] += test_s
             if metrics is None:  # Ctrl-C: checkpoint mid-epoch, resume at the next step
                 session.account()
-                run_dir.save_checkpoint(config, state, job.model_meta)
+                run_dir.save_checkpoint(config, state.state_dict(), job.model_meta)
                 print(
                     f"stopped in epoch {state.epoch + 1} at step {state.step}/{steps}; "
                     f"checkpoint in {run_dir.checkpoint}; continue with --resume",
@@ -504,7 +505,7 @@ def fit(
                 flush=True,
             )
             session.account()
-            run_dir.save_checkpoint(config, state, job.model_meta)
+            run_dir.save_checkpoint(config, state.state_dict(), job.model_meta)
             done = state.epoch == r.epochs
             if not done and (stop.requested or (stop_after or 0) == state.epoch):
                 print(

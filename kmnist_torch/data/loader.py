@@ -7,7 +7,15 @@ from typing import Iterator
 
 import torch
 
-from .distributed import part
+
+def part(lo: int, hi: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` cut into ``world_size`` near-equal consecutive parts: rank's part.
+
+    Equal parts when ``world_size`` divides ``hi - lo`` (training batches); otherwise the
+    first parts are one shorter (the last, smaller test batch), and a part may be empty.
+    """
+    n = hi - lo
+    return lo + n * rank // world_size, lo + n * (rank + 1) // world_size
 
 
 class TensorLoader:
@@ -26,7 +34,7 @@ class TensorLoader:
         seed: makes the shuffle order reproducible (None: a fresh random seed).
         rank, world_size: in a data-parallel run, ``batch_size`` is the global batch and this
             process yields its ``rank``-th of ``world_size`` consecutive parts of each batch
-            (:func:`kmnist_torch.distributed.part`); every rank draws the same order from the
+            (:func:`part`); every rank draws the same order from the
             same ``seed``, so together the ranks see exactly the one-process batches.
 
     Yields:

@@ -137,14 +137,15 @@ def check_cells(cells: list[dict[str, Any]], tolerance: float | None = None) -> 
         # A small epsilon so a cell exactly at the edge passes despite float rounding.
         if c["ours"] < c["target"] - tol - 1e-12:
             failures.append(
-                f"{name}: {_pct(c['ours'])} is {100 * (c['target'] - c['ours']):.2f} points "
-                f"below the target {_pct(c['target'])} (upstream, {c['target_source']} data; "
+                f"{name}: {pct(c['ours'])} is {100 * (c['target'] - c['ours']):.2f} points "
+                f"below the target {pct(c['target'])} (upstream, {c['target_source']} data; "
                 f"tolerance {100 * tol:.2f} points)"
             )
     return failures
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
+    """An accuracy as a percentage with two decimals, or a dash where there is none."""
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
@@ -171,7 +172,7 @@ def render_table(cells: list[dict[str, Any]], tolerance: float | None = None) ->
         vals = []
         for d in datasets:
             c = by_key.get((r, d))
-            vals.append("" if c is None else ("error" if c["error"] else _pct(c["ours"])))
+            vals.append("" if c is None else ("error" if c["error"] else pct(c["ours"])))
         out.append(f"| {ROWS[r]['title']} | " + " | ".join(vals) + " |")
     out += [
         "",
@@ -191,8 +192,8 @@ def render_table(cells: list[dict[str, Any]], tolerance: float | None = None) ->
         else:
             status = "FAIL" if id(c) in failing else "ok"
         out.append(
-            f"| {c['title']} | {DATASET_TITLES[c['dataset']]} | {_pct(c['upstream_old'])} "
-            f"| {_pct(c['upstream_today'])} | {_pct(c['ours'])} | {_signed(c['difference'])} "
+            f"| {c['title']} | {DATASET_TITLES[c['dataset']]} | {pct(c['upstream_old'])} "
+            f"| {pct(c['upstream_today'])} | {pct(c['ours'])} | {_signed(c['difference'])} "
             f"| {_secs(c['device_seconds'])} | {c['device'] or '—'} | {status} |"
         )
     return "\n".join(out) + "\n"

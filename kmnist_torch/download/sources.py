@@ -15,11 +15,12 @@ import re
 import warnings
 from pathlib import Path
 
-from . import catalog
-from ._io import HashRecord, LockTimeout, folder_lock
-from .catalog import RemoteFile
-from .fetch import DownloadError, FetchConfig, Target, check, download
-from .settings import env_flag
+from .. import catalog
+from .._io import HashRecord, folder_lock
+from ..catalog import RemoteFile
+from ..errors import DataFilesError, DownloadError, LockTimeout
+from ..settings import FetchConfig, env_flag
+from .fetch import Target, check, download
 
 DOWNLOAD_LOCK = ".download.lock"
 
@@ -108,10 +109,6 @@ def magic_problem(path: os.PathLike | str, name: str | None = None) -> str | Non
         return None
     looks = "an HTML page" if head.lstrip()[:1] == b"<" else f"bytes {head[:8]!r}"
     return f"not {kind}: it begins with {looks}"
-
-
-class DataFilesError(RuntimeError):
-    """Files a dataset needs are missing, damaged, stale, or could not be downloaded."""
 
 
 def ensure_files(

@@ -12,20 +12,3 @@ with no published checksum and no official train/test split.
   and the file names, never on the order the filesystem lists them or on the NumPy version;
 - :mod:`.dataset`: the :class:`KKanji` class.
 """
-
-from ..settings import decode_workers
-from .cache import prepare_cache
-from .dataset import KKanji
-from .layout import RECORD_NAME, VERIFICATION_NOTE, ArchiveError, KKanjiWarning
-from .split import write_split
-
-__all__ = [
-    "RECORD_NAME",
-    "VERIFICATION_NOTE",
-    "ArchiveError",
-    "KKanji",
-    "KKanjiWarning",
-    "decode_workers",
-    "prepare_cache",
-    "write_split",
-]

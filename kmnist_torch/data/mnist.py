@@ -1,7 +1,7 @@
 """MNIST, KMNIST and K49 as members of torchvision's MNIST family (each is an instance of
 ``torchvision.datasets.MNIST``; KMNIST of ``torchvision.datasets.KMNIST`` too): download, verify
 and cache the official files, then expose ``data``/``targets`` tensors, the real characters as
-``classes``, and transforms. Also the registry: :func:`create_dataset`, :func:`list_datasets`."""
+``classes``, and transforms."""
 
 from __future__ import annotations
 
@@ -12,48 +12,20 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import datasets as tv_datasets
 from torchvision.datasets import VisionDataset
 
-from . import arrays, catalog
-from .catalog import DatasetInfo
-from .sources import DataFilesError, ensure_files, resolve_root, target_for
+from .. import catalog
+from ..catalog import DatasetInfo
+from ..download.sources import ensure_files, resolve_root, target_for
+from . import arrays
+from .base import ImageDataset
 
-__all__ = [
-    "K49",
-    "KMNIST",
-    "MNIST",
-    "DataFilesError",
-    "ImageDataset",
-    "create_dataset",
-    "list_datasets",
-]
+__all__ = ["K49", "KMNIST", "MNIST"]
 
 
 def _writable(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.writeable else arr.copy()
-
-
-class ImageDataset(VisionDataset):
-    """What every dataset of the package shares: uint8 ``data`` (N x H x W) and int64
-    ``targets`` tensors, served one item at a time as torchvision serves them."""
-
-    data: torch.Tensor
-    targets: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        """``(PIL image of mode "L", int class)`` after the transforms, as torchvision does."""
-        img = Image.fromarray(self.data[index].numpy(), mode="L")
-        target = int(self.targets[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
 
 
 class _MNISTFamily(ImageDataset):
@@ -64,7 +36,7 @@ class _MNISTFamily(ImageDataset):
     there (``resources``, ``mirrors``, ``raw_folder``, ``processed_folder``, ``download()``,
     ``class_to_idx``, the deprecated ``train_data``/``train_labels``/``test_data``/
     ``test_labels``), with two differences: ``classes`` are the characters, and the files are
-    verified (:mod:`kmnist_torch.arrays` says in which forms a root may hold them)."""
+    verified (:mod:`kmnist_torch.data.arrays` says in which forms a root may hold them)."""
 
     info: DatasetInfo
     legacy = False  # whether torchvision ever wrote processed/*.pt files for this dataset
@@ -279,42 +251,3 @@ class MNIST(_MNISTFamily, tv_datasets.MNIST):
         verify: bool = True,
     ) -> None:
         super().__init__(root, train, transform, target_transform, download, "mnist", verify)
-
-
-# ------------------------------------------------------------------------------ the registry
-
-
-def list_datasets() -> list[str]:
-    """The names :func:`create_dataset` accepts: every dataset of the catalog."""
-    return list(catalog.DATASETS)
-
-
-def create_dataset(
-    name: str,
-    root: str | os.PathLike | None = None,
-    train: bool = True,
-    **kwargs: Any,
-) -> ImageDataset:
-    """Build a dataset by name, as ``timm.create_model`` builds a model.
-
-    Args:
-        name: ``"kmnist"``, ``"k49"``, ``"kkanji"`` or ``"mnist"`` (see :func:`list_datasets`;
-            case, ``-`` and ``_`` do not matter, and the full titles work too).
-        root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
-        train: the training split (True) or the test split (False). KKanji takes ``split=``
-            (``"train"``, ``"test"`` or ``"all"``) instead; when ``split`` is not given it
-            follows ``train``.
-        **kwargs: passed on to the class (``download``, ``verify``, ``transform``,
-            ``format``, KKanji's ``test_fraction``/``seed``/``min_per_class``/``shots`` ...).
-
-    Returns:
-        The dataset, with ``data``, ``targets`` and ``classes``.
-    """
-    info = catalog.get(name)  # KeyError naming the datasets there are
-    if info.name == "kkanji":
-        from .kkanji import KKanji
-
-        kwargs.setdefault("split", "train" if train else "test")
-        return KKanji(root, **kwargs)
-    cls = {"mnist": MNIST, "kmnist": KMNIST, "k49": K49}[info.name]
-    return cls(root, train=train, **kwargs)

@@ -17,11 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import catalog
-from .._io import folder_lock_if_writable, hash_file, write_json
+from ... import catalog
+from ..._io import folder_lock_if_writable, hash_file, write_json
+from ...download.sources import resolve_root
+from ...errors import DataFilesError
+from ...settings import decode_workers
 from ..formats import read_gray_png
-from ..settings import decode_workers
-from ..sources import DataFilesError, resolve_root
 from .archive import ensure_tree
 from .layout import (
     CACHE_DIR,
@@ -62,7 +63,7 @@ class Listing:
         return [f"{TREE_NAME}/{f}/{n}" for f, names in zip(self.folders, self.names) for n in names]
 
 
-def _scan(tree: Path, verify: bool) -> Listing:
+def scan_tree(tree: Path, verify: bool) -> Listing:
     """List and fingerprint the tree (stat only, no image is opened); check its counts."""
     classes: dict[int, str] = {}
     unexpected: list[str] = []
@@ -132,7 +133,7 @@ def _scan(tree: Path, verify: bool) -> Listing:
 
 
 def open_source(folder: Path, download_missing: bool, verify: bool) -> Listing:
-    return _scan(ensure_tree(folder, download_missing, verify), verify)
+    return scan_tree(ensure_tree(folder, download_missing, verify), verify)
 
 
 # --------------------------------------------------------------------------- the decoded cache
@@ -180,14 +181,16 @@ def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
         bar.close()
 
 
-def _cache_paths(folder: Path, fingerprint: str) -> tuple[Path, Path]:
+def cache_paths(folder: Path, fingerprint: str) -> tuple[Path, Path]:
+    """(images ``.npy``, index ``.json``) of the decoded cache of the tree with this
+    fingerprint, under ``folder``; the index is written last, so it marks a complete cache."""
     cache = folder / CACHE_DIR
     return cache / f"images-{fingerprint[:20]}.npy", cache / f"index-{fingerprint[:20]}.json"
 
 
 def _load_cache(folder: Path, listing: Listing) -> np.ndarray | None:
     """The cached images of exactly this tree, memory-mapped, or None."""
-    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    images_path, index_path = cache_paths(folder, listing.fingerprint)
     if not index_path.is_file():  # written last: its presence means the .npy is complete
         return None
     try:
@@ -208,7 +211,7 @@ def _build_cache(
     workers = decode_workers() if workers is None else workers
     paths = [str(listing.tree.parent / p) for p in listing.relpaths()]
     shape = (listing.total, SIDE, SIDE)
-    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    images_path, index_path = cache_paths(folder, listing.fingerprint)
     tmp = images_path.with_name(f"{images_path.name}.{os.getpid()}.tmp")
     try:
         images_path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ def prepare_cache(
     folder = resolve_root(root) / catalog.KKANJI.folder
     listing = open_source(folder, download, verify)
     images(folder, listing, workers)
-    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    images_path, index_path = cache_paths(folder, listing.fingerprint)
     return {
         "images": images_path,
         "index": index_path,
@@ -296,7 +299,7 @@ def check_cache(folder: Path, listing: Listing) -> list[str]:
     trusts the cache whose index matches the tree's fingerprint): its file's sha256 against the
     one its index recorded, then every PNG decoded again and compared with its cached image.
     Each problem names the file. An absent cache is no problem (it is built at first use)."""
-    images_path, index_path = _cache_paths(folder, listing.fingerprint)
+    images_path, index_path = cache_paths(folder, listing.fingerprint)
     if not index_path.is_file():
         return []
     problems = []

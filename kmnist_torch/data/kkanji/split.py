@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import catalog
-from .._io import write_json
-from ..sources import resolve_root
+from ... import catalog
+from ..._io import write_json
+from ...download.sources import resolve_root
 from .archive import read_record
 from .cache import Listing, open_source
 from .layout import SPLIT_VERSION, codepoint_name, expected
@@ -78,7 +78,7 @@ def make_split(
                   labels)  # fmt: skip
 
 
-def write_split(
+def write_split_file(
     out_path: str | os.PathLike,
     root: str | os.PathLike | None = None,
     test_fraction: float = 0.2,

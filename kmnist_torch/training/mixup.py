@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.mixing import mix
+
 MODES = ("none", "input", "manifold")
 LOSSES = ("bce", "ce")
 # The reference's alphas: 1.0 for input mixup, 2.0 for manifold mixup.
@@ -25,15 +27,6 @@ class MixPlan:
     lam: float
     perm: torch.Tensor
     layer: int
-
-
-def mix(
-    x: torch.Tensor, lam: float | torch.Tensor | None, perm: torch.Tensor | None
-) -> torch.Tensor:
-    """``lam * x + (1 - lam) * x[perm]``: each example blended with its partner."""
-    if lam is None or perm is None:
-        raise ValueError("mixing needs both lam and perm")
-    return lam * x + (1 - lam) * x[perm]
 
 
 def draw(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError
+from ..errors import FormatError
 
 
 def _fail(path: os.PathLike | str, expected: str, found: str) -> FormatError:

@@ -1,5 +1,5 @@
 """The montage: a grid of random images per class, labelled with the characters (drawn with
-PIL; the font comes from :mod:`kmnist_torch.fonts`)."""
+PIL; the font comes from :mod:`kmnist_torch.reporting.fonts`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 def find_cjk_font(size: int):
     """A PIL font that can draw kana and kanji, or None where none is installed: the
-    bundled IPAex Gothic, $KMNIST_TORCH_FONT or a system CJK font (:mod:`kmnist_torch.fonts`)."""
+    bundled IPAex Gothic, $KMNIST_TORCH_FONT or a system CJK font
+    (:mod:`kmnist_torch.reporting.fonts`)."""
     from PIL import ImageFont
 
     from .fonts import cjk_font_path

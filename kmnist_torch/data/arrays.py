@@ -20,21 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import HashRecord, atomic_write
+from ..catalog import DatasetInfo, LocalFile, RemoteFile
+from ..download.fetch import Target, check
+from ..download.sources import ensure_files, mirrors, target_for
+from ..errors import DataFilesError, UncheckedContentWarning
 from . import formats
-from ._io import HashRecord, atomic_write
-from .catalog import DatasetInfo, LocalFile, RemoteFile
-from .fetch import Target, check
-from .sources import DataFilesError, ensure_files, mirrors, target_for
 
 LEGACY_FILES = {"train": "training.pt", "test": "test.pt"}
 
 # (file path) already warned about in this process: a warning a user reads once, not per load.
 _WARNED: set[str] = set()
-
-
-class UncheckedContentWarning(UserWarning):
-    """A file was used after checking only its size and format: no published checksum exists
-    for it (an extracted training-images idx file, a legacy processed ``.pt``)."""
 
 
 @dataclass
@@ -118,7 +114,7 @@ def load(
     """Find, check (downloading what is missing or bad when ``download``) and decode one split.
 
     Raises :class:`DataFilesError` naming every file the run needs when files are missing and
-    cannot be fetched, and :class:`~kmnist_torch.formats.FormatError` for a damaged file."""
+    cannot be fetched, and :class:`~kmnist_torch.errors.FormatError` for a damaged file."""
     folder = raw_folder(root, info)
     pair = info.splits[split][fmt]
     extras = [target_for(info.classmap, folder, info.bases)] if info.classmap else []

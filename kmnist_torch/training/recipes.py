@@ -10,18 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import RecipeError
 from . import mixup
 
 OPTIMIZERS = ("sgd", "adadelta")
 SCHEDULES = ("step", "onecycle", "constant")
-
-
-class RecipeError(ValueError):
-    """Bad values in a :class:`Recipe`; ``problems`` lists ``(field, what is wrong)``."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("bad recipe: " + "; ".join(f"{k} {msg}" for k, msg in problems))
 
 
 def _h(text: str) -> Any:
@@ -37,7 +30,7 @@ class Recipe:
     ``ValueError``) on construction.
     """
 
-    model: str = _h("model name (see kmnist_torch.models.list_models())")
+    model: str = _h("model name (see kmnist_torch.models.registry.list_models())")
     epochs: int = _h("passes over the training set")
     batch_size: int = _h("training batch size")
     optimizer: str = _h("sgd or adadelta")

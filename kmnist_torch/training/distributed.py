@@ -11,8 +11,9 @@ Semantics (README-distributed.md says the same for users):
   of every global batch, in order (:func:`part`), from an order drawn from the shared seed.
   The global batch of step i is the single-process batch of step i.
 - Random draws made per batch (mixup's lambda and layer, translations) come from generators
-  seeded alike on every rank and consumed in lockstep; see :func:`kmnist_torch.mixup.draw` and
-  :func:`kmnist_torch.augment.random_translate` (``shard=``).
+  seeded alike on every rank and consumed in lockstep; see
+  :func:`kmnist_torch.training.mixup.draw` and
+  :func:`kmnist_torch.training.augment.random_translate` (``shard=``).
 - Stop requests (Ctrl-C, or the SIGINT/SIGTERM that ``torchrun`` forwards) are agreed on with
   an all-reduce at every step boundary (:class:`SharedStop`), so all ranks stop after the same
   step and rank 0 writes one checkpoint.
@@ -30,21 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .runtime import StopRequest, TrainError
+from ..data.loader import part
+from ..errors import TrainError
+from .runtime import StopRequest
 
 __all__ = ["Dist", "SharedStop", "part", "rank_seed", "setup", "teardown"]
 
 T = TypeVar("T")
-
-
-def part(lo: int, hi: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` cut into ``world_size`` near-equal consecutive parts: rank's part.
-
-    Equal parts when ``world_size`` divides ``hi - lo`` (training batches); otherwise the
-    first parts are one shorter (the last, smaller test batch), and a part may be empty.
-    """
-    n = hi - lo
-    return lo + n * rank // world_size, lo + n * (rank + 1) // world_size
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -146,8 +139,9 @@ class Dist:
 
 
 class SharedStop:
-    """:class:`~kmnist_torch.runtime.StopRequest` agreed on by every rank: ``requested`` is an
-    all-reduce of each rank's own request, so every rank must read it at the same points (the
+    """:class:`~kmnist_torch.training.runtime.StopRequest` agreed on by every rank:
+    ``requested`` is an all-reduce of each rank's own request, so every rank must read it at
+    the same points (the
     engine reads it at step boundaries, and before and during evaluation). SIGTERM counts as a
     request too: ``torchrun`` forwards the signal it gets (Ctrl-C's SIGINT, or a scheduler's
     SIGTERM) to the workers and kills them 30 s later, time enough to finish a step and write

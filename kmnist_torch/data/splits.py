@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .datasets import create_dataset
+from .registry import create_dataset
 
 # The seed of --limit-train/--limit-test. Fixed, not the run's --seed: runs with different
 # seeds then differ by training noise alone, on the same images, and the harness's 4-NN and
@@ -65,7 +65,7 @@ def load_split(
     """One split of a dataset as whole tensors, cut to ``limit`` images.
 
     Args:
-        name: a name :func:`kmnist_torch.datasets.create_dataset` accepts.
+        name: a name :func:`kmnist_torch.data.registry.create_dataset` accepts.
         root: the data folder (None: the default root).
         train: the training split (True) or the test split (False).
         limit: keep a stratified subset of this many images (:func:`stratified_subset`,

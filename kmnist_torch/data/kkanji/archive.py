@@ -14,12 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import catalog
-from .._io import LockTimeout, folder_lock, hash_file, unchanged, write_json
-from ..fetch import DownloadError, Target, download
+from ... import catalog
+from ..._io import folder_lock, hash_file, unchanged, write_json
+from ...download.fetch import Target, download
+from ...download.sources import NO_SOURCE, target_for, urls_for
+from ...errors import ArchiveError, DataFilesError, DownloadError, LockTimeout
+from ...settings import say
 from ..formats import png_problem
-from ..settings import say
-from ..sources import NO_SOURCE, DataFilesError, target_for, urls_for
 from .layout import (
     CACHE_DIR,
     LOCK_NAME,
@@ -29,7 +30,6 @@ from .layout import (
     SIDE,
     TAR_NAME,
     TREE_NAME,
-    ArchiveError,
     class_codepoint,
     expected,
     warn,

@@ -9,9 +9,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import catalog
-from ..datasets import ImageDataset
-from ..sources import resolve_root
+from ... import catalog
+from ...download.sources import resolve_root
+from ..base import ImageDataset
 from .archive import read_record
 from .cache import images as load_images
 from .cache import open_source
