@@ -22,50 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.loader import TensorLoader
-from ..errors import TrainError
 from . import mixup
 from .augment import random_translate
 from .distributed import Dist
-from .metrics import accuracy, balanced_accuracy
+from .metrics import evaluate
 from .optim import build_optimizer, lr_factor
 from .recipes import Recipe
-from .runtime import (
-    CHECKPOINT,
-    CURVES,
-    MODEL,
-    RESULTS,
-    CpuEstimate,
-    RunDir,
-    StopRequest,
-    determinism,
-    device_name,
-    git_commit,
-    sync,
-)
-
-__all__ = [
-    "CHECKPOINT",
-    "CURVES",
-    "MODEL",
-    "RESULTS",
-    "CpuEstimate",
-    "Job",
-    "RunDir",
-    "RunState",
-    "StopRequest",
-    "TrainError",
-    "build_optimizer",
-    "determinism",
-    "device_name",
-    "evaluate",
-    "fit",
-    "lr_factor",
-    "summarize",
-    "sync",
-    "train_one_epoch",
-    "train_step",
-]
-
+from .runtime import CpuEstimate, RunDir, StopRequest, device_name, git_commit, sync
 
 # --------------------------------------------------------------------- what a run is made of
 
@@ -248,18 +211,10 @@ def train_one_epoch(
         progress: show a progress bar (None: on a terminal).
         estimate: told the time of each step, to warn how long a CPU run will take.
     """
-    r, steps_per_epoch, skip = job.recipe, job.steps_per_epoch, state.step
+    skip = state.step
     job.model.train()
     t0 = sync(job.device)
-    bar = tqdm(
-        itertools.islice(iter(job.train_loader), skip, None),
-        total=steps_per_epoch,
-        initial=skip,
-        desc=f"epoch {state.epoch + 1}/{r.epochs}",
-        leave=False,
-        disable=None if progress is None else not progress,  # None: on a terminal
-        unit="batch",
-    )
+    bar = _epoch_bar(job, state, progress)
     # With several ranks the sums start at 0 here and are summed over the ranks at the end,
     # then added to the carry (which holds whole-run figures).
     ddp = job.dist.active
@@ -273,7 +228,9 @@ def train_one_epoch(
         seen += len(y)
         state.step += 1
         if estimate is not None:
-            estimate.tick(time.perf_counter() - t_step, state.epoch * steps_per_epoch + state.step)
+            estimate.tick(
+                time.perf_counter() - t_step, state.epoch * job.steps_per_epoch + state.step
+            )
         if not bar.disable and state.step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if stop is not None and stop.requested:
@@ -284,71 +241,35 @@ def train_one_epoch(
         loss_sum += state.carry["loss_sum"]
         seen = state.carry["seen"] + seen * job.dist.world_size  # equal parts on every rank
         job.dist.broadcast_buffers(job.model)
-    seconds = sync(job.device) - t0
+    _account_epoch(job, state, loss_sum.item(), seen, sync(job.device) - t0, skip)
+
+
+def _epoch_bar(job: Job, state: RunState, progress: bool | None) -> tqdm:
+    """The batches of the epoch from ``state.step`` on, behind a progress bar."""
+    return tqdm(
+        itertools.islice(iter(job.train_loader), state.step, None),
+        total=job.steps_per_epoch,
+        initial=state.step,
+        desc=f"epoch {state.epoch + 1}/{job.recipe.epochs}",
+        leave=False,
+        disable=None if progress is None else not progress,  # None: on a terminal
+        unit="batch",
+    )
+
+
+def _account_epoch(
+    job: Job, state: RunState, loss_sum: float, seen: int, seconds: float, skip: int
+) -> None:
+    """Add what this stretch of the epoch (from batch ``skip`` to ``state.step``) did to the
+    carry and the time spent."""
     state.carry = {
-        "loss_sum": loss_sum.item(),
+        "loss_sum": loss_sum,
         "seen": seen,
         "train_seconds": state.carry["train_seconds"] + seconds,
     }
     state.spent["train_seconds"] += seconds
-    state.spent["train_images"] += (state.step - skip) * r.batch_size
+    state.spent["train_images"] += (state.step - skip) * job.recipe.batch_size
     state.spent["device_seconds"] += seconds
-
-
-@torch.no_grad()
-def evaluate(
-    forward: Callable[..., torch.Tensor],
-    loader: TensorLoader,
-    r: Recipe,
-    device: torch.device,
-    stop: StopRequest | None = None,
-    dist: Dist | None = None,
-) -> dict[str, float] | None:
-    """Test loss (cross-entropy), top-1 and balanced accuracy of ``forward`` on ``loader``.
-
-    With several ranks (``dist``), each rank's loader yields its part of every test batch;
-    predictions, targets and loss sums are gathered, so every image counts exactly once.
-
-    Args:
-        forward: the model (or its compiled form); put in eval mode if it is a module.
-        loader: the test batches.
-        r: the recipe (for bf16 autocast and channels_last on CUDA).
-        device: where the batches are.
-        stop: checked before each batch.
-        dist: this process's place in a data-parallel run (default: alone).
-
-    Returns:
-        ``test_loss``, ``test_accuracy`` and ``test_balanced_accuracy``; None if a stop was
-        requested.
-    """
-    if isinstance(forward, nn.Module):
-        forward.eval()
-    dist = dist or Dist()
-    preds, targets = [], []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in loader:
-        if stop is not None and stop.requested:
-            return None
-        if len(y) == 0:  # a rank's part of a last batch smaller than the world
-            continue
-        if r.channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=r.amp and device.type == "cuda"):
-            logits = forward(x)
-        # Written out rather than F.cross_entropy: nll_loss has no deterministic CUDA kernel.
-        log_p = torch.log_softmax(logits.float(), dim=1)
-        loss_sum -= log_p.gather(1, y[:, None]).sum().double()
-        preds.append(logits.argmax(1))
-        targets.append(y)
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    pred = dist.gather_cat(torch.cat(preds) if preds else empty).cpu()
-    target = dist.gather_cat(torch.cat(targets) if targets else empty).cpu()
-    dist.all_sum(loss_sum)
-    return {
-        "test_loss": loss_sum.item() / len(target),
-        "test_accuracy": accuracy(pred, target),
-        "test_balanced_accuracy": balanced_accuracy(pred, target),
-    }
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -412,16 +333,40 @@ def _epoch_record(job: Job, state: RunState, metrics: dict[str, float], test_s: 
     }
 
 
-class _Session:
-    """Adds the wall-clock time of this session to ``spent`` whenever the run is saved."""
+class _Saver:
+    """Writes what a run has to show at each point: its checkpoint and its results, with the
+    wall-clock time of this session added to ``spent`` first."""
 
-    def __init__(self, spent: dict[str, Any], start: float) -> None:
-        self.spent, self.mark = spent, start
+    def __init__(
+        self, job: Job, state: RunState, run_dir: RunDir, config: dict, info: dict, start: float
+    ) -> None:
+        self.job, self.state, self.run_dir, self.config = job, state, run_dir, config
+        self.info = {**info, "config": config, "checkpoint": str(run_dir.checkpoint)}
+        self.mark = start
 
     def account(self) -> None:
         now = time.perf_counter()
-        self.spent["wall_seconds"] += now - self.mark
+        self.state.spent["wall_seconds"] += now - self.mark
         self.mark = now
+
+    def checkpoint(self) -> None:
+        self.account()
+        self.run_dir.save_checkpoint(self.config, self.state.state_dict(), self.job.model_meta)
+
+    def results(self, finished: bool, interrupted: bool, epoch_end: bool = True) -> dict:
+        # model.pt only at the end of an epoch: its weights then match its test scores.
+        job = self.job
+        res = summarize(self.info, job, self.state, finished, interrupted)
+        self.run_dir.write_results(res, job.model if epoch_end else None, job.model_meta)
+        return res
+
+    def stopped(self, where: str, epoch_end: bool) -> dict:
+        """Say where the run stopped and how to go on; the results of the interrupted run."""
+        print(
+            f"stopped {where}; checkpoint in {self.run_dir.checkpoint}; continue with --resume",
+            file=sys.stderr,
+        )
+        return self.results(finished=False, interrupted=True, epoch_end=epoch_end)
 
 
 def fit(
@@ -453,66 +398,67 @@ def fit(
     Returns:
         The results dict, as written to ``results.json``.
     """
-    r, steps = job.recipe, job.steps_per_epoch
-    session = _Session(state.spent, time.perf_counter() if wall_start is None else wall_start)
-    info = {**info, "config": config, "checkpoint": str(run_dir.checkpoint)}
-
-    def results(finished: bool, interrupted: bool, epoch_end: bool = True) -> dict[str, Any]:
-        # model.pt only at the end of an epoch: its weights then match its test scores.
-        res = summarize(info, job, state, finished, interrupted)
-        run_dir.write_results(res, job.model if epoch_end else None, job.model_meta)
-        return res
-
+    r = job.recipe
+    start = time.perf_counter() if wall_start is None else wall_start
+    saver = _Saver(job, state, run_dir, config, info, start)
     if state.epoch >= r.epochs:
         print(f"{run_dir.out}: all {r.epochs} epochs are done already", file=sys.stderr)
-        session.account()
-        return results(finished=True, interrupted=False)
-    estimate = (
-        None if job.on_cuda or not job.dist.is_main else CpuEstimate(r.epochs * steps, r.batch_size)
-    )
+        saver.account()
+        return saver.results(finished=True, interrupted=False)
+    estimate = None
+    if not job.on_cuda and job.dist.is_main:
+        estimate = CpuEstimate(r.epochs * job.steps_per_epoch, r.batch_size)
     with job.dist.stop_request() as stop:
         while state.epoch < r.epochs:
-            state.loader_state = job.train_loader.state_dict()  # the epoch's order comes from it
-            train_one_epoch(job, state, stop, progress, estimate)
-            t1 = sync(job.device)
-            metrics = (
-                None
-                if stop.requested
-                else evaluate(job.eval_forward, job.test_loader, r, job.device, stop, job.dist)
-            )
-            test_s = sync(job.device) - t1
-            state.spent["device_seconds"] += test_s
+            metrics, test_s = _train_and_test(job, state, stop, progress, estimate)
             if metrics is None:  # Ctrl-C: checkpoint mid-epoch, resume at the next step
-                session.account()
-                run_dir.save_checkpoint(config, state.state_dict(), job.model_meta)
-                print(
-                    f"stopped in epoch {state.epoch + 1} at step {state.step}/{steps}; "
-                    f"checkpoint in {run_dir.checkpoint}; continue with --resume",
-                    file=sys.stderr,
-                )
-                return results(finished=False, interrupted=True, epoch_end=False)
-            record = _epoch_record(job, state, metrics, test_s)
-            state.history.append(record)
-            state.carry = {"loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
-            state.epoch, state.step = state.epoch + 1, 0
-            state.loader_state = job.train_loader.state_dict()
-            print(
-                f"epoch {state.epoch}/{r.epochs}  train loss {record['train_loss']:.4f}  "
-                f"test loss {record['test_loss']:.4f}  "
-                f"acc {100 * record['test_accuracy']:.2f}%  "
-                f"bal acc {100 * record['test_balanced_accuracy']:.2f}%  "
-                f"{record['images_per_second']:,.0f} img/s",
-                flush=True,
-            )
-            session.account()
-            run_dir.save_checkpoint(config, state.state_dict(), job.model_meta)
+                saver.checkpoint()
+                where = f"in epoch {state.epoch + 1} at step {state.step}/{job.steps_per_epoch}"
+                return saver.stopped(where, epoch_end=False)
+            _close_epoch(job, state, metrics, test_s)
+            saver.checkpoint()
             done = state.epoch == r.epochs
             if not done and (stop.requested or (stop_after or 0) == state.epoch):
-                print(
-                    f"stopped after epoch {state.epoch}; checkpoint in {run_dir.checkpoint}; "
-                    "continue with --resume",
-                    file=sys.stderr,
-                )
-                return results(finished=False, interrupted=True)
-            res = results(finished=done, interrupted=False)
+                return saver.stopped(f"after epoch {state.epoch}", epoch_end=True)
+            res = saver.results(finished=done, interrupted=False)
     return res
+
+
+def _train_and_test(
+    job: Job,
+    state: RunState,
+    stop: StopRequest,
+    progress: bool | None,
+    estimate: CpuEstimate | None,
+) -> tuple[dict[str, float] | None, float]:
+    """Train the rest of the epoch and test it: (the test metrics, or None when a stop was
+    requested first; the seconds testing took)."""
+    state.loader_state = job.train_loader.state_dict()  # the epoch's order comes from it
+    train_one_epoch(job, state, stop, progress, estimate)
+    t1 = sync(job.device)
+    metrics = (
+        None
+        if stop.requested
+        else evaluate(job.eval_forward, job.test_loader, job.recipe, job.device, stop, job.dist)
+    )
+    test_s = sync(job.device) - t1
+    state.spent["device_seconds"] += test_s
+    return metrics, test_s
+
+
+def _close_epoch(job: Job, state: RunState, metrics: dict[str, float], test_s: float) -> None:
+    """Record the finished epoch in the history, move ``state`` to the next one, and print
+    the epoch's line."""
+    record = _epoch_record(job, state, metrics, test_s)
+    state.history.append(record)
+    state.carry = {"loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
+    state.epoch, state.step = state.epoch + 1, 0
+    state.loader_state = job.train_loader.state_dict()
+    print(
+        f"epoch {state.epoch}/{job.recipe.epochs}  train loss {record['train_loss']:.4f}  "
+        f"test loss {record['test_loss']:.4f}  "
+        f"acc {100 * record['test_accuracy']:.2f}%  "
+        f"bal acc {100 * record['test_balanced_accuracy']:.2f}%  "
+        f"{record['images_per_second']:,.0f} img/s",
+        flush=True,
+    )
