@@ -18,7 +18,8 @@ from fakedata import random_split
 from kmnist_torch import KMNIST, DataFilesError, FormatError
 from kmnist_torch.data.formats import read_idx, read_npz, write_idx
 from kmnist_torch.data.resplit import write_split
-from kmnist_torch.download.fetch import _NoDowngradeRedirect, download
+from kmnist_torch.download.connection import NoDowngradeRedirect
+from kmnist_torch.download.fetch import download
 from kmnist_torch.errors import DownloadError
 from kmnist_torch.settings import FetchConfig
 
@@ -116,7 +117,7 @@ def test_checksum_mismatch_on_first_mirror_moves_on(tmp_path, http_server, fast_
 
 def test_https_to_http_redirect_is_refused():
 
-    handler = _NoDowngradeRedirect()
+    handler = NoDowngradeRedirect()
     req = urllib.request.Request("https://mirror.example/kmnist/f")
     with pytest.raises(urllib.error.HTTPError, match="insecure"):
         handler.redirect_request(req, None, 302, "Found", {}, "http://evil.example/f")

@@ -20,7 +20,6 @@ import os
 import socket
 import stat
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from typing import Callable
 from .._io import CHUNK, HashRecord, hash_file, open_nofollow, write_json
 from ..errors import DownloadError
 from ..settings import FetchConfig
+from .connection import Watchdog, opener
 
 USER_AGENT = "kmnist_torch (+https://pypi.org/project/kmnist-torch/)"
 
@@ -112,100 +112,12 @@ def check(
 # --------------------------------------------------------------------------- HTTP
 
 
-class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but never from https to plain http."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if req.full_url.lower().startswith("https:") and newurl.lower().startswith("http:"):
-            raise urllib.error.HTTPError(
-                req.full_url, code, f"refused redirect from https to insecure {newurl}",
-                headers, fp,
-            )  # fmt: skip
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
 class _Permanent(Exception):
     """A failure that retrying the same URL will not fix (404, checksum mismatch...)."""
 
 
 class _DeadlineExceeded(Exception):
     """The attempt ran past its overall deadline (a server dripping bytes, or stalled)."""
-
-
-class _Watchdog:
-    """Shuts down every socket of one attempt when its deadline passes, so a read blocked in the
-    status line, the headers or the body returns at once however slowly the server drips."""
-
-    def __init__(self, seconds: float) -> None:
-        self.fired = False
-        self.seconds = seconds
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
-        self._start = time.monotonic()
-        self._end = self._start + seconds
-        self._arm(seconds)
-
-    def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = threading.Timer(max(0.0, seconds), self.fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def tighten(self, seconds: float) -> None:
-        """Bring the deadline forward to ``seconds`` from now (never push it back)."""
-        end = time.monotonic() + seconds
-        if end < self._end:
-            self._end, self.seconds = end, end - self._start
-            self._arm(seconds)
-
-    def expired(self) -> bool:
-        return self.fired or time.monotonic() >= self._end
-
-    def register(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.append(sock)
-            if self.fired:
-                self._shut(sock)
-
-    def fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            for sock in self._socks:
-                self._shut(sock)
-
-    @staticmethod
-    def _shut(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
-    """An opener whose connections register their sockets with ``watchdog``."""
-
-    def watched(base):
-        class Conn(base):
-            def connect(self):
-                super().connect()
-                watchdog.register(self.sock)
-
-        return Conn
-
-    class Http(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(watched(http.client.HTTPConnection), req)
-
-    class Https(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(watched(http.client.HTTPSConnection), req,
-                                context=self._context)  # fmt: skip
-
-    return urllib.request.build_opener(Http(), Https(), _NoDowngradeRedirect())
 
 
 def _progress_bar(total: int | None, initial: int, name: str, enabled: bool | None):
@@ -286,7 +198,7 @@ def _fetch_once(
     if start >= limit:
         discard_partial(part)
         start, meta = 0, None
-    watchdog = _Watchdog(config.deadline_for(limit - start))
+    watchdog = Watchdog(config.deadline_for(limit - start))
     try:
         return _transfer(url, part, target, config, start, meta, limit, watchdog)
     except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -301,6 +213,25 @@ def _fetch_once(
 
 
 def _transfer(url, part, target, config, start, meta, limit, watchdog) -> int:
+    """Ask ``url`` for the file from byte ``start`` on and write what comes to ``part``;
+    returns the offset the answer started at (0 when the server sent the whole file)."""
+    resp = _open(url, part, start, meta, config, watchdog)
+    with resp:
+        length = _int_header(resp, "Content-Length")
+        start = _answer_start(resp, part, start, meta)
+        expected_total = _expected_total(length, start, target, limit)
+        if expected_total is not None:  # a known length tightens the deadline
+            watchdog.tighten(config.deadline_for(expected_total - start))
+        fd = _open_part(part, url, resp, start, expected_total)
+        got = _copy_body(resp, fd, start, limit, target, config, watchdog, expected_total)
+        if expected_total is not None and got != expected_total:
+            raise http.client.IncompleteRead(b"", expected_total - got)
+    return start
+
+
+def _open(url: str, part: Path, start: int, meta: dict | None, config: FetchConfig, watchdog):
+    """The server's answer to a request for the file from byte ``start`` on (a Range request
+    when resuming, conditional on the partial's validator)."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -309,7 +240,7 @@ def _transfer(url, part, target, config, start, meta, limit, watchdog) -> int:
             headers["If-Range"] = validator  # a changed file comes back whole (200)
     req = urllib.request.Request(url, headers=headers)
     try:
-        resp = _opener(watchdog).open(req, timeout=config.timeout)
+        return opener(watchdog).open(req, timeout=config.timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and start:  # our partial file is no prefix the server knows
@@ -318,66 +249,80 @@ def _transfer(url, part, target, config, start, meta, limit, watchdog) -> int:
         if 400 <= exc.code < 500 and exc.code not in (408, 425, 429):
             raise _Permanent(f"HTTP {exc.code} {exc.reason}") from exc
         raise
-    with resp:
-        status = getattr(resp, "status", 200)
-        length = _int_header(resp, "Content-Length")
-        if start and status == 206:
-            content_range = resp.headers.get("Content-Range", "")
-            total = content_range.rpartition("/")[2]
-            if not content_range.startswith(f"bytes {start}-"):
-                raise _Permanent(f"server answered range {content_range!r} to bytes={start}-")
-            if meta and meta.get("total") is not None and total != str(meta["total"]):
-                discard_partial(part)
-                raise _Permanent(f"the file changed on the server (range {content_range!r})")
-        elif status != 200:
-            raise _Permanent(f"unexpected HTTP status {status}")
-        else:  # 200: the server ignored the Range header, or the file changed: start over
-            start = 0
-        expected_total = start + length if length is not None else target.size
-        if target.size is not None and expected_total != target.size:
-            raise _Permanent(f"server offers {expected_total} bytes, expected {target.size}")
-        if expected_total is not None and expected_total > limit:
-            raise _Permanent(f"server offers {expected_total} bytes, more than the cap of {limit}")
-        if expected_total is not None:  # a known length tightens the deadline
-            watchdog.tighten(config.deadline_for(expected_total - start))
-        if start == 0:
+
+
+def _answer_start(resp, part: Path, start: int, meta: dict | None) -> int:
+    """Where the answer's body starts in the file: ``start`` for a range that continues the
+    partial, 0 for a whole file; any other answer is refused."""
+    status = getattr(resp, "status", 200)
+    if start and status == 206:
+        content_range = resp.headers.get("Content-Range", "")
+        total = content_range.rpartition("/")[2]
+        if not content_range.startswith(f"bytes {start}-"):
+            raise _Permanent(f"server answered range {content_range!r} to bytes={start}-")
+        if meta and meta.get("total") is not None and total != str(meta["total"]):
             discard_partial(part)
-            write_json(_meta_path(part), {
-                "url": url,
-                "total": expected_total,
-                "etag": resp.headers.get("ETag"),
-                "last_modified": resp.headers.get("Last-Modified"),
-            })  # fmt: skip
-            fd = open_nofollow(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        else:
-            fd = open_nofollow(part, os.O_WRONLY | os.O_APPEND)
-        bar = _progress_bar(expected_total, start, target.dest.name, config.progress)
-        got = start
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    if watchdog.expired():
-                        raise socket.timeout("overall deadline passed")
-                    chunk = resp.read(min(CHUNK, limit - got + 1))
-                    if not chunk:
-                        break
-                    if got + len(chunk) > limit:
-                        out.write(chunk[: limit - got])
-                        raise _Permanent(
-                            f"server sent more than {limit} bytes"
-                            + (" (the file's known size)" if target.size is not None else
-                               " (the cap for a file of unknown size: $KMNIST_TORCH_MAX_BYTES)")
-                        )  # fmt: skip
-                    out.write(chunk)
-                    got += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-        finally:
-            if bar is not None:
-                bar.close()
-        if expected_total is not None and got != expected_total:
-            raise http.client.IncompleteRead(b"", expected_total - got)
-    return start
+            raise _Permanent(f"the file changed on the server (range {content_range!r})")
+        return start
+    if status != 200:
+        raise _Permanent(f"unexpected HTTP status {status}")
+    return 0  # 200: the server ignored the Range header, or the file changed: start over
+
+
+def _expected_total(length: int | None, start: int, target: Target, limit: int) -> int | None:
+    """The whole file's size as the answer gives it (else the known size), checked against
+    the known size and the cap."""
+    expected_total = start + length if length is not None else target.size
+    if target.size is not None and expected_total != target.size:
+        raise _Permanent(f"server offers {expected_total} bytes, expected {target.size}")
+    if expected_total is not None and expected_total > limit:
+        raise _Permanent(f"server offers {expected_total} bytes, more than the cap of {limit}")
+    return expected_total
+
+
+def _open_part(part: Path, url: str, resp, start: int, expected_total: int | None) -> int:
+    """A descriptor to write to ``part``: appending to the partial, or a fresh file (with a
+    fresh record of where it comes from) when the answer starts at 0."""
+    if start:
+        return open_nofollow(part, os.O_WRONLY | os.O_APPEND)
+    discard_partial(part)
+    write_json(_meta_path(part), {
+        "url": url,
+        "total": expected_total,
+        "etag": resp.headers.get("ETag"),
+        "last_modified": resp.headers.get("Last-Modified"),
+    })  # fmt: skip
+    return open_nofollow(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+
+def _copy_body(resp, fd: int, start: int, limit: int, target: Target, config: FetchConfig,
+               watchdog, expected_total: int | None) -> int:  # fmt: skip
+    """Write the answer's body to ``fd`` until it ends, never past ``limit`` bytes of file nor
+    past the deadline; returns the file's size then."""
+    bar = _progress_bar(expected_total, start, target.dest.name, config.progress)
+    got = start
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                if watchdog.expired():
+                    raise socket.timeout("overall deadline passed")
+                chunk = resp.read(min(CHUNK, limit - got + 1))
+                if not chunk:
+                    return got
+                if got + len(chunk) > limit:
+                    out.write(chunk[: limit - got])
+                    raise _Permanent(
+                        f"server sent more than {limit} bytes"
+                        + (" (the file's known size)" if target.size is not None else
+                           " (the cap for a file of unknown size: $KMNIST_TORCH_MAX_BYTES)")
+                    )  # fmt: skip
+                out.write(chunk)
+                got += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 _TRANSIENT = (
@@ -410,6 +355,10 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason or exc}"
 
 
+class _GaveUp(Exception):
+    """One URL failed for good (the message says why); the next mirror is asked."""
+
+
 def download(target: Target, config: FetchConfig | None = None) -> tuple[str, str]:
     """Download ``target`` from the first of its URLs that yields a file with the expected size
     and checksums; resume a partial download only from the URL that wrote it; move the file
@@ -419,60 +368,67 @@ def download(target: Target, config: FetchConfig | None = None) -> tuple[str, st
     why it failed. Never leaves a file at ``target.dest`` that failed its check.
     """
     config = config or FetchConfig()
-    log = config.log
     dest = target.dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     size = f"{target.size:,} bytes" if target.size is not None else "size unknown"
     failures: list[str] = []
     for k, url in enumerate(target.urls):
-        log(f"downloading {dest.name} ({size}) from {url}")
-        restarted = False  # a resumed file that failed its check gets one fresh try
-        attempt = 0
-        while True:
-            try:
-                resumed_from = _fetch_once(url, part, target, config, resume=not restarted)
-            except _Permanent as exc:
-                failures.append(f"{url}: {exc}")
-                discard_partial(part)
-                break
-            except _DeadlineExceeded as exc:  # that URL is too slow: the next one is asked
-                failures.append(f"{url}: {exc}")
-                break
-            except _TRANSIENT as exc:
-                if attempt >= config.retries:
-                    # The partial stays: a later run resumes it from this URL (and only this).
-                    failures.append(f"{url}: {_reason(exc)} (after {attempt + 1} attempts)")
-                    break
-                delay = config.backoff * (2**attempt)
-                attempt += 1
-                log(f"{dest.name}: {url} failed ({_reason(exc)}); retry {attempt} of "
-                    f"{config.retries} in {delay:g} s")  # fmt: skip
-                time.sleep(delay)
-                continue
-            md5, sha, problem = _verify_part(part, target)
-            if problem and resumed_from and not restarted:
-                # The bytes kept from before may be what is wrong, not this URL's: once more
-                # from zero before blaming it.
-                log(f"{dest.name}: resumed file from {url} has {problem}; downloading it again "
-                    "from the start")  # fmt: skip
-                discard_partial(part)
-                restarted = True
-                continue
-            if problem:
-                discard_partial(part)
-                failures.append(f"{url}: downloaded file has {problem}")
-                break
-            os.replace(part, dest)  # replaces a link at dest itself, never its target
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_meta_path(part))
-            return md5, sha
-        if k + 1 < len(target.urls):
-            log(f"{dest.name}: giving up on {url} ({failures[-1].split(': ', 1)[1]}); "
-                f"trying the next mirror, {target.urls[k + 1]}")  # fmt: skip
+        config.log(f"downloading {dest.name} ({size}) from {url}")
+        try:
+            md5, sha = _from_url(url, part, target, config)
+        except _GaveUp as exc:
+            failures.append(f"{url}: {exc}")
+            if k + 1 < len(target.urls):
+                config.log(f"{dest.name}: giving up on {url} ({exc}); "
+                           f"trying the next mirror, {target.urls[k + 1]}")  # fmt: skip
+            continue
+        os.replace(part, dest)  # replaces a link at dest itself, never its target
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_meta_path(part))
+        return md5, sha
     raise DownloadError(
         f"could not download {dest.name}; tried:\n  "
         + "\n  ".join(failures)
         + "\n"
         + target.describe()
     )
+
+
+def _from_url(url: str, part: Path, target: Target, config: FetchConfig) -> tuple[str, str]:
+    """Fetch ``target`` from one URL into ``part``, retrying what may pass; returns the
+    verified file's (md5, sha256), or raises :class:`_GaveUp` saying why that URL failed."""
+    name, log = target.dest.name, config.log
+    restarted = False  # a resumed file that failed its check gets one fresh try
+    attempt = 0
+    while True:
+        try:
+            resumed_from = _fetch_once(url, part, target, config, resume=not restarted)
+        except _Permanent as exc:
+            discard_partial(part)
+            raise _GaveUp(str(exc)) from exc
+        except _DeadlineExceeded as exc:  # that URL is too slow: the next one is asked
+            raise _GaveUp(str(exc)) from exc
+        except _TRANSIENT as exc:
+            if attempt >= config.retries:
+                # The partial stays: a later run resumes it from this URL (and only this).
+                raise _GaveUp(f"{_reason(exc)} (after {attempt + 1} attempts)") from exc
+            delay = config.backoff * (2**attempt)
+            attempt += 1
+            log(f"{name}: {url} failed ({_reason(exc)}); retry {attempt} of "
+                f"{config.retries} in {delay:g} s")  # fmt: skip
+            time.sleep(delay)
+            continue
+        md5, sha, problem = _verify_part(part, target)
+        if problem and resumed_from and not restarted:
+            # The bytes kept from before may be what is wrong, not this URL's: once more
+            # from zero before blaming it.
+            log(f"{name}: resumed file from {url} has {problem}; downloading it again "
+                "from the start")  # fmt: skip
+            discard_partial(part)
+            restarted = True
+            continue
+        if problem:
+            discard_partial(part)
+            raise _GaveUp(f"downloaded file has {problem}")
+        return md5, sha
