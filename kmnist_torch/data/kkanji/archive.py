@@ -153,78 +153,103 @@ def _extract(tar_path: Path, folder: Path, verify: bool) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TREE_NAME}.extract-", dir=folder))
     try:
-        counts: dict[int, int] = {}
-        folder_of: dict[int, str] = {}  # codepoint -> the one folder name that may hold it
-        seen: set[str] = set()
-        try:
-            with tarfile.open(tar_path, mode="r:") as tf:
-                for member in tf:
-                    target = _member_target(member)
-                    if target is None:
-                        continue
-                    cls, fname = target
-                    cp = class_codepoint(cls)
-                    assert cp is not None  # _member_target checked the name
-                    if folder_of.setdefault(cp, cls) != cls:
-                        raise ArchiveError(
-                            f"{TAR_NAME}: refused member {member.name!r}: folder {cls!r} names "
-                            f"the same codepoint as {folder_of[cp]!r}"
-                        )
-                    cls_dir = tmp / TREE_NAME / cls
-                    key = f"{cls}/{fname}" if fname else cls + "/"
-                    if fname is not None and key in seen:
-                        raise ArchiveError(
-                            f"{TAR_NAME}: refused member {member.name!r}: it occurs twice"
-                        )
-                    seen.add(key)
-                    cls_dir.mkdir(parents=True, exist_ok=True)
-                    if fname is None:
-                        continue
-                    fh = tf.extractfile(member)
-                    data = fh.read() if fh is not None else b""
-                    if len(data) != member.size:
-                        raise ArchiveError(f"{TAR_NAME}: member {member.name!r} is cut short")
-                    problem = png_problem(data, (SIDE, SIDE))
-                    if problem:
-                        raise ArchiveError(f"{TAR_NAME}: refused member {member.name!r}: {problem}")
-                    path = cls_dir / fname
-                    with open(path, "xb") as out:
-                        out.write(data)
-                    # The member's mtime, so a re-extracted tar gives the same fingerprint and
-                    # the decoded cache stays valid.
-                    mtime = int(member.mtime) if 0 <= member.mtime < 2**40 else 0
-                    os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
-                    counts[cp] = counts.get(cp, 0) + 1
-                end = tf.offset
-        except tarfile.TarError as exc:
-            raise ArchiveError(
-                f"{tar_path} is not a complete tar archive ({exc}): it is truncated or damaged. "
-                "Delete it and download it again."
-            ) from exc
-        # tarfile stops quietly at a header it cannot read; only the end-of-archive marker (two
-        # zero blocks) tells a complete archive from one cut at a member boundary.
-        with open(tar_path, "rb") as fh:
-            fh.seek(end)
-            marker = fh.read(2 * tarfile.BLOCKSIZE)
-        if marker != bytes(2 * tarfile.BLOCKSIZE):
-            raise ArchiveError(
-                f"{tar_path} is truncated or damaged: no end-of-archive marker after the "
-                f"{sum(counts.values())} images read (at byte {end} of "
-                f"{tar_path.stat().st_size}). Delete it and download it again."
-            )
-        if not counts:
-            raise ArchiveError(f"{tar_path} holds no image {TREE_NAME}/U+XXXX/<name>.png")
-        n_classes, n_images = expected()
-        found = (len(counts), sum(counts.values()))
-        if verify and found != (n_classes, n_images):
-            raise ArchiveError(
-                f"{tar_path} holds {found[0]} classes and {found[1]} images; the full "
-                f"Kuzushiji-Kanji has {n_classes} and {n_images}. Delete it and download it "
-                "again (or pass verify=False to use a subset)."
-            )
+        counts, end = _extract_members(tar_path, tmp / TREE_NAME)
+        _check_end_marker(tar_path, end, sum(counts.values()))
+        _check_counts(tar_path, counts, verify)
         os.rename(tmp / TREE_NAME, folder / TREE_NAME)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_members(tar_path: Path, tree: Path) -> tuple[dict[int, int], int]:
+    """Check and write every member into ``tree``; returns the images per codepoint and the
+    byte offset where tarfile stopped reading."""
+    counts: dict[int, int] = {}
+    folder_of: dict[int, str] = {}  # codepoint -> the one folder name that may hold it
+    seen: set[str] = set()
+    try:
+        with tarfile.open(tar_path, mode="r:") as tf:
+            for member in tf:
+                target = _member_target(member)
+                if target is None:
+                    continue
+                cls, fname = target
+                cp = _claim(member, cls, fname, folder_of, seen)
+                (tree / cls).mkdir(parents=True, exist_ok=True)
+                if fname is None:
+                    continue
+                _write_member(tf, member, tree / cls / fname)
+                counts[cp] = counts.get(cp, 0) + 1
+            return counts, tf.offset
+    except tarfile.TarError as exc:
+        raise ArchiveError(
+            f"{tar_path} is not a complete tar archive ({exc}): it is truncated or damaged. "
+            "Delete it and download it again."
+        ) from exc
+
+
+def _claim(
+    member: tarfile.TarInfo, cls: str, fname: str | None, folder_of: dict[int, str], seen: set
+) -> int:
+    """The codepoint of ``cls``, refusing a second folder name for the same codepoint and a
+    file that occurs twice."""
+    cp = class_codepoint(cls)
+    assert cp is not None  # _member_target checked the name
+    if folder_of.setdefault(cp, cls) != cls:
+        raise ArchiveError(
+            f"{TAR_NAME}: refused member {member.name!r}: folder {cls!r} names "
+            f"the same codepoint as {folder_of[cp]!r}"
+        )
+    key = f"{cls}/{fname}" if fname else cls + "/"
+    if fname is not None and key in seen:
+        raise ArchiveError(f"{TAR_NAME}: refused member {member.name!r}: it occurs twice")
+    seen.add(key)
+    return cp
+
+
+def _write_member(tf: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+    """Write one image member to ``path`` once it is read in full and is a PNG of the size."""
+    fh = tf.extractfile(member)
+    data = fh.read() if fh is not None else b""
+    if len(data) != member.size:
+        raise ArchiveError(f"{TAR_NAME}: member {member.name!r} is cut short")
+    problem = png_problem(data, (SIDE, SIDE))
+    if problem:
+        raise ArchiveError(f"{TAR_NAME}: refused member {member.name!r}: {problem}")
+    with open(path, "xb") as out:
+        out.write(data)
+    # The member's mtime, so a re-extracted tar gives the same fingerprint and the decoded
+    # cache stays valid.
+    mtime = int(member.mtime) if 0 <= member.mtime < 2**40 else 0
+    os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
+
+
+def _check_end_marker(tar_path: Path, end: int, n_images: int) -> None:
+    """tarfile stops quietly at a header it cannot read; only the end-of-archive marker (two
+    zero blocks) tells a complete archive from one cut at a member boundary."""
+    with open(tar_path, "rb") as fh:
+        fh.seek(end)
+        marker = fh.read(2 * tarfile.BLOCKSIZE)
+    if marker != bytes(2 * tarfile.BLOCKSIZE):
+        raise ArchiveError(
+            f"{tar_path} is truncated or damaged: no end-of-archive marker after the "
+            f"{n_images} images read (at byte {end} of "
+            f"{tar_path.stat().st_size}). Delete it and download it again."
+        )
+
+
+def _check_counts(tar_path: Path, counts: dict[int, int], verify: bool) -> None:
+    """Refuse a tar with no image, and (when verifying) one that is not the full dataset."""
+    if not counts:
+        raise ArchiveError(f"{tar_path} holds no image {TREE_NAME}/U+XXXX/<name>.png")
+    n_classes, n_images = expected()
+    found = (len(counts), sum(counts.values()))
+    if verify and found != (n_classes, n_images):
+        raise ArchiveError(
+            f"{tar_path} holds {found[0]} classes and {found[1]} images; the full "
+            f"Kuzushiji-Kanji has {n_classes} and {n_images}. Delete it and download it "
+            "again (or pass verify=False to use a subset)."
+        )
 
 
 # --------------------------------------------------------------------------- getting the tree

@@ -65,8 +65,32 @@ class Listing:
 
 def scan_tree(tree: Path, verify: bool) -> Listing:
     """List and fingerprint the tree (stat only, no image is opened); check its counts."""
-    classes: dict[int, str] = {}
     unexpected: list[str] = []
+    codepoints, folders = _class_folders(tree, unexpected)
+    names: list[list[str]] = []
+    digest = hashlib.sha256(f"kkanji-cache-v{CACHE_VERSION}\n".encode())
+    for folder in folders:
+        stats = _png_stats(tree, folder, unexpected)
+        names.append([s[0] for s in stats])
+        digest.update(
+            "".join(f"{folder}/{n}\t{size}\t{mtime}\n" for n, size, mtime in stats).encode()
+        )
+    keep = [i for i, n in enumerate(names) if n]  # an empty folder is no class
+    listing = Listing(
+        tree,
+        [folders[i] for i in keep],
+        [codepoints[i] for i in keep],
+        [names[i] for i in keep],
+        digest.hexdigest(),
+    )
+    _check_listing(listing, unexpected, verify)
+    return listing
+
+
+def _class_folders(tree: Path, unexpected: list[str]) -> tuple[list[int], list[str]]:
+    """The class folders of ``tree`` as (codepoints, folder names), in codepoint order; any
+    other entry not hidden is added to ``unexpected``."""
+    classes: dict[int, str] = {}
     with os.scandir(tree) as it:
         entries = list(it)
     for entry in entries:
@@ -82,33 +106,29 @@ def scan_tree(tree: Path, verify: bool) -> Listing:
         else:
             classes[cp] = entry.name
     codepoints = sorted(classes)
-    folders = [classes[cp] for cp in codepoints]
-    names: list[list[str]] = []
-    digest = hashlib.sha256(f"kkanji-cache-v{CACHE_VERSION}\n".encode())
-    for folder in folders:
-        stats = []
-        with os.scandir(tree / folder) as it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue
-                if not (entry.name.endswith(".png") and entry.is_file()):
-                    unexpected.append(f"{folder}/{entry.name}")
-                    continue
-                st = entry.stat()
-                stats.append((entry.name, st.st_size, st.st_mtime_ns))
-        stats.sort()
-        names.append([s[0] for s in stats])
-        digest.update(
-            "".join(f"{folder}/{n}\t{size}\t{mtime}\n" for n, size, mtime in stats).encode()
-        )
-    keep = [i for i, n in enumerate(names) if n]  # an empty folder is no class
-    listing = Listing(
-        tree,
-        [folders[i] for i in keep],
-        [codepoints[i] for i in keep],
-        [names[i] for i in keep],
-        digest.hexdigest(),
-    )
+    return codepoints, [classes[cp] for cp in codepoints]
+
+
+def _png_stats(tree: Path, folder: str, unexpected: list[str]) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of each PNG of one class folder, sorted by name; any other entry
+    not hidden is added to ``unexpected``."""
+    stats = []
+    with os.scandir(tree / folder) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if not (entry.name.endswith(".png") and entry.is_file()):
+                unexpected.append(f"{folder}/{entry.name}")
+                continue
+            st = entry.stat()
+            stats.append((entry.name, st.st_size, st.st_mtime_ns))
+    return sorted(stats)
+
+
+def _check_listing(listing: Listing, unexpected: list[str], verify: bool) -> None:
+    """Refuse a tree with no image; when verifying, one with unexpected entries or other
+    than the full counts (else warn about them)."""
+    tree = listing.tree
     n_classes, n_images = expected()
     found = (len(listing.codepoints), listing.total)
     if listing.total == 0:
@@ -129,7 +149,6 @@ def scan_tree(tree: Path, verify: bool) -> Listing:
             f"KKanji: verify=False: {tree} holds {found[0]} classes and {found[1]} images, not "
             f"the full {n_classes} and {n_images}; using it as it is."
         )
-    return listing
 
 
 def open_source(folder: Path, download_missing: bool, verify: bool) -> Listing:
