@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from kmnist_torch import catalog
-from kmnist_torch.data.formats import png_bytes
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A 2-d uint8 array encoded as an 8-bit grayscale PNG, as the KKanji images are."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def random_split(n: int, name: str = "kmnist", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -126,3 +126,28 @@ def test_bad_mix_layer_is_refused():
         model(torch.rand(2, 1, 28, 28), mix_layer=3, lam=0.5, perm=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="needs both lam and perm"):
         model(torch.rand(2, 1, 28, 28), mix_layer=0)
+
+
+def test_load_model_refuses_files_no_run_wrote(tmp_path):
+    # A model.pt without the sha256 of its weights, or a checkpoint without the model's
+    # metadata, is not what a run writes: a clear error, not a guess.
+    from kmnist_torch.errors import ModelFileError
+    from kmnist_torch.models.modelfile import load_model, model_meta, save_model
+
+    args = {"num_classes": 10, "in_chans": 1, "img_size": 28}
+    model = create_model("simple_cnn", **args)
+    meta = model_meta("simple_cnn", args, "kmnist", list("おきすつなはまやれを"))
+    save_model(tmp_path / "model.pt", model, meta)
+    assert load_model(tmp_path / "model.pt").meta["classes"] == meta["classes"]
+    doc = torch.load(tmp_path / "model.pt", weights_only=True)
+    del doc["weights_sha256"]
+    torch.save(doc, tmp_path / "unsigned.pt")
+    with pytest.raises(ModelFileError, match="records no sha256 of its weights"):
+        load_model(tmp_path / "unsigned.pt")
+    checkpoint = {"config": {"dataset": "kmnist", "model": "simple_cnn"}, "model_meta": meta,
+                  "model": model.state_dict()}  # fmt: skip
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert load_model(tmp_path / "checkpoint.pt").meta["arch"] == "simple_cnn"
+    torch.save({**checkpoint, "model_meta": None}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ModelFileError, match="kept no model metadata"):
+        load_model(tmp_path / "checkpoint.pt")

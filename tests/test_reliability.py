@@ -546,6 +546,25 @@ def test_verify_kkanji_finds_a_corrupted_cache_and_repair_rebuilds_it(tmp_path, 
     assert main(["verify", "kkanji", "--root", str(tmp_path)]) == 0
 
 
+def test_a_cache_index_without_its_sha256_is_a_problem(tmp_path, monkeypatch):
+    # Every index this package writes records the sha256 of its images; one without it was not
+    # written by us, and verify says so instead of skipping the check.
+    import warnings
+
+    from kmnist_torch.data.kkanji import cache
+
+    folder, npy = _kkanji_root_with_cache(tmp_path, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a subset: scan_tree warns with verify=False
+        listing = cache.scan_tree(folder / "kkanji2", verify=False)
+    assert cache.check_cache(folder, listing) == []
+    index_path = cache.cache_paths(folder, listing.fingerprint)[1]
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    del index["sha256"]
+    index_path.write_text(json.dumps(index), encoding="utf-8")
+    assert cache.check_cache(folder, listing) == [f"{index_path}: records no sha256 of {npy.name}"]
+
+
 def test_verify_kkanji_names_a_damaged_png(tmp_path, monkeypatch, capsys):
     folder, _ = _kkanji_root_with_cache(tmp_path, monkeypatch)
     victim = sorted((folder / "kkanji2").rglob("*.png"))[3]

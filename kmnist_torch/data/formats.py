@@ -155,16 +155,6 @@ def parse_idx(
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
-def read_idx_images(path: os.PathLike | str, image_shape: tuple[int, int] = (28, 28)) -> np.ndarray:
-    """Read an idx3 image file into an ``N x H x W`` uint8 array."""
-    return read_idx(path, 3, (-1, *image_shape))
-
-
-def read_idx_labels(path: os.PathLike | str) -> np.ndarray:
-    """Read an idx1 label file into an ``N`` uint8 array."""
-    return read_idx(path, 1)
-
-
 def read_npz(
     path: os.PathLike | str,
     shape: tuple[int, ...] | None = None,
@@ -264,30 +254,6 @@ def read_gray_png(path: os.PathLike | str, size: tuple[int, int]) -> np.ndarray:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             problem = f"an undecodable PNG ({exc})"
     raise _fail(path, f"a {size[0]}x{size[1]} 8-bit grayscale PNG", problem)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """A 2-d uint8 array encoded as an 8-bit grayscale PNG, as the KKanji images are."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def read_classmap(path: os.PathLike | str) -> list[tuple[int, str, str]]:
-    """Read an official ``*_classmap.csv`` (``index,codepoint,char``) into rows."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or lines[0].strip() != "index,codepoint,char":
-        raise _fail(path, "header 'index,codepoint,char'", repr(lines[0] if lines else ""))
-    rows = []
-    for n, line in enumerate(lines[1:], start=2):
-        parts = line.split(",")
-        if len(parts) != 3 or not parts[0].isdigit():
-            raise _fail(path, "rows 'index,codepoint,char'", f"line {n}: {line!r}")
-        rows.append((int(parts[0]), parts[1], parts[2]))
-    return rows
 
 
 def _shape_str(shape) -> str:

@@ -181,33 +181,6 @@ def find_model_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _meta_from_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The metadata of a checkpoint: saved in it, else rebuilt from its config and the
-    catalog (checkpoints written before model files existed)."""
-    if state.get("model_meta"):
-        return state["model_meta"]
-    from .. import catalog
-
-    config = state.get("config", {})
-    name = config.get("dataset")
-    info = catalog.DATASETS.get(name) if name else None
-    if info is None or not info.classes:
-        raise ValueError(
-            f"{path} has no model metadata and its dataset's classes are not in the catalog; "
-            f"load the run's {MODEL} instead"
-        )
-    classes = [c.char for c in info.classes]
-    return model_meta(
-        config["model"],
-        {"num_classes": len(classes), "in_chans": 1, "img_size": info.image_shape[0]},
-        info.name,
-        classes,
-        [c.codepoint for c in info.classes],
-        [c.romaji or None for c in info.classes],
-        config.get("recipe"),
-    )
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A trained model, ready to predict.
 
@@ -237,14 +210,23 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         raise ModelFileError(f"{file} is not a kmnist_torch model file or checkpoint")
     if "state_dict" in state:
         meta, weights = state.get("meta"), state["state_dict"]
-        recorded = state.get("weights_sha256")  # files of older releases have none
-        if recorded is not None and _safe_sha(weights) != recorded:
+        if "weights_sha256" not in state:
+            raise ModelFileError(
+                f"{file} records no sha256 of its weights: it is not a model file a "
+                "kmnist_torch run wrote"
+            )
+        if _safe_sha(weights) != state["weights_sha256"]:
             raise ModelFileError(
                 f"{file}: its weights differ from those the run wrote (sha256 mismatch): the "
                 "file is damaged or was edited; train the run again, or restore it from a copy"
             )
-    else:
-        meta, weights = _meta_from_checkpoint(state, file), state["model"]
+    else:  # a checkpoint: the model's metadata is saved beside the run's state
+        meta, weights = state.get("model_meta"), state["model"]
+        if meta is None:
+            raise ModelFileError(
+                f"{file} is the checkpoint of a run that kept no model metadata (and wrote no "
+                f"{MODEL}): it names no model to build"
+            )
     _check_meta(meta, file)
     try:
         model = create_model(meta["arch"], **meta["model_args"])

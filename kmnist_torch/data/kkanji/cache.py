@@ -329,7 +329,9 @@ def check_cache(folder: Path, listing: Listing) -> list[str]:
         return [f"{index_path}: unreadable index ({exc})"]
     if not images_path.is_file():
         return [f"{images_path}: missing (its index {index_path.name} is there)"]
-    if recorded is not None and hash_file(images_path)[1] != recorded:
+    if not isinstance(recorded, str):
+        problems.append(f"{index_path}: records no sha256 of {images_path.name}")
+    elif hash_file(images_path)[1] != recorded:
         problems.append(f"{images_path}: sha256 differs from the one recorded when it was built")
     try:
         arr = np.load(images_path, mmap_mode="r", allow_pickle=False)

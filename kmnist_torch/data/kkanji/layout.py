@@ -26,8 +26,6 @@ MAX_MEMBER_BYTES = 1 << 20
 POOL_MIN_IMAGES = 4096
 CHUNK_IMAGES = 512
 
-VERIFICATION_NOTE = catalog.KKANJI_VERIFICATION_NOTE
-
 CLASS_RE = re.compile(r"U\+([0-9A-Fa-f]{4,6})")
 NAME_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_\-]*\.png")
 
