@@ -1,9 +1,12 @@
 """Shared fixtures: a real HTTP server on 127.0.0.1 with scripted failures, the real files in
-../shared/data/real (skipped cleanly where absent), and writers of the official formats."""
+../shared/data/real (skipped cleanly where absent), a root holding some of them and a mirror
+serving them, and writers of the official formats."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import threading
 import time
 from collections import defaultdict, deque
@@ -146,6 +149,44 @@ def real_dir():
     if not SHARED_REAL.is_dir():
         pytest.skip(f"real Kuzushiji files not available ({SHARED_REAL} is absent)")
     return SHARED_REAL
+
+
+@pytest.fixture
+def real_root(real_dir, tmp_path):
+    """Real official files placed by hand in a root: ``real_root(*names, dataset="kmnist",
+    fmt="mnist", gunzip=False)`` copies each of ``names`` (paths under
+    ``../shared/data/real/<dataset>``; default: the dataset's official test split in ``fmt``)
+    into ``tmp_path/<Folder>/raw`` under its own file name (with ``gunzip``, decompressed to the
+    name without ``.gz``, as torchvision extracts it) and returns that raw folder. Call it again
+    to add files. A test asking for it needs ``real_dir``, so it is marked ``real_data``."""
+
+    def put(*names: str, dataset: str = "kmnist", fmt: str = "mnist", gunzip: bool = False):
+        from kmnist_torch import catalog
+
+        info = catalog.get(dataset)
+        raw = tmp_path / info.folder / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in names or [f.name for f in info.splits["test"][fmt]]:
+            src = real_dir / dataset / name
+            if gunzip:
+                (raw / src.name.removesuffix(".gz")).write_bytes(gzip.decompress(src.read_bytes()))
+            else:
+                shutil.copy(src, raw / src.name)
+        return raw
+
+    return put
+
+
+@pytest.fixture
+def real_mirror(http_server, fast_net, real_dir):
+    """A mirror on 127.0.0.1 serving the real official KMNIST and K49 files there are (the
+    only mirror: no official host)."""
+    for sub in ("kmnist", "k49"):
+        for f in sorted((real_dir / sub).iterdir()):
+            if f.is_file():
+                http_server.add(f"/{sub}/{f.name}", f.read_bytes())
+    mirror_env(fast_net, http_server.url)
+    return http_server
 
 
 def make_target(dest_dir: Path, urls: list[str], data: bytes, **kw):

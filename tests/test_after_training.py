@@ -7,7 +7,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -220,13 +219,10 @@ def test_predict_reads_black_on_white_pngs_of_any_size(run, tmp_path, capsys):
     assert "%" in capsys.readouterr().out
 
 
-def test_predict_on_real_kmnist_test_images(run, real_dir, tmp_path):
+def test_predict_on_real_kmnist_test_images(run, real_root, tmp_path):
     from kmnist_torch.data.mnist import KMNIST
 
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(real_dir / "kmnist" / name, raw)
+    real_root()
     images = KMNIST(tmp_path, train=False).data[:16]
     paths = _save_black_on_white(images, tmp_path / "png")
     model = kmnist_torch.load_model(run["out"] / "model.pt")

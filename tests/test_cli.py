@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
-import pytest
 from conftest import mirror_env
 from fakedata import random_split
 from PIL import Image
@@ -38,16 +35,7 @@ def test_unknown_dataset_is_a_clear_error(capsys):
     assert "unknown dataset 'emnist'" in capsys.readouterr().err
 
 
-@pytest.fixture
-def kmnist_mirror(http_server, fast_net, real_dir):
-    for f in (real_dir / "kmnist").iterdir():
-        if f.is_file():
-            http_server.add(f"/kmnist/{f.name}", f.read_bytes())
-    mirror_env(fast_net, http_server.url)
-    return http_server
-
-
-def test_download_reports_failure_per_split(tmp_path, kmnist_mirror, capsys):
+def test_download_reports_failure_per_split(tmp_path, real_mirror, capsys):
     # Only the test split is served: train fails with the error naming its files.
     rc = main(["download", "kmnist", "--root", str(tmp_path), "--format", "npz"])
     captured = capsys.readouterr()
@@ -58,26 +46,20 @@ def test_download_reports_failure_per_split(tmp_path, kmnist_mirror, capsys):
     )
 
 
-def test_verify_finds_good_and_bad_files(tmp_path, real_dir, capsys):
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(real_dir / "kmnist" / name, raw)
+def test_verify_finds_good_and_bad_files(tmp_path, real_root, capsys):
+    real_root()
     assert main(["verify", "kmnist", "k49", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "kmnist t10k-images-idx3-ubyte.gz: OK" in out
     assert "kmnist test (mnist): decodes, 10,000 images" in out
     assert "k49: not downloaded" in out
-    shutil.copy(real_dir / "kmnist" / "old_release_pre_2019-02-05" / "kmnist-test-imgs.npz", raw)
+    real_root("old_release_pre_2019-02-05/kmnist-test-imgs.npz")
     assert main(["verify", "kmnist", "--root", str(tmp_path)]) == 1
     assert "kmnist-test-imgs.npz: BAD: stale" in capsys.readouterr().out
 
 
-def test_montage_draws_one_row_per_class(tmp_path, real_dir, capsys):
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(real_dir / "kmnist" / name, raw)
+def test_montage_draws_one_row_per_class(tmp_path, real_root, capsys):
+    real_root()
     out = tmp_path / "m.png"
     assert main(["montage", "kmnist", "--root", str(tmp_path), "--out", str(out),
                  "--per-class", "5"]) == 0  # fmt: skip

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import mirror_env
 
 from kmnist_torch import K49, KMNIST, DataFilesError, FormatError, catalog
 from kmnist_torch.data.formats import write_idx, write_npz
@@ -22,17 +20,6 @@ KMNIST_TEST_FILES = [
     "kmnist-test-labels.npz",
     "kmnist_classmap.csv",
 ]
-
-
-@pytest.fixture
-def real_mirror(http_server, fast_net, real_dir):
-    """A mirror on 127.0.0.1 serving the real official KMNIST/K49 files that exist."""
-    for sub in ("kmnist", "k49"):
-        for f in sorted((real_dir / sub).iterdir()):
-            if f.is_file():
-                http_server.add(f"/{sub}/{f.name}", f.read_bytes())
-    mirror_env(fast_net, http_server.url)
-    return http_server
 
 
 @pytest.mark.parametrize("fmt", ["mnist", "npz"])
@@ -85,13 +72,10 @@ def test_second_load_needs_no_network_and_no_rehash(tmp_path, real_mirror, monke
     assert len(ds) == 10000 and len(real_mirror.requests) == n
 
 
-def test_torchvision_reuses_our_download_and_we_reuse_its(tmp_path, real_dir):
+def test_torchvision_reuses_our_download_and_we_reuse_its(tmp_path, real_root):
     torchvision = pytest.importorskip("torchvision")
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
+    raw = real_root()
     # torchvision checks that both splits exist: fake train files only for its existence check.
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(real_dir / "kmnist" / name, raw / name)
     ours = KMNIST(tmp_path, train=False)  # writes the extracted copies torchvision reads
     write_idx(raw / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8), compress=False)
     write_idx(raw / "train-labels-idx1-ubyte", np.zeros(1, np.uint8), compress=False)
@@ -103,11 +87,8 @@ def test_torchvision_reuses_our_download_and_we_reuse_its(tmp_path, real_dir):
     assert torch.equal(again.data, ours.data)
 
 
-def test_tampered_extracted_copy_is_not_trusted(tmp_path, real_dir):
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(real_dir / "kmnist" / name, raw / name)
+def test_tampered_extracted_copy_is_not_trusted(tmp_path, real_root):
+    raw = real_root()
     good = KMNIST(tmp_path, train=False)
     plain = raw / "t10k-images-idx3-ubyte"
     blob = bytearray(plain.read_bytes())
@@ -117,11 +98,8 @@ def test_tampered_extracted_copy_is_not_trusted(tmp_path, real_dir):
     assert torch.equal(again.data, good.data)
 
 
-def test_read_only_root_with_data_loads(tmp_path, real_dir):
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("kmnist-test-imgs.npz", "kmnist-test-labels.npz"):
-        shutil.copy(real_dir / "kmnist" / name, raw / name)
+def test_read_only_root_with_data_loads(tmp_path, real_root):
+    raw = real_root(fmt="npz")
     for p in (raw, raw.parent, tmp_path):
         os.chmod(p, 0o555)
     try:
@@ -150,11 +128,8 @@ def test_missing_files_error_lists_urls_sizes_md5_and_paths(tmp_path, fast_net, 
         assert f"{name}: missing" in msg and str(raw / name) in msg
 
 
-def test_wrong_checksum_without_download_raises(tmp_path, real_dir):
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    shutil.copy(real_dir / "kmnist" / "kmnist-test-labels.npz", raw)
-    shutil.copy(real_dir / "kmnist" / "kmnist-test-imgs.npz", raw)
+def test_wrong_checksum_without_download_raises(tmp_path, real_root):
+    raw = real_root(fmt="npz")
     blob = bytearray((raw / "kmnist-test-imgs.npz").read_bytes())
     blob[-100] ^= 0x01
     (raw / "kmnist-test-imgs.npz").write_bytes(bytes(blob))
@@ -173,12 +148,8 @@ def test_wrong_checksum_with_download_is_replaced(tmp_path, real_mirror, real_di
     ).read_bytes()
 
 
-def test_stale_release_is_named_and_replaced(tmp_path, real_dir, real_mirror):
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    stale = real_dir / "kmnist" / "old_release_pre_2019-02-05" / "kmnist-test-imgs.npz"
-    shutil.copy(stale, raw / "kmnist-test-imgs.npz")
-    shutil.copy(real_dir / "kmnist" / "kmnist-test-labels.npz", raw)
+def test_stale_release_is_named_and_replaced(tmp_path, real_root, real_mirror):
+    raw = real_root("old_release_pre_2019-02-05/kmnist-test-imgs.npz", "kmnist-test-labels.npz")
     with pytest.raises(DataFilesError, match=r"stale: .*before the 2019-02-05 fix"):
         KMNIST(tmp_path, train=False, format="npz")
     with pytest.warns(UserWarning, match="stale"):
@@ -241,10 +212,8 @@ def test_transforms_and_dataloader(tmp_path):
     assert y.tolist() == [100 + i % 10 for i in range(8)]
 
 
-def test_k49_from_fixture_and_real_labels(tmp_path, real_dir):
-    raw = tmp_path / "K49" / "raw"
-    raw.mkdir(parents=True)
-    shutil.copy(real_dir / "k49" / "k49-test-labels.npz", raw)
+def test_k49_from_fixture_and_real_labels(tmp_path, real_dir, real_root):
+    raw = real_root("k49-test-labels.npz", dataset="k49")
     labels = np.load(raw / "k49-test-labels.npz")["arr_0"]
     assert len(labels) == 38547 and labels.max() == 48
     imgs = np.zeros((len(labels), 28, 28), np.uint8)
@@ -294,12 +263,9 @@ def test_catalog_counts_match_the_real_label_files(real_dir, name):
         assert tuple(np.bincount(labels, minlength=info.num_classes)) == info.class_counts[split]
 
 
-def test_no_download_source_still_loads_files_placed_by_hand(tmp_path, real_dir, fast_net):
+def test_no_download_source_still_loads_files_placed_by_hand(tmp_path, real_root, fast_net):
     # $KMNIST_TORCH_OFFICIAL=0 and no mirror: an offline site with the files placed by hand.
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(real_dir / "kmnist" / name, raw)
+    raw = real_root()
     from kmnist_torch import mirrors
 
     assert mirrors() == []

@@ -19,7 +19,7 @@ from fakedata import random_split
 from torchvision.datasets import wrap_dataset_for_transforms_v2
 
 from kmnist_torch import K49, KMNIST, MNIST, DataFilesError, FormatError
-from kmnist_torch.data.formats import write_idx
+from kmnist_torch.data.formats import read_idx, write_idx
 from kmnist_torch.data.resplit import write_split
 from kmnist_torch.errors import UncheckedContentWarning
 
@@ -208,13 +208,8 @@ def test_extracted_labels_are_checked_against_the_official_files_checksum(tmp_pa
         KMNIST(tmp_path, train=True)
 
 
-def test_extracted_real_test_split_is_verified(tmp_path, real_dir):
-    import gzip
-
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (raw / name).write_bytes(gzip.decompress((real_dir / "kmnist" / f"{name}.gz").read_bytes()))
+def test_extracted_real_test_split_is_verified(tmp_path, real_root):
+    raw = real_root(gunzip=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # known checksums: nothing to warn about
         ds = KMNIST(tmp_path, train=False)
@@ -227,19 +222,15 @@ def test_extracted_real_test_split_is_verified(tmp_path, real_dir):
         KMNIST(tmp_path, train=False)
 
 
-def test_extracted_train_images_have_no_checksum_so_a_warning_says_so(tmp_path, real_dir):
+def test_extracted_train_images_have_no_checksum_so_a_warning_says_so(
+    tmp_path, real_dir, real_root
+):
     # The real extracted test split stands in for a train split: the size is official.
-    import gzip
-
     import kmnist_torch.data.arrays as arrays
 
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    test = gzip.decompress((real_dir / "kmnist" / "t10k-images-idx3-ubyte.gz").read_bytes())
-    images = np.frombuffer(test, np.uint8, offset=16).reshape(-1, 28, 28)
+    raw = real_root("train-labels-idx1-ubyte.gz", gunzip=True)
+    images = read_idx(real_dir / "kmnist" / "t10k-images-idx3-ubyte.gz", 3)
     write_idx(raw / "train-images-idx3-ubyte", np.concatenate([images] * 6), compress=False)
-    labels = gzip.decompress((real_dir / "kmnist" / "train-labels-idx1-ubyte.gz").read_bytes())
-    (raw / "train-labels-idx1-ubyte").write_bytes(labels)
     arrays._WARNED.clear()
     with pytest.warns(UncheckedContentWarning, match="no published checksum"):
         ds = KMNIST(tmp_path, train=True)
