@@ -60,7 +60,8 @@ def test_python_m_entry_point_runs_without_importing_torch():
         assert "torch" not in imported and "torchvision" not in imported, cmd
 
 
-DOCS = ("README.md", "CONTRIBUTING.md", "benchmarks/README.md")
+DOC_PAGES = tuple(sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")))
+DOCS = ("README.md", "CONTRIBUTING.md", "benchmarks/README.md", *DOC_PAGES)
 # `python -m kmnist_torch[.module] [subcommand]` or `python benchmarks/<script>.py`
 COMMAND = re.compile(
     r"python (-m kmnist_torch(?:\.\w+)?(?: (?!-)[a-z][a-z-]*)?|benchmarks/\w+\.py)"
@@ -82,6 +83,8 @@ def test_every_documented_command_runs():
     assert ["-m", "kmnist_torch", "download"] in commands and [
         "benchmarks/knn_speed.py"
     ] in commands
+    # The docs site's pages are read too (a docs/ folder moved or emptied is a failure here).
+    assert "docs/cli.md" in DOCS and "docs/after-training.md" in DOCS
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
@@ -104,3 +107,46 @@ def test_every_benchmark_script_is_documented():
     listed = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
     for script in sorted((ROOT / "benchmarks").glob("[!_]*.py")):
         assert f"python benchmarks/{script.name}" in listed, script.name
+
+
+# A module row of CONTRIBUTING.md's layout tables: | `data/formats.py` | its one job |
+MAP_ROW = re.compile(r"^\| `([\w/]+\.py)` \| (.*) \|$", re.M)
+
+
+def contributing_map() -> dict[str, str]:
+    """CONTRIBUTING.md's layout map: module path under ``kmnist_torch/`` -> its one job."""
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    layout = text.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = MAP_ROW.findall(layout)
+    mapped = dict(rows)
+    assert len(mapped) == len(rows), "a module has two rows"
+    return mapped
+
+
+def package_modules() -> set[str]:
+    """Every module of the package, as a path under ``kmnist_torch/``; the sub-packages'
+    ``__init__.py`` files (a docstring only, by the layer rules) are left out."""
+    pkg = ROOT / "kmnist_torch"
+    return {
+        path.relative_to(pkg).as_posix()
+        for path in pkg.rglob("*.py")
+        if path.name != "__init__.py" or path.parent == pkg
+    }
+
+
+def test_contributing_maps_every_module_and_only_those():
+    mapped = contributing_map()
+    modules = package_modules()
+    assert "data/formats.py" in modules and "__init__.py" in modules  # the walk sees the tree
+    assert not modules - set(mapped), (
+        f"missing from CONTRIBUTING.md: {sorted(modules - set(mapped))}"
+    )
+    assert not set(mapped) - modules, f"no such module: {sorted(set(mapped) - modules)}"
+    assert all(job.strip() for job in mapped.values()), "a row without its job"
+
+
+def test_contributing_map_check_can_fail():
+    # The parser reads the rows as they are written: a module row is found, a row with no path
+    # or a path outside backticks is not.
+    text = "| `data/formats.py` | bytes to arrays |\n| data/base.py | x |\n| module | one job |\n"
+    assert MAP_ROW.findall(text) == [("data/formats.py", "bytes to arrays")]

@@ -26,19 +26,22 @@ class TensorLoader:
     ``targets`` tensors). The dataset's ``transform`` is not applied: augment on the device.
 
     Args:
-        dataset: an object with uint8 ``data`` (N x H x W or N x C x H x W) and ``targets``.
+        dataset (Any): an object with uint8 ``data`` (N x H x W or N x C x H x W) and
+            ``targets``.
         batch_size: images per batch.
         shuffle: draw a new order every epoch.
         device: where the data lives and the batches are made.
         drop_last: leave out the last, smaller batch.
         seed: makes the shuffle order reproducible (None: a fresh random seed).
-        rank, world_size: in a data-parallel run, ``batch_size`` is the global batch and this
-            process yields its ``rank``-th of ``world_size`` consecutive parts of each batch
-            (:func:`part`); every rank draws the same order from the
-            same ``seed``, so together the ranks see exactly the one-process batches.
+        rank: this process's index in a data-parallel run: ``batch_size`` is the global batch
+            and this process yields its ``rank``-th of ``world_size`` consecutive parts of each
+            batch (:func:`part`); every rank draws the same order from the same ``seed``, so
+            together the ranks see exactly the one-process batches.
+        world_size: the number of processes in a data-parallel run (1: a single process).
 
     Yields:
-        ``(images, targets)``: float32 B x C x H x W in [0, 1] and int64 B, on ``device``.
+        batch (tuple[torch.Tensor, torch.Tensor]): ``(images, targets)``: float32
+            B x C x H x W in [0, 1] and int64 B, on ``device``.
     """
 
     def __init__(

@@ -33,7 +33,7 @@ def create_model(
         num_classes: size of the output layer (at least 1).
         in_chans: channels of the input images.
         img_size: height and width of the input images.
-        **kwargs: passed on to the model's builder.
+        **kwargs (Any): passed on to the model's builder.
 
     Returns:
         The model. Its ``forward(x, mix_layer, lam, perm)`` supports (manifold) mixup at the
