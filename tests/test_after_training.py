@@ -346,6 +346,31 @@ def test_export_refuses_an_out_it_would_damage_before_any_work(run, tmp_path, ca
     assert picture.read_bytes() == b"not yours to overwrite"
 
 
+def test_export_formats_are_one_table(capsys):
+    actions = {a.dest: a for a in export.build_parser()._actions}
+    assert list(actions["format"].choices) == list(export.FORMATS)
+    for name, form in export.FORMATS.items():
+        assert form.suffixes and all(s.startswith(".") for s in form.suffixes), name
+        assert f"{name} ({form.help})" in actions["format"].help
+    from kmnist_torch.errors import ExportError
+
+    with pytest.raises(ExportError, match="unknown format 'gif'; choose one of onnx"):
+        export.export(torch.nn.Identity(), "gif", "m.gif", torch.zeros(3, 1, 28, 28))
+
+
+def test_load_run_split_lives_in_the_data_layer(run, tmp_path):
+    from kmnist_torch.data.splits import load_run_split
+
+    model = kmnist_torch.load_model(run["out"])
+    model_file = run["out"] / "model.pt"
+    split, results = load_run_split(model_file, model.meta, "test", verify=False)
+    assert results["config"]["dataset"] == model.meta["dataset"]
+    assert list(split.classes) == list(model.meta["classes"]) and len(split.data) > 0
+    other = {**model.meta, "classes": model.meta["classes"][:-1]}
+    with pytest.raises(ValueError, match="other classes than the model"):
+        load_run_split(model_file, other, "test", verify=False)
+
+
 def test_damaged_or_edited_model_files_are_clear_errors(run, tmp_path, capsys):
     good = torch.load(run["out"] / "model.pt", weights_only=True)
     cases = {
