@@ -115,8 +115,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     meta = model.meta
     if not args.verify:
         print("warning: --no-verify: checksums are not checked", file=sys.stderr)
-    split, run = load_run_split(model_file, meta, args.split, args.root, args.verify, args.download)
-    limit = run.get("config", {}).get("limit_test" if args.split == "test" else "limit_train")
+    split, results = load_run_split(
+        model_file, meta, args.split, args.root, args.verify, args.download
+    )
+    limit = results.get("config", {}).get("limit_test" if args.split == "test" else "limit_train")
     probs, pred = predict_split(model, split, device, meta.get("recipe"))
     target = split.targets.cpu()
     k = len(meta["classes"])
@@ -130,7 +132,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "limit": limit,
         "accuracy": accuracy(pred, target),
         "balanced_accuracy": balanced_accuracy(pred, target),
-        "run_test_accuracy": run.get("test_accuracy"),
+        "run_test_accuracy": results.get("test_accuracy"),
         "per_class": class_report(matrix, classes, codepoints),
         **_confusion(matrix),
     }
