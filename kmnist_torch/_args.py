@@ -1,12 +1,15 @@
-"""The command-line options every command that reads data shares, written once: where the
-data is (``--root``), whether to fetch it (``--download``), whether to check it
-(``--no-verify``) and where to compute (``--device``)."""
+"""What every command line shares, written once: the options of the commands that read data
+(where the data is, ``--root``; whether to fetch it, ``--download``; whether to check it,
+``--no-verify``; where to compute, ``--device``), and :func:`run_main`, the one way a command
+ends (its exit code, errors as one line)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Any, Callable
+
+from .errors import INTERRUPTED, UserError
 
 ROOT_HELP = "data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch)"
 
@@ -40,24 +43,34 @@ def add_data_options(
 
 
 def run_main(
-    main: Callable[[list[str] | None], Any],
+    run: Callable[[list[str] | None], Any],
     argv: list[str] | None = None,
     status: Callable[[Any], int] = lambda result: 0,
     interrupted: str = "interrupted",
-    errors: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """Run a command's ``main`` the way every command line of the package ends: what a user
-    can act on (missing or damaged files, a bad setting or argument, an unreadable path, and
-    the command's own ``errors``) as one ``error:`` line and exit 1, Ctrl-C as exit 130; else
-    ``status(result)``. Anything else is a bug, and keeps its traceback."""
-    from .errors import DataFilesError, FormatError
+    """Run a command the way every command line of the package ends.
 
+    Args:
+        run: the command: parses ``argv``, does the work, returns its result.
+        argv: the arguments (None: ``sys.argv[1:]``).
+        status: the exit status of a result (default: 0 for any).
+        interrupted: the line printed after Ctrl-C.
+
+    Returns:
+        The exit status. What a user can act on (a
+        :class:`~kmnist_torch.errors.UserError`, an unreadable path, a bad value) is one
+        ``error:`` line and the error's ``exit_code`` (1 for ``OSError``/``ValueError``);
+        Ctrl-C is 130. Anything else is a bug, and keeps its traceback.
+    """
     try:
-        result = main(argv)
+        result = run(argv)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
-        return 130
-    except (DataFilesError, FormatError, ValueError, OSError, *errors) as exc:
+        return INTERRUPTED
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return status(result)

@@ -10,22 +10,14 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 from . import catalog
-from ._args import add_data_options
-from ._io import HashRecord
-from .download.fetch import Target, check
-from .download.sources import NO_SOURCE, default_root, mirrors, resolve_root, target_for
-from .errors import DataFilesError, FormatError
+from ._args import add_data_options, run_main
+from .download.fetch import Target
+from .download.sources import NO_SOURCE, default_root, mirrors, resolve_root
+from .errors import USAGE, DataFilesError, FormatError
 from .reporting.montage import montage
-
-
-def _create(name: str, root: Path, **kwargs):
-    """The dataset ``name`` from the registry (imported here: the catalog commands need no
-    torch)."""
-    from .data.registry import create_dataset
-
-    return create_dataset(name, root, **kwargs)
 
 
 def _names(names: list[str]) -> list[str]:
@@ -66,7 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"      md5:    {f.md5 or 'not published'}")
         if f.sha256:
             print(f"      sha256: {f.sha256}")
-    if info.name == "kkanji":
+    if info.archive is not None:  # one archive with no published checksum: say what is checked
         note = textwrap.fill("verification: " + catalog.KKANJI_VERIFICATION_NOTE, width=96,
                              initial_indent="  ", subsequent_indent="    ")  # fmt: skip
         print("\n" + note)
@@ -74,24 +66,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  licence: {catalog.LICENSE}; attribution: {catalog.ATTRIBUTION}")
     print(f"  cite: {catalog.CITATION}")
     return 0
-
-
-def _still_missing(info: catalog.DatasetInfo, root: Path, fmts: list[str]) -> list[Target]:
-    """The official files of ``info`` (in ``fmts``) that are in no usable form under ``root``."""
-    if info.archive is not None:  # KKanji: the tar, unless the tree is extracted
-        folder = root / info.folder
-        if (folder / "kkanji2").is_dir() or (folder / info.archive.name).is_file():
-            return []
-        return [target_for(info.archive, folder, info.bases, shown=True)]
-    from .data.arrays import present, raw_folder
-
-    folder = raw_folder(root, info)
-    remotes = [f for pairs in info.splits.values() for fmt in fmts for f in pairs.get(fmt, ())]
-    if info.classmap is not None:
-        remotes.append(info.classmap)
-    return [
-        target_for(f, folder, info.bases, shown=True) for f in remotes if not present(f, folder)
-    ]
 
 
 def _checked(ds, verify: bool) -> str:
@@ -106,6 +80,9 @@ def _checked(ds, verify: bool) -> str:
 def cmd_download(args: argparse.Namespace) -> int:
     """Download and check every split of each named dataset; carry on past a failure, then
     list every file still missing with its URLs and the path to put it at."""
+    from .data.registry import create_dataset
+    from .data.verify import missing_files
+
     root = resolve_root(args.root)
     failed: list[str] = []
     missing: list[Target] = []
@@ -123,20 +100,20 @@ def cmd_download(args: argparse.Namespace) -> int:
             try:
                 if fmt is not None and fmt not in info.formats:
                     raise ValueError(f"{name} has no {fmt!r} format; it has {info.formats}")
-                kw: dict = {"split": split} if fmt is None else {"train": split == "train"}
-                if fmt is not None and len(info.formats) > 1:
-                    kw["format"] = fmt
+                kw = {"format": fmt} if fmt is not None and len(info.formats) > 1 else {}
                 with warnings.catch_warnings():
                     if not args.verify:  # said once above
                         warnings.filterwarnings("ignore", message=".*verify=False")
-                    ds = _create(name, root, download=True, verify=args.verify, **kw)
+                    ds = create_dataset(
+                        name, root, split=split, download=True, verify=args.verify, **kw
+                    )
                 where = getattr(ds, "raw_folder", None) or ds.folder
                 print(f"{label}: {len(ds):,} images, {_checked(ds, args.verify)}, in {where}")
             except (DataFilesError, FormatError, ValueError) as exc:
                 print(f"error: {label}: {exc}", file=sys.stderr)
                 failed.append(label)
         if all(f in info.formats for f in fmts):
-            missing += _still_missing(info, root, fmts)
+            missing += missing_files(info, root, fmts)
     if not failed:
         return 0
     print(f"\n{len(failed)} of the downloads failed: {', '.join(failed)}.", file=sys.stderr)
@@ -158,154 +135,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"error: {root} is not a folder: nothing to verify (pass --root, or set "
               "$KMNIST_TORCH_ROOT to the data folder)", file=sys.stderr)  # fmt: skip
         return 1
+    from .data.verify import verify_dataset
+
     status = 0
     for name in _names(args.names):
-        info = catalog.get(name)
-        if info.name == "kkanji":
-            status |= _verify_kkanji(root, info, args.repair)
-        else:
-            status |= _verify_arrays(root, info, args.repair)
+        status |= verify_dataset(root, name, args.repair)
     return status
-
-
-def _copy_problem(gz: Path, copy: Path) -> str | None:
-    """Why ``copy`` is not the decompressed content of ``gz`` (the extracted idx file kept
-    beside it, which loading reads), or None."""
-    from .data.formats import read_gzip
-
-    try:
-        same = read_gzip(gz) == copy.read_bytes()
-    except (FormatError, OSError) as exc:
-        return f"cannot compare it with {gz.name} ({exc})"
-    if same:
-        return None
-    return f"differs from {gz.name}, which it was extracted from (rewritten from it on repair)"
-
-
-def _verify_arrays(root: Path, info, repair: bool) -> int:
-    """Rehash every file of ``info`` under ``root`` in whichever form it is there (the
-    official file, or only the idx file extracted from it), then decode each complete split."""
-    from .data.arrays import extracted_target, present, raw_folder
-    from .download.sources import ensure_files
-
-    name = info.name
-    folder = raw_folder(root, info)
-    record = HashRecord(folder)
-    found = False
-    status = 0
-    for split, formats in info.splits.items():
-        for fmt, pair in formats.items():
-            forms = [present(f, folder) for f in pair]
-            found = found or any(forms)
-            checked = []  # (target, problem, whether a published checksum was compared)
-            for remote, form in zip(pair, forms):
-                if form == "official":
-                    t = target_for(remote, folder, info.bases)
-                elif form == "extracted":
-                    t = extracted_target(remote, folder)
-                else:
-                    continue
-                known = bool(t.md5 or t.sha256)
-                checked.append((t, check(t, True, record, full=True), known))
-                copy = extracted_target(remote, folder)
-                if form == "official" and copy is not None and copy.dest.is_file():
-                    # The extracted copy is what loading reads: it must be the .gz's content.
-                    checked.append((copy, _copy_problem(t.dest, copy.dest), True))
-            for t, problem, known in checked:
-                verdict = "OK" if known else "OK (size only: no published checksum to check)"
-                print(f"{name} {t.dest.name}: {verdict if problem is None else 'BAD: ' + problem}")
-            bad = [t for t, problem, _ in checked if problem]
-            if bad and repair:
-                for t in bad:
-                    t.dest.unlink(missing_ok=True)
-                    record.forget(t.dest.name)
-                try:  # fetch the official files now missing; loading re-extracts the copies
-                    targets = [target_for(f, folder, info.bases) for f in pair]
-                    ensure_files(targets, True, True, name=name)
-                    for t in bad:
-                        how = "downloaded again" if t.dest.suffix else "rewritten from the .gz"
-                        print(f"{name} {t.dest.name}: repaired ({how})")
-                    bad, forms = [], ["official"] * len(pair)
-                except DataFilesError as exc:
-                    print(f"{name} {split} ({fmt}): repair failed: {exc}")
-            if bad:
-                status = 1
-            elif all(forms):  # a whole split: decode it too
-                kw = {"format": fmt} if len(info.formats) > 1 else {}
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # said per file above
-                        ds = _create(name, root, train=split == "train", **kw)
-                    print(f"{name} {split} ({fmt}): decodes, {len(ds):,} images")
-                except (DataFilesError, FormatError) as exc:
-                    print(f"{name} {split} ({fmt}): BAD: {exc}")
-                    status = 1
-    if not found:
-        print(f"{name}: not downloaded ({folder})")
-    return status
-
-
-def _verify_kkanji(root: Path, info, repair: bool) -> int:
-    import shutil
-
-    from ._io import hash_file
-    from .data.kkanji import archive, cache, layout
-
-    folder = root / info.folder
-    if not folder.exists():
-        print(f"kkanji: not downloaded ({folder})")
-        return 0
-    bad: list[str] = []
-    tar, tree = folder / layout.TAR_NAME, folder / layout.TREE_NAME
-    tar_bad = tree_bad = False
-    try:
-        rec = archive.read_record(folder)
-    except DataFilesError as exc:
-        rec, tar_bad = None, True
-        bad.append(str(exc))
-    if tar.is_file() and rec is not None:
-        _, sha = hash_file(tar)
-        if sha != rec["sha256"] or tar.stat().st_size != rec["size"]:
-            tar_bad = True
-            bad.append(f"{tar}: sha256 {sha} differs from the one recorded ({rec['sha256']})")
-    listing = None
-    if tree.is_dir():
-        try:
-            listing = cache.scan_tree(tree, verify=True)
-        except DataFilesError as exc:
-            tree_bad = True
-            bad.append(str(exc))
-    elif not tar.is_file():
-        print(f"kkanji: not downloaded ({folder})")
-        return 0
-    cache_problems = cache.check_cache(folder, listing) if listing is not None else []
-    bad += cache_problems
-    png_bad = any(".png" in p.split(":")[0] for p in cache_problems)
-    for line in bad:
-        print(f"kkanji: BAD: {line}")
-    if bad and repair:
-        try:
-            if tar_bad:
-                tar.unlink(missing_ok=True)
-            if tree_bad or png_bad or tar_bad:
-                shutil.rmtree(tree, ignore_errors=True)
-            cache.remove_cache(folder)
-            prepared = cache.prepare_cache(root, download=True)
-            print(f"kkanji: repaired: {prepared['n_images']:,} images, cache rebuilt at "
-                  f"{prepared['images']}")  # fmt: skip
-            return 0
-        except (DataFilesError, FormatError, OSError) as exc:
-            print(f"kkanji: repair failed: {exc}")
-            return 1
-    if bad:
-        return 1
-    if listing is not None:
-        has_cache = cache.cache_paths(folder, listing.fingerprint)[1].is_file()
-        note = "; decoded cache checked against the PNGs" if has_cache else "; no cache yet"
-        print(f"kkanji: OK, {listing.total:,} images in {len(listing.codepoints):,} classes{note}")
-    else:
-        print(f"kkanji: OK, {tar} matches its record (not extracted yet)")
-    return 0
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
@@ -332,9 +167,8 @@ def _output_problem(out: Path, suffixes: tuple[str, ...] | None = None) -> str |
 MAX_PER_CLASS = 200  # images in one montage row
 
 
-def cmd_montage(args: argparse.Namespace) -> int:
-    """Save a grid of random examples per class, labelled with the character."""
-    root = resolve_root(args.root)
+def _montage_problem(args: argparse.Namespace) -> str | None:
+    """Why montage's arguments cannot work (before any data is read), or None."""
     problem = _output_problem(Path(args.out), IMAGE_SUFFIXES)
     if problem is None and args.per_class < 1:
         problem = f"--per-class must be a whole number >= 1, got {args.per_class}"
@@ -344,38 +178,51 @@ def cmd_montage(args: argparse.Namespace) -> int:
         problem = f"--per-class is at most {MAX_PER_CLASS} (a row that wide is unreadable)"
     if problem is None and args.seed < 0:
         problem = f"--seed must be a whole number >= 0, got {args.seed}"
+    return problem
+
+
+def _montage_dataset(args: argparse.Namespace, root: Path) -> tuple[Any, str]:
+    """The split montage draws from, and its name: ``--split``, else the whole of a dataset
+    without an official split, else train where it is there, else test."""
+    from .data.registry import create_dataset, entry
+
+    e = entry(args.name)
+    if e.split_keyword == "split":
+        split = args.split or "all"
+        ds = create_dataset(args.name, root, split=split, download=args.download,
+                            verify=args.verify)  # fmt: skip
+        return ds, split
+    names = [args.split] if args.split else ["train", "test"]  # none named: whichever is there
+    tried: list[str] = []
+    for k, split in enumerate(names):
+        try:  # only the last split tried is downloaded
+            ds = create_dataset(args.name, root, split=split, verify=args.verify,
+                                download=args.download and k == len(names) - 1)  # fmt: skip
+            return ds, split
+        except DataFilesError as exc:
+            tried.append(f"{split} split: {exc}")
+    # Every split tried: say why each one failed.
+    raise DataFilesError("\n".join(tried))
+
+
+def cmd_montage(args: argparse.Namespace) -> int:
+    """Save a grid of random examples per class, labelled with the character."""
+    from .data.registry import entry
+
+    root = resolve_root(args.root)
+    problem = _montage_problem(args)
+    info = catalog.get(args.name)
+    if problem is None and args.split is not None and args.split not in entry(info.name).splits:
+        whole = [n for n in catalog.DATASETS if "all" in entry(n).splits]
+        problem = f"--split all is for {', '.join(whole)}; {args.name} has train and test"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    info = catalog.get(args.name)
-    split = args.split
     try:
         with warnings.catch_warnings():
             if not args.verify:  # the user's explicit choice: said once below, not per file
                 warnings.simplefilter("ignore")
-            if info.name == "kkanji":
-                split = split or "all"
-                ds = _create(args.name, root, split=split, download=args.download,
-                             verify=args.verify)  # fmt: skip
-            elif split == "all":
-                print(f"error: --split all is for kkanji; {args.name} has train and test",
-                      file=sys.stderr)  # fmt: skip
-                return 2
-            else:
-                names = [split] if split else ["train", "test"]  # none named: whichever is there
-                tried: list[str] = []
-                for k, name in enumerate(names):
-                    last = k == len(names) - 1
-                    try:
-                        fetch_it = args.download and last
-                        ds = _create(args.name, root, train=name == "train", download=fetch_it,
-                                     verify=args.verify)  # fmt: skip
-                        split = name
-                        break
-                    except DataFilesError as exc:
-                        tried.append(f"{name} split: {exc}")
-                        if last:  # every split tried: say why each one failed
-                            raise DataFilesError("\n".join(tried)) from exc
+            ds, split = _montage_dataset(args, root)
     except (DataFilesError, FormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -428,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("download", help="download and verify datasets")
     s.add_argument("names", nargs="+")
-    s.add_argument("--format", choices=["mnist", "npz", "all"], default=None,
+    formats = sorted({fmt for info in catalog.DATASETS.values() for fmt in info.formats})
+    s.add_argument("--format", choices=[*formats, "all"], default=None,
                    help="KMNIST file format (default mnist; K49 has only npz)")  # fmt: skip
     add_data_options(s, download=None, device_help=None)
     s.set_defaults(func=cmd_download)
@@ -459,24 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
+def run(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run its command; returns the exit status (2: an unknown dataset)."""
     args = build_parser().parse_args(argv)
-    if hasattr(signal, "SIGPIPE"):  # `python -m kmnist_torch info k49 | head` ends quietly
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return args.func(args)
-    except KeyError as exc:  # unknown dataset name
+    except KeyError as exc:  # unknown dataset name: a usage error, as argparse's are
         print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (DataFilesError, FormatError, ValueError, OSError) as exc:
-        # Everything a user can act on (a bad setting, a read-only or misplaced root, a damaged
-        # file) as one line, never a traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    if hasattr(signal, "SIGPIPE"):  # `python -m kmnist_torch info k49 | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    return run_main(run, argv, status=lambda code: code)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ accuracy equals the run's ``test_accuracy``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,13 @@ import torch
 from ._args import add_data_options, run_main
 from ._io import write_json
 from .data.loader import TensorLoader
-from .data.splits import dataset_options, load_split
+from .data.splits import load_run_split
 from .models.modelfile import find_model_file, load_model
 from .reporting import plots
 from .training.metrics import accuracy, balanced_accuracy
 
-__all__ = ["build_parser", "class_report", "load_run_split", "main", "predict_split", "run_cli"]
+__all__ = ["build_parser", "class_report", "main", "predict_split", "run"]
 
-# The trainer's names of KKanji's split options -> the dataset's argument names.
 # Above this many classes metrics.json keeps the confusion matrix as (true, predicted, count)
 # triples: KKanji's 3,832 x 3,832 as nested lists would be ~40 MB of zeros.
 DENSE_MAX_CLASSES = 1000
@@ -46,57 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="default: RUN/eval-<split>")
     add_data_options(p, root_help="data folder (default: the run's)")
     return p
-
-
-def _run_config(model_file: Path) -> dict[str, Any]:
-    results = model_file.parent / "results.json"
-    if not results.is_file():
-        return {}
-    return json.loads(results.read_text(encoding="utf-8"))
-
-
-def _dataset_options(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    options = (meta.get("data") or {}).get("options")
-    if options is not None:
-        return dict(options)
-    return dataset_options(meta["dataset"], config)  # a checkpoint from before model files
-
-
-def load_run_split(
-    model_file: Path,
-    meta: dict[str, Any],
-    split: str = "test",
-    root: str | None = None,
-    verify: bool = True,
-    download: bool = True,
-) -> tuple[Any, dict[str, Any]]:
-    """The images a run trained (``split="train"``) or tested on, chosen as the run chose
-    them: its dataset, root, limits and KKanji split options, from ``model_file``'s metadata
-    and the ``results.json`` beside it.
-
-    Returns:
-        ``(split, results)``: :func:`kmnist_torch.data.splits.load_split`'s namespace and the run's
-        ``results.json`` document (empty where there is none).
-    """
-    run = _run_config(model_file)
-    config = run.get("config", {})
-    limit = config.get("limit_test" if split == "test" else "limit_train")
-    images = load_split(
-        meta["dataset"],
-        root or config.get("root"),
-        split == "train",
-        limit,
-        download,
-        verify and config.get("verify", True),
-        **_dataset_options(meta, config),
-    )
-    if list(images.classes) != list(meta["classes"]):
-        raise ValueError(
-            f"the {meta['dataset']} {split} images have other classes than the model "
-            f"({len(images.classes)} vs {len(meta['classes'])}): check --root and the split "
-            "options"
-        )
-    return images, run
 
 
 @torch.no_grad()
@@ -157,7 +104,7 @@ def _confusion(matrix: np.ndarray) -> dict[str, Any]:
     return {"confusion_matrix": None, "confusion_triples": triples}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, evaluate, write the three files and print a summary; returns the
     ``metrics.json`` document."""
     parser = build_parser()
@@ -168,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = model.meta
     if not args.verify:
         print("warning: --no-verify: checksums are not checked", file=sys.stderr)
-    split, run = load_run_split(model_file, meta, args.split, args.root, args.verify, args.download)
-    limit = run.get("config", {}).get("limit_test" if args.split == "test" else "limit_train")
+    split, results = load_run_split(
+        model_file, meta, args.split, args.root, args.verify, args.download
+    )
+    limit = results.get("config", {}).get("limit_test" if args.split == "test" else "limit_train")
     probs, pred = predict_split(model, split, device, meta.get("recipe"))
     target = split.targets.cpu()
     k = len(meta["classes"])
@@ -183,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "limit": limit,
         "accuracy": accuracy(pred, target),
         "balanced_accuracy": balanced_accuracy(pred, target),
-        "run_test_accuracy": run.get("test_accuracy"),
+        "run_test_accuracy": results.get("test_accuracy"),
         "per_class": class_report(matrix, classes, codepoints),
         **_confusion(matrix),
     }
@@ -230,10 +179,10 @@ def _print_summary(doc: dict[str, Any], matrix: np.ndarray, classes: list[str], 
     print(f"wrote {out}: metrics.json, confusion.png, errors.png")
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """``main`` for the command line: errors as one line."""
-    return run_main(main, argv)
+def main(argv: list[str] | None = None) -> int:
+    """The command line: evaluate (see :func:`run`); errors as one line."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli())
+    sys.exit(main())

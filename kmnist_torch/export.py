@@ -18,19 +18,20 @@ import importlib.util
 import json
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ._args import add_data_options, run_main
+from .data.splits import load_run_split
 from .errors import DataFilesError, ExportError, FormatError
 from .models.modelfile import find_model_file, load_model
 
-__all__ = ["FORMATS", "TOLERANCE", "ExportError", "build_parser", "export", "main", "run_cli"]
+__all__ = ["FORMATS", "TOLERANCE", "Format", "build_parser", "export", "main", "run"]
 
-FORMATS = ("onnx", "torchscript", "pt2")
 TOLERANCE = 1e-4
 ONNX_TOOLS = ("onnx", "onnxscript", "onnxruntime")
 CHECK_BATCH = 64
@@ -55,15 +56,8 @@ def _batch_dim() -> Any:
     return torch.export.Dim("batch", min=1, max=1 << 16)
 
 
-def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> Any:
-    missing = [m for m in ONNX_TOOLS if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ExportError(
-            f"ONNX export needs {', '.join(missing)}: pip install 'kmnist-torch[export]' "
-            f"(or pip install {' '.join(ONNX_TOOLS)})"
-        )
+def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
     import onnx
-    import onnxruntime
 
     program = torch.onnx.export(
         net,
@@ -79,6 +73,11 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(out))
+
+
+def _load_onnx(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime
+
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -87,23 +86,60 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -
     return run
 
 
-def _export_torchscript(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> Any:
+def _write_torchscript(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
     # Asked for by name; torch's deprecation notice (pt2 is its successor) is in the --help.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(net, example, check_trace=False)
         torch.jit.save(traced, str(out), _extra_files={"meta.json": _meta_json(meta)})
+
+
+def _load_torchscript(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(out), map_location="cpu")
 
 
-def _export_pt2(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> Any:
+def _write_pt2(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
     program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: _batch_dim()}})
     torch.export.save(program, str(out), extra_files={"meta.json": _meta_json(meta)})
+
+
+def _load_pt2(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return torch.export.load(str(out)).module()
 
 
-_EXPORTERS = {"onnx": _export_onnx, "torchscript": _export_torchscript, "pt2": _export_pt2}
+@dataclass(frozen=True)
+class Format:
+    """One export format: its title, the file names it is written under, how to write it, how to
+    load the written file back to check it, and the modules it needs beyond torch."""
+
+    title: str
+    suffixes: tuple[str, ...]
+    write: Callable[[nn.Module, torch.Tensor, Path, dict], None]
+    load: Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]
+    help: str
+    needs: tuple[str, ...] = ()  # modules beyond torch (installed by the export extra)
+
+
+# name -> format: the one table of export formats (torch.export.save insists on .pt2).
+FORMATS: dict[str, Format] = {
+    "onnx": Format(
+        "ONNX", (".onnx",), _write_onnx, _load_onnx, "needs the export extra", ONNX_TOOLS
+    ),
+    "torchscript": Format(
+        "TorchScript",
+        (".pt", ".ts", ".pth"),
+        _write_torchscript,
+        _load_torchscript,
+        "deprecated by torch",
+    ),
+    "pt2": Format(
+        "pt2", (".pt2",), _write_pt2, _load_pt2, "torch.export, load with torch.export.load"
+    ),
+}
 
 
 def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> float:
@@ -112,7 +148,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> 
 
     Args:
         model: the model, with its ``.meta``.
-        fmt: one of :data:`FORMATS`.
+        fmt: a name in :data:`FORMATS`.
         out: the file to write.
         batch: float32 N x C x H x W images to check on (N > 2: the export is traced with 2,
             so the check also shows the batch size is dynamic).
@@ -123,13 +159,21 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> 
     Raises:
         ExportError: the tools are missing, or the difference is over :data:`TOLERANCE`.
     """
-    if fmt not in _EXPORTERS:
+    if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    form = FORMATS[fmt]
+    missing = [m for m in form.needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(
+            f"{form.title} export needs {', '.join(missing)}: pip install "
+            f"'kmnist-torch[export]' (or pip install {' '.join(form.needs)})"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     net = Logits(model.cpu().eval()).eval()
     with torch.no_grad():
-        exported = _EXPORTERS[fmt](net, batch[:2].clone(), out, model.meta)
+        form.write(net, batch[:2].clone(), out, model.meta)
+        exported = form.load(out)
         want = net(batch)
         got = exported(batch)
     diff = (got.float() - want.float()).abs().max().item()
@@ -144,8 +188,6 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> 
 def _check_batch(model_file: Path, meta: dict, root: str | None, verify: bool) -> tuple:
     """Up to :data:`CHECK_BATCH` of the run's test images, or random ones where they cannot
     be loaded; and where they came from."""
-    from .evaluate import load_run_split
-
     try:
         split, _ = load_run_split(model_file, meta, "test", root, verify, download=False)
         data = split.data[:CHECK_BATCH]
@@ -169,10 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder, model.pt or checkpoint.pt")
     p.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=list(FORMATS),
         required=True,
-        help="onnx (needs the export extra), torchscript (deprecated by torch), or pt2 "
-        "(torch.export, load with torch.export.load)",
+        help="; ".join(f"{name} ({f.help})" for name, f in FORMATS.items()),
     )
     p.add_argument("--out", required=True, metavar="FILE")
     add_data_options(
@@ -184,14 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The file name each format is written under (torch.export.save insists on .pt2).
-SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".pth"), "pt2": (".pt2",)}
-
-
 def _out_problem(out: Path, fmt: str) -> str | None:
     """Why ``--out`` cannot take the export, or None: checked before any work is done."""
-    if out.suffix.lower() not in SUFFIXES[fmt]:
-        return f"--out {out}: a {fmt} file ends in {' or '.join(SUFFIXES[fmt])}"
+    suffixes = FORMATS[fmt].suffixes
+    if out.suffix.lower() not in suffixes:
+        return f"--out {out}: a {fmt} file ends in {' or '.join(suffixes)}"
     if out.is_dir():
         return f"--out {out} is a folder; name the file to write"
     if out.exists():
@@ -201,7 +239,7 @@ def _out_problem(out: Path, fmt: str) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> float:
+def run(argv: list[str] | None = None) -> float:
     """Parse ``argv``, export and check; returns the largest difference from eager."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -219,10 +257,10 @@ def main(argv: list[str] | None = None) -> float:
     return diff
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """``main`` for the command line: errors as one line."""
-    return run_main(main, argv, errors=(ExportError,))
+def main(argv: list[str] | None = None) -> int:
+    """The command line: export and check (see :func:`run`); errors as one line."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli())
+    sys.exit(main())

@@ -25,7 +25,7 @@ from ._args import run_main
 from .errors import ImageError
 from .models.modelfile import load_model
 
-__all__ = ["build_parser", "load_image", "main", "predict", "run_cli", "top_k"]
+__all__ = ["build_parser", "load_image", "main", "predict", "run", "top_k"]
 
 
 def _border(a: np.ndarray) -> np.ndarray:
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Parse ``argv``, predict, print; returns what ``--json`` prints."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -195,10 +195,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return results
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """``main`` for the command line: errors as one line."""
-    return run_main(main, argv, status=lambda results: int(any("error" in r for r in results)))
+def main(argv: list[str] | None = None) -> int:
+    """The command line: predict (see :func:`run`); errors as one line, exit 1 when an image
+    could not be read."""
+    return run_main(run, argv, status=lambda results: int(any("error" in r for r in results)))
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli())
+    sys.exit(main())

@@ -52,41 +52,36 @@ import numpy as np
 import torch
 
 from . import catalog
-from ._args import add_data_options
+from ._args import add_data_options, run_main
 from ._io import atomic_write
 from .data.arrays import raw_folder
+from .data.registry import DATASETS
 from .data.resplit import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
 from .data.splits import load_split
-from .errors import DataFilesError, FormatError, TrainError
+from .errors import DataFilesError, UserError
 from .reporting.table import (
-    DATASET_TITLES,
-    DATASETS,
     ROWS,
-    TOLERANCE,
     UPSTREAM_OLD,
-    UPSTREAM_TODAY,
     check_cells,
+    dataset_title,
     finish_cell,
     new_cell,
     pct,
     render_table,
+    targets_record,
 )
+from .training.recipes import RECIPES
 from .training.runtime import device_name
 
 # --quick: sizes for a CPU smoke run of a few minutes over every cell.
 QUICK_KNN = {"limit_train": 2000, "limit_test": 500}
-QUICK_TRAIN = [
-    "--epochs",
-    "1",
-    "--limit-train",
-    "256",
-    "--limit-test",
-    "256",
-    "--batch-size",
-    "32",
-    "--eval-batch-size",
-    "256",
-]
+QUICK_TRAIN = (
+    "--epochs 1 --limit-train 256 --limit-test 256 --batch-size 32 --eval-batch-size 256"
+).split()
+# What a trained cell keeps of its run's results.
+RUN_KEYS = ("device_seconds", "wall_seconds", "device", "images_per_second", "best_test_accuracy",
+            "best_test_balanced_accuracy", "epochs_done", "num_train", "num_test")  # fmt: skip
+
 # ---------------------------------------------------------------------------- the re-split
 
 
@@ -150,24 +145,11 @@ def train_argv(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> lis
     """The ``python -m kmnist_torch.train`` arguments of a trained cell."""
     spec = ROWS[cell["row"]]
     recipe = "cnn" if cell["row"] == "cnn" else args.recipe
-    argv = [
-        "--dataset",
-        cell["dataset"],
-        "--model",
-        spec["model"],
-        "--mixup",
-        spec["mixup"],
-        "--recipe",
-        recipe,
-        "--seed",
-        str(args.seed),
-        "--out",
-        str(out),
-        # --resume: a rerun after an interruption continues each run where it stopped
-        # (a run that finished is not repeated).
-        "--resume",
-        "--no-progress",
-    ]
+    # --resume: a rerun after an interruption continues each run where it stopped (a run
+    # that finished is not repeated).
+    argv = ["--dataset", cell["dataset"], "--model", spec["model"], "--mixup", spec["mixup"],
+            "--recipe", recipe, "--seed", str(args.seed), "--out", str(out), "--resume",
+            "--no-progress"]  # fmt: skip
     if args.root is not None:
         argv += ["--root", str(args.root)]
     if args.device is not None:
@@ -196,20 +178,10 @@ def run_trained(cell: dict[str, Any], args: argparse.Namespace) -> None:
     out = Path(args.out) / "runs" / f"{cell['dataset']}-{cell['row']}"
     argv = train_argv(cell, args, out)
     cell["train_argv"] = argv
-    res = train.main(argv)
+    res = train.run(argv)
     if res.get("interrupted"):
         raise RuntimeError(f"training was interrupted; rerun to resume from {out}")
-    for key in (
-        "device_seconds",
-        "wall_seconds",
-        "device",
-        "images_per_second",
-        "best_test_accuracy",
-        "best_test_balanced_accuracy",
-        "epochs_done",
-        "num_train",
-        "num_test",
-    ):
+    for key in RUN_KEYS:
         cell[key] = res.get(key)
     cell["run_dir"] = str(out)
     # The last epoch, not the best: picking the best epoch on the test set flatters a run.
@@ -229,11 +201,7 @@ def write_outputs(
     atomic_write(out / "table.md", header + render_table(cells, tolerance), fsync=False)
     payload = {
         **meta,
-        "targets": {
-            "upstream_old": {f"{r}/{d}": v for (r, d), v in UPSTREAM_OLD.items()},
-            "upstream_today": {f"{r}/{d}": v for (r, d), v in UPSTREAM_TODAY.items()},
-            "tolerance": TOLERANCE if tolerance is None else dict.fromkeys(TOLERANCE, tolerance),
-        },
+        "targets": targets_record(tolerance),
         "cells": cells,
         "failures": failures,
     }
@@ -255,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=["mnist", "kmnist", "k49"])
+    # Default: the datasets of upstream's table, in the registry's order.
+    upstream = [d for d in DATASETS if any(d == dataset for _, dataset in UPSTREAM_OLD)]
+    p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=upstream)
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     p.add_argument(
         "--out",
@@ -287,26 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         default="paper",
-        choices=["paper", "fast"],
+        choices=sorted(RECIPES),
         help="recipe of the preact18 rows (default paper; cnn has its own)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
-    p.add_argument(
-        "--limit-train",
-        type=int,
-        default=None,
-        metavar="N",
-        help="a stratified subset of N training images (kmnist_torch.data.splits)",
-    )
-    p.add_argument(
-        "--limit-test",
-        type=int,
-        default=None,
-        metavar="N",
-        help="a stratified subset of N test images",
-    )
-    rs = p.add_argument_group("real-image re-split (KMNIST rows only)")
+    for which, text in (("train", "training images (kmnist_torch.data.splits)"),
+                        ("test", "test images")):  # fmt: skip
+        p.add_argument(f"--limit-{which}", type=int, default=None, metavar="N",
+                       help=f"a stratified subset of N {text}")  # fmt: skip
+    _add_resplit_options(p.add_argument_group("real-image re-split (KMNIST rows only)"))
+    return p
+
+
+def _add_resplit_options(rs: argparse._ArgumentGroup) -> None:
+    """``--resplit`` and its companions."""
     rs.add_argument(
         "--resplit",
         nargs="?",
@@ -318,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rs.add_argument("--resplit-seed", type=int, default=0, help="seed of the 8,000/2,000 cut")
     rs.add_argument("--write-only", action="store_true", help="write the re-split and stop")
-    return p
 
 
 def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
@@ -331,7 +295,7 @@ def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
         raise
     except Exception as exc:  # one failing cell must not lose the others' results
         cell["error"] = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, (DataFilesError, FormatError, TrainError)):
+        if isinstance(exc, UserError):
             print(f"error: {exc}", file=sys.stderr)  # the message says what to do
         else:
             traceback.print_exc()
@@ -383,7 +347,7 @@ def _fan_out(
                 i = todo.get_nowait()
             except queue.Empty:
                 return
-            print(f"== {cells[i]['title']} on {DATASET_TITLES[cells[i]['dataset']]}: {device}")
+            print(f"== {cells[i]['title']} on {dataset_title(cells[i]['dataset'])}: {device}")
             try:
                 cell = pool.submit(
                     _cell_in_worker, cells[i], {**vars(args), "device": device}, threads
@@ -409,38 +373,30 @@ def _fan_out(
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every requested cell, writing the outputs after each; return the exit status."""
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str] | None]:
+    """The harness's arguments, and the devices of ``--devices`` (None: run in this process)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.write_only and args.resplit is None:
         parser.error("--write-only goes with --resplit SOURCE_DIR")
-    devices = None
-    if args.devices is not None:
-        if args.device is not None:
-            parser.error("--device and --devices exclude each other")
-        try:
-            devices = parse_devices(args.devices)
-            for d in devices:
-                torch.device(d)
-        except (ValueError, RuntimeError) as exc:
-            parser.error(f"--devices {args.devices}: {exc}")
-    if args.resplit is not None:
-        try:
-            _prepare_resplit(args)
-        except (DataFilesError, FormatError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        if args.write_only:
-            return 0
-    tolerance = None if args.tolerance is None else args.tolerance / 100
-    # A smoke run, cut-down data or files not checked against the published checksums is not
-    # a reproduction: no targets apply to it (it could pass or fail on other data).
-    comparable = not (
-        args.quick or args.epochs or args.limit_train or args.limit_test or not args.verify
-    )
-    out = Path(args.out)
-    meta = {
+    if args.devices is None:
+        return args, None
+    if args.device is not None:
+        parser.error("--device and --devices exclude each other")
+    try:
+        devices = parse_devices(args.devices)
+        for d in devices:
+            torch.device(d)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--devices {args.devices}: {exc}")
+    return args, devices
+
+
+def _meta(
+    args: argparse.Namespace, argv: list[str] | None, devices: list[str] | None, comparable: bool
+) -> dict[str, Any]:
+    """What results.json says about the run as a whole."""
+    return {
         "command": "python -m kmnist_torch.reproduce " + " ".join(argv or sys.argv[1:]),
         "machine": _machine(args.device or (devices[0] if devices else None)),
         "devices": devices,
@@ -454,38 +410,70 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "resplit": args.resplit is not None,
     }
-    cells = [new_cell(r, d, comparable) for d in args.datasets for r in args.rows]
+
+
+def _report(cell: dict[str, Any]) -> None:
+    print(
+        f"   {cell['title']} on {dataset_title(cell['dataset'])}, {cell['metric']}: "
+        f"{pct(cell['ours'])}"
+        + (f" (target {pct(cell['target'])})" if cell["target"] is not None else "")
+        + (f"  ERROR {cell['error']}" if cell["error"] else ""),
+        flush=True,
+    )
+
+
+def _run_cells(
+    cells: list[dict[str, Any]],
+    args: argparse.Namespace,
+    devices: list[str] | None,
+    meta: dict[str, Any],
+    tolerance: float | None,
+) -> list[str]:
+    """Run every cell (in this process, or fanned out over ``devices``), writing the outputs
+    after each; return the --check failures."""
+    out = Path(args.out)
     failures: list[str] = []
-
-    def report(cell: dict[str, Any]) -> None:
-        print(
-            f"   {cell['title']} on {DATASET_TITLES[cell['dataset']]}, {cell['metric']}: "
-            f"{pct(cell['ours'])}"
-            + (f" (target {pct(cell['target'])})" if cell["target"] is not None else "")
-            + (f"  ERROR {cell['error']}" if cell["error"] else ""),
-            flush=True,
-        )
-
     if devices is not None:
 
         def done(cell: dict[str, Any]) -> None:
             nonlocal failures
             failures = write_outputs(out, cells, meta, tolerance)
-            report(cell)
+            _report(cell)
 
         try:
             _fan_out(cells, args, devices, done)
         finally:
             failures = write_outputs(out, cells, meta, tolerance)
-    for cell in cells if devices is None else []:
-        print(f"== {cell['title']} on {DATASET_TITLES[cell['dataset']]}", flush=True)
+        return failures
+    for cell in cells:
+        print(f"== {cell['title']} on {dataset_title(cell['dataset'])}", flush=True)
         try:
             _run_cell(cell, args)
         finally:
             failures = write_outputs(out, cells, meta, tolerance)
-        report(cell)
+        _report(cell)
+    return failures
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run every requested cell, writing the outputs after each; return the exit status."""
+    args, devices = _parse(argv)
+    if args.resplit is not None:
+        _prepare_resplit(args)
+        if args.write_only:
+            return 0
+    tolerance = None if args.tolerance is None else args.tolerance / 100
+    # A smoke run, cut-down data or files not checked against the published checksums is not
+    # a reproduction: no targets apply to it (it could pass or fail on other data).
+    comparable = not (
+        args.quick or args.epochs or args.limit_train or args.limit_test or not args.verify
+    )
+    meta = _meta(args, argv, devices, comparable)
+    cells = [new_cell(r, d, comparable) for d in args.datasets for r in args.rows]
+    failures = _run_cells(cells, args, devices, meta, tolerance)
     print()
     print(render_table(cells, tolerance))
+    out = Path(args.out)
     print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
     errors = [c for c in cells if c["error"]]
     if args.check and failures:
@@ -495,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(errors)} cell(s) did not run", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: run the harness (see :func:`run`); errors as one line."""
+    return run_main(run, argv, status=lambda code: code)
 
 
 if __name__ == "__main__":

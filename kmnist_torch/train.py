@@ -29,9 +29,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._args import add_data_options, run_main
+from .data import registry
 from .data.loader import TensorLoader
-from .data.registry import list_datasets
-from .data.splits import dataset_options, load_split
+from .data.registry import dataset_options, list_datasets
+from .data.splits import load_split
 from .download.sources import resolve_root
 from .errors import RecipeError, TrainError
 from .models import modelfile
@@ -48,7 +49,7 @@ __all__ = [
     "build_parser",
     "main",
     "resolve_recipe",
-    "run_cli",
+    "run",
 ]
 
 DATASETS = tuple(list_datasets())
@@ -79,13 +80,8 @@ def _parse_floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser: run options, then one flag per :class:`Recipe` field."""
-    p = argparse.ArgumentParser(
-        prog="python -m kmnist_torch.train",
-        description="Train and evaluate a classifier on a Kuzushiji dataset (or MNIST).",
-    )
-    run = p.add_argument_group("run")
+def _add_run_options(run: argparse._ArgumentGroup) -> None:
+    """Where the data is, which seed, which images, where the run goes."""
     run.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -114,12 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         "use a stratified subset of N {} images (per-class proportional, the same "
         "subset whatever --seed: kmnist_torch.data.splits.LIMIT_SEED)"
     )
-    run.add_argument(
-        "--limit-train", type=int, default=None, metavar="N", help=limit_help.format("training")
-    )
-    run.add_argument(
-        "--limit-test", type=int, default=None, metavar="N", help=limit_help.format("test")
-    )
+    for which, text in (("train", "training"), ("test", "test")):
+        run.add_argument(
+            f"--limit-{which}", type=int, default=None, metavar="N", help=limit_help.format(text)
+        )
+    _add_output_options(run)
+
+
+def _add_output_options(run: argparse._ArgumentGroup) -> None:
+    """Where results go, and resuming and stopping a run."""
     run.add_argument(
         "--out",
         default=None,
@@ -149,16 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar (default: on a terminal)",
     )
-    kk = p.add_argument_group("kkanji split (--dataset kkanji)")
-    kk.add_argument("--test-fraction", type=float, default=None, help="KKanji's test_fraction")
-    kk.add_argument("--min-per-class", type=int, default=None, help="KKanji's min_per_class")
-    kk.add_argument("--shots", type=int, default=None, help="KKanji's shots")
-    kk.add_argument(
-        "--split-seed",
-        type=int,
-        default=None,
-        help="seed of the train/test split (independent of --seed)",
-    )
+
+
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """One flag per dataset's own option, from the dataset registry (KKanji's split)."""
+    for name, e in registry.DATASETS.items():
+        if not e.options:
+            continue
+        group = p.add_argument_group(f"{name} options (--dataset {name})")
+        for flag, option in e.options.items():
+            group.add_argument(
+                "--" + flag.replace("_", "-"), type=option.type, default=None, help=option.help
+            )
+
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`Recipe` field, each overriding the recipe's value."""
     hp = p.add_argument_group("hyperparameters (override the recipe)")
     for f in dataclasses.fields(Recipe):
         flag, kind, text = "--" + f.name.replace("_", "-"), str(f.type), f.metadata["help"]
@@ -169,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             cast = {"int": int, "str": str}.get(kind, float)
             hp.add_argument(flag, type=cast, default=None, choices=_CHOICES.get(f.name), help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser: run options, the datasets' own options, then one flag per
+    :class:`Recipe` field."""
+    p = argparse.ArgumentParser(
+        prog="python -m kmnist_torch.train",
+        description="Train and evaluate a classifier on a Kuzushiji dataset (or MNIST).",
+    )
+    _add_run_options(p.add_argument_group("run"))
+    _add_dataset_options(p)
+    _add_recipe_options(p)
     return p
 
 
@@ -199,11 +216,6 @@ def resolve_recipe(
     return name, recipe
 
 
-def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
-    """KKanji's split options given on the command line (left out: KKanji's defaults)."""
-    return dataset_options(args.dataset, vars(args))
-
-
 def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: bool) -> dict:
     """What the run was asked to do: the recipe, then every other option (checked on resume)."""
     config: dict[str, Any] = {"recipe": name, **dataclasses.asdict(r)}
@@ -217,21 +229,10 @@ def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: 
     return config
 
 
-def _build_job(
-    r: Recipe,
-    train_set: Any,
-    test_set: Any,
-    device: torch.device,
-    seed: int,
-    meta: dict,
-    ctx: distributed.Dist | None = None,
-    sync_bn: bool = False,
-) -> Job:
-    """Loaders over the device-resident splits and the model, initialised from ``seed``;
-    ``meta`` (:func:`kmnist_torch.models.modelfile.model_meta` less the model) completes model.pt.
-    With several ranks (``ctx``), loaders yielding this rank's part of every batch and the
-    model wrapped in ``DistributedDataParallel``."""
-    ctx = ctx or distributed.Dist()
+def _loaders(
+    r: Recipe, train_set: Any, test_set: Any, device: torch.device, seed: int, ctx: distributed.Dist
+) -> tuple[TensorLoader, TensorLoader]:
+    """Loaders over the device-resident splits, each yielding this rank's part of a batch."""
     rank, world = ctx.shard
     train_loader = TensorLoader(
         train_set,
@@ -251,6 +252,14 @@ def _build_job(
     test_loader = TensorLoader(
         test_set, r.eval_batch_size, shuffle=False, device=device, rank=rank, world_size=world
     )
+    return train_loader, test_loader
+
+
+def _model(
+    r: Recipe, train_set: Any, device: torch.device, seed: int, meta: dict
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The recipe's model for ``train_set``'s images and classes, initialised from ``seed``,
+    and its model file metadata."""
     in_chans = 1 if train_set.data.dim() == 3 else int(train_set.data.shape[1])
     args = {
         "num_classes": len(train_set.classes),
@@ -272,6 +281,26 @@ def _build_job(
         recipe=r,
         **meta,
     )
+    return model, model_meta
+
+
+def _build_job(
+    r: Recipe,
+    train_set: Any,
+    test_set: Any,
+    device: torch.device,
+    seed: int,
+    meta: dict,
+    ctx: distributed.Dist | None = None,
+    sync_bn: bool = False,
+) -> Job:
+    """Loaders over the device-resident splits and the model, initialised from ``seed``;
+    ``meta`` (:func:`kmnist_torch.models.modelfile.model_meta` less the model) completes model.pt.
+    With several ranks (``ctx``), loaders yielding this rank's part of every batch and the
+    model wrapped in ``DistributedDataParallel``."""
+    ctx = ctx or distributed.Dist()
+    train_loader, test_loader = _loaders(r, train_set, test_set, device, seed, ctx)
+    model, model_meta = _model(r, train_set, device, seed, meta)
     num_classes = len(train_set.classes)
     if not ctx.active:
         return Job(r, model, train_loader, test_loader, device, num_classes, model_meta=model_meta)
@@ -301,7 +330,7 @@ def _build_job(
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, train, evaluate after every epoch, write ``results.json`` and a
     checkpoint to the output folder each epoch, and return the results dict.
 
@@ -320,21 +349,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         if not ctx.is_main:  # rank 0 prints the epoch lines; warnings and errors stay
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                return _main(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
-        return _main(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
+                return _train(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
+        return _train(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
     finally:
         distributed.teardown(ctx)
 
 
-def _main(
+def _device(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
-    recipe_name: str,
     r: Recipe,
     ctx: distributed.Dist,
     ddp_device: torch.device | None,
-    wall_start: float,
-) -> dict[str, Any]:
+) -> torch.device:
+    """The device this process trains on; settings that cannot work there are usage errors."""
     if ddp_device is not None:
         args.device = str(ddp_device)
         if not ctx.is_main:
@@ -350,6 +378,35 @@ def _main(
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
+    return device
+
+
+def _load_splits(args: argparse.Namespace) -> list[Any]:
+    """The training and test images the run asked for (limits and the dataset's options)."""
+    return [
+        load_split(
+            args.dataset,
+            args.root,
+            train,
+            limit,
+            args.download,
+            args.verify,
+            **dataset_options(args.dataset, vars(args)),
+        )
+        for train, limit in ((True, args.limit_train), (False, args.limit_test))
+    ]
+
+
+def _train(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    recipe_name: str,
+    r: Recipe,
+    ctx: distributed.Dist,
+    ddp_device: torch.device | None,
+    wall_start: float,
+) -> dict[str, Any]:
+    device = _device(args, parser, r, ctx, ddp_device)
     out = Path(args.out or f"runs/{args.dataset}-{recipe_name}-{r.model}-{r.mixup}-seed{args.seed}")
     config = _config(recipe_name, r, args, out, device.type == "cuda")
     config["world_size"] = ctx.world_size
@@ -360,31 +417,19 @@ def _main(
     with determinism(args.deterministic, device):
         if not args.verify:
             print("warning: --no-verify: checksums are not checked", file=sys.stderr)
-        splits = [
-            load_split(
-                args.dataset,
-                args.root,
-                train,
-                limit,
-                args.download,
-                args.verify,
-                **_dataset_options(args),
-            )
-            for train, limit in ((True, args.limit_train), (False, args.limit_test))
-        ]
+        train_set, test_set = _load_splits(args)
         data = {
             "limit_train": args.limit_train,
             "limit_test": args.limit_test,
-            "options": _dataset_options(args),
+            "options": dataset_options(args.dataset, vars(args)),
         }
         meta = {"dataset": args.dataset, "recipe_name": recipe_name, "data": data}
-        job = _build_job(r, *splits, device, args.seed, meta, ctx, args.sync_bn)
+        job = _build_job(r, train_set, test_set, device, args.seed, meta, ctx, args.sync_bn)
         state = RunState(job, args.seed)
         if saved is not None:
             state.load_state_dict(saved)
         if saved is not None and ctx.is_main:
             print(f"resuming {out} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
-        train_set, test_set = splits
         info = {
             "dataset": args.dataset,
             "model": r.model,
@@ -400,16 +445,16 @@ def _main(
     return res
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """``main`` for the command line: errors as one line, exit 130 after Ctrl-C."""
+def main(argv: list[str] | None = None) -> int:
+    """The command line: train (see :func:`run`); errors as one line; exit 130 after Ctrl-C
+    (a first Ctrl-C checkpoints and stops, a second aborts)."""
     return run_main(
-        main,
+        run,
         argv,
         status=lambda res: 130 if res["interrupted"] else 0,
         interrupted="aborted; the last checkpoint is kept",
-        errors=(TrainError,),
     )
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli())
+    sys.exit(main())

@@ -58,7 +58,7 @@ def run(tmp_path_factory):
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            res = train.main(argv)
+            res = train.run(argv)
     finally:
         torch.set_num_threads(threads)
     return {"root": root, "out": out, "results": res, "stdout": stdout.getvalue(), "argv": argv}
@@ -124,7 +124,7 @@ def test_trainer_writes_curves_and_names_the_folder_last(run):
 
 def test_evaluate_matches_results_and_writes_metrics_and_pictures(run, tmp_path, capsys):
     out = tmp_path / "eval"
-    doc = evaluate.main([str(run["out"]), "--out", str(out), "--device", "cpu", "--no-verify"])
+    doc = evaluate.run([str(run["out"]), "--out", str(out), "--device", "cpu", "--no-verify"])
     assert doc["accuracy"] == run["results"]["test_accuracy"]
     assert doc["balanced_accuracy"] == run["results"]["test_balanced_accuracy"]
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -143,12 +143,12 @@ def test_evaluate_matches_results_and_writes_metrics_and_pictures(run, tmp_path,
     printed = capsys.readouterr().out
     assert "accuracy" in printed and f"wrote {out}" in printed
     # The default folder is RUN/eval-<split>.
-    assert evaluate.run_cli([str(run["out"]), "--device", "cpu", "--no-verify"]) == 0
+    assert evaluate.main([str(run["out"]), "--device", "cpu", "--no-verify"]) == 0
     assert (run["out"] / "eval-test" / "metrics.json").is_file()
 
 
 def test_evaluate_explains_a_missing_run(tmp_path, capsys):
-    assert evaluate.run_cli([str(tmp_path / "nowhere")]) == 1
+    assert evaluate.main([str(tmp_path / "nowhere")]) == 1
     assert "no such model file or run folder" in capsys.readouterr().err
 
 
@@ -199,7 +199,7 @@ def test_predict_reads_black_on_white_pngs_of_any_size(run, tmp_path, capsys):
     images, _ = _test_images(run["root"])
     images = images[:12]
     paths = _save_black_on_white(images, tmp_path / "same")
-    got = predict.main([str(run["out"]), *map(str, paths), "--json", "--top-k", "3"])
+    got = predict.run([str(run["out"]), *map(str, paths), "--json", "--top-k", "3"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == got and [g["image"] for g in got] == list(map(str, paths))
     first = got[0]["predictions"]
@@ -215,7 +215,7 @@ def test_predict_reads_black_on_white_pngs_of_any_size(run, tmp_path, capsys):
     x = predict.load_image(paths[0], 28)
     assert torch.equal(x[0], images[0].float() / 255)
     assert torch.equal(predict.load_image(paths[0], 28, invert="no")[0], 1 - x[0])
-    assert predict.main([str(run["out"]), str(paths[0])])  # the text form
+    assert predict.run([str(run["out"]), str(paths[0])])  # the text form
     assert "%" in capsys.readouterr().out
 
 
@@ -232,7 +232,7 @@ def test_predict_on_real_kmnist_test_images(run, real_root, tmp_path):
 def test_predict_explains_a_file_that_is_no_image(run, tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
-    assert predict.run_cli([str(run["out"]), str(bad)]) == 1
+    assert predict.main([str(run["out"]), str(bad)]) == 1
     assert "error:" in capsys.readouterr().err
 
 
@@ -247,7 +247,7 @@ def test_predict_reports_each_bad_image_and_still_answers_for_the_good(run, tmp_
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     huge.write_bytes(bytes(data))
     paths = [good, tmp_path, cut, huge, tmp_path / "missing.png"]
-    assert predict.run_cli([str(run["out"]), "--json", *map(str, paths)]) == 1
+    assert predict.main([str(run["out"]), "--json", *map(str, paths)]) == 1
     out, err = capsys.readouterr()
     doc = json.loads(out)
     assert [bool(r["predictions"]) for r in doc] == [True, False, False, False, False]
@@ -263,8 +263,8 @@ def test_predict_reports_each_bad_image_and_still_answers_for_the_good(run, tmp_
 def test_export_matches_eager_with_a_dynamic_batch(run, tmp_path, fmt, capsys):
     if fmt == "onnx" and not all(importlib.util.find_spec(m) for m in export.ONNX_TOOLS):
         pytest.fail("the test extra installs the ONNX tools: pip install -e '.[test]'")
-    out = tmp_path / ("model" + export.SUFFIXES[fmt][0])
-    diff = export.main([str(run["out"]), "--format", fmt, "--out", str(out), "--no-verify"])
+    out = tmp_path / ("model" + export.FORMATS[fmt].suffixes[0])
+    diff = export.run([str(run["out"]), "--format", fmt, "--out", str(out), "--no-verify"])
     assert diff <= export.TOLERANCE
     assert "max abs difference" in capsys.readouterr().out
     model = kmnist_torch.load_model(run["out"])
@@ -290,7 +290,7 @@ def test_export_without_onnx_tools_says_what_to_install(run, tmp_path, monkeypat
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name)
     )
     argv = [str(run["out"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--no-verify"]
-    assert export.run_cli(argv) == 1
+    assert export.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ONNX export needs onnxscript: pip install 'kmnist-torch[export]'")
 
@@ -333,13 +333,38 @@ def test_export_refuses_an_out_it_would_damage_before_any_work(run, tmp_path, ca
         (tmp_path / "missing" / "m.pt2", "pt2", "does not exist"),
     ):
         with pytest.raises(SystemExit):
-            export.main([str(run["out"]), "--format", fmt, "--out", str(out), "--no-verify"])
+            export.run([str(run["out"]), "--format", fmt, "--out", str(out), "--no-verify"])
         assert why in capsys.readouterr().err
     (tmp_path / "m.pt2").write_bytes(b"old")
     with pytest.raises(SystemExit):
-        export.main([str(run["out"]), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+        export.run([str(run["out"]), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
     assert "nothing overwritten" in capsys.readouterr().err
     assert picture.read_bytes() == b"not yours to overwrite"
+
+
+def test_export_formats_are_one_table(capsys):
+    actions = {a.dest: a for a in export.build_parser()._actions}
+    assert list(actions["format"].choices) == list(export.FORMATS)
+    for name, form in export.FORMATS.items():
+        assert form.suffixes and all(s.startswith(".") for s in form.suffixes), name
+        assert f"{name} ({form.help})" in actions["format"].help
+    from kmnist_torch.errors import ExportError
+
+    with pytest.raises(ExportError, match="unknown format 'gif'; choose one of onnx"):
+        export.export(torch.nn.Identity(), "gif", "m.gif", torch.zeros(3, 1, 28, 28))
+
+
+def test_load_run_split_lives_in_the_data_layer(run, tmp_path):
+    from kmnist_torch.data.splits import load_run_split
+
+    model = kmnist_torch.load_model(run["out"])
+    model_file = run["out"] / "model.pt"
+    split, results = load_run_split(model_file, model.meta, "test", verify=False)
+    assert results["config"]["dataset"] == model.meta["dataset"]
+    assert list(split.classes) == list(model.meta["classes"]) and len(split.data) > 0
+    other = {**model.meta, "classes": model.meta["classes"][:-1]}
+    with pytest.raises(ValueError, match="other classes than the model"):
+        load_run_split(model_file, other, "test", verify=False)
 
 
 def test_damaged_or_edited_model_files_are_clear_errors(run, tmp_path, capsys):
@@ -359,11 +384,11 @@ def test_damaged_or_edited_model_files_are_clear_errors(run, tmp_path, capsys):
     for name, doc in edited.items():
         torch.save(doc, tmp_path / name)
     for name in [*cases, *edited]:
-        assert predict.run_cli([str(tmp_path / name), str(tmp_path / "none.png")]) == 1
+        assert predict.main([str(tmp_path / name), str(tmp_path / "none.png")]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / name}") and "Traceback" not in err, err
         assert "weights_only" not in err
-    assert evaluate.run_cli([str(tmp_path / "truncated.pt")]) == 1
+    assert evaluate.main([str(tmp_path / "truncated.pt")]) == 1
     assert "is damaged" in capsys.readouterr().err
 
 
@@ -371,7 +396,7 @@ def test_train_resume_on_a_damaged_checkpoint_says_what_to_do(run, tmp_path, cap
     out = tmp_path / "again"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"\x00" * 100)
-    assert train.run_cli([*run["argv"], "--out", str(out), "--resume"]) == 1
+    assert train.main([*run["argv"], "--out", str(out), "--resume"]) == 1
     err = capsys.readouterr().err
     assert "checkpoint.pt is damaged" in err and "--overwrite" in err
 
@@ -385,5 +410,5 @@ def test_a_flipped_byte_in_the_weights_of_model_pt_is_caught(run, tmp_path, caps
     torch.save(doc, tmp_path / "rotten.pt")
     with pytest.raises(modelfile.ModelFileError, match="sha256 mismatch"):
         kmnist_torch.load_model(tmp_path / "rotten.pt")
-    assert evaluate.run_cli([str(tmp_path / "rotten.pt")]) == 1
+    assert evaluate.main([str(tmp_path / "rotten.pt")]) == 1
     assert "differ from those the run wrote" in capsys.readouterr().err

@@ -1,14 +1,21 @@
-"""The command line: available, info, download, verify, montage."""
+"""The command line (available, info, download, verify, montage), the dataset registry it
+reads, the verifier in the data layer, and the one ``run_main`` every command ends with."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
+import pytest
 from conftest import mirror_env
-from fakedata import random_split
+from fakedata import kkanji_files, random_split, write_kkanji_tree
 from PIL import Image
 
 from kmnist_torch import catalog
+from kmnist_torch._args import run_main
 from kmnist_torch.cli import main
 from kmnist_torch.data.resplit import write_split
+from kmnist_torch.errors import INTERRUPTED, DataFilesError, UserError
 from kmnist_torch.reporting.montage import montage_size
 
 
@@ -97,3 +104,232 @@ def test_montage_says_why_each_split_failed(tmp_path, fast_net, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "train split: K49" in err and "test split: K49" in err
     assert not (tmp_path / "m.png").exists()
+
+
+# ------------------------------------------------------- the dataset registry: one name table
+
+
+def _fixture_root(root, name: str, n: int = 12) -> None:
+    """A root holding both splits of ``name`` as fake files (KKanji: a small PNG tree)."""
+    if catalog.get(name).archive is not None:
+        write_kkanji_tree(root / catalog.get(name).folder, kkanji_files(3, 10, seed=1))
+        return
+    for split in ("train", "test"):
+        images, labels = random_split(n, name, seed=len(split))
+        write_split(root, name, split, images, labels)
+
+
+def test_every_catalog_dataset_is_in_the_registry_and_nothing_else():
+    from kmnist_torch.data import registry
+
+    assert list(registry.DATASETS) == ["mnist", "kmnist", "k49", "kkanji"]  # the table's order
+    assert set(registry.DATASETS) == set(catalog.DATASETS) == set(registry.list_datasets())
+    for name, e in registry.DATASETS.items():
+        assert e.split_keyword in ("train", "split"), name
+        assert e.metric == ("balanced_accuracy" if e.balanced else "accuracy")
+
+
+@pytest.mark.parametrize("name", ["mnist", "kmnist", "k49", "kkanji"])
+def test_every_registry_entry_builds_from_a_fixture_root(tmp_path, name):
+    import warnings
+
+    from kmnist_torch.data import registry
+
+    _fixture_root(tmp_path, name)
+    e = registry.DATASETS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fake files: verify=False says so
+        for split in e.splits:
+            ds = registry.create_dataset(name, tmp_path, split=split, verify=False)
+            assert type(ds) is e.cls and len(ds) > 0
+            assert len(ds.classes) == (
+                3 if e.split_keyword == "split" else catalog.get(name).num_classes
+            )
+        train = registry.create_dataset(name, tmp_path, train=True, verify=False)
+        test = registry.create_dataset(name, tmp_path, train=False, verify=False)
+    # Both splits of the arrays; KKanji's 30 images cut into train and test.
+    sizes = (24, 6) if e.split_keyword == "split" else (12, 12)
+    assert (len(train), len(test)) == sizes
+
+
+def test_create_dataset_names_the_splits_a_dataset_has(tmp_path):
+    from kmnist_torch.data.registry import create_dataset
+
+    with pytest.raises(ValueError, match="kmnist has the splits train, test, not 'all'"):
+        create_dataset("KMNIST", tmp_path, split="all")
+    with pytest.raises(KeyError, match="unknown dataset 'emnist'"):
+        create_dataset("emnist", tmp_path)
+
+
+def test_dataset_options_come_from_the_registry_only():
+    from kmnist_torch import train
+    from kmnist_torch.data.registry import DATASETS, dataset_options
+
+    given = {"test_fraction": 0.3, "min_per_class": None, "shots": 2, "split_seed": 5}
+    assert dataset_options("kkanji", given) == {"test_fraction": 0.3, "shots": 2, "seed": 5}
+    assert dataset_options("kmnist", given) == {}
+    # The trainer offers one flag per registry option, and --dataset every registry name.
+    parser = train.build_parser()
+    flags = {a.dest: a for a in parser._actions}
+    for e in DATASETS.values():
+        for flag, option in e.options.items():
+            assert flags[flag].type is option.type and flags[flag].default is None
+    assert set(flags["dataset"].choices) == set(DATASETS)
+
+
+def test_results_table_reads_the_registry():
+    from kmnist_torch.data.registry import DATASETS
+    from kmnist_torch.reporting import table
+
+    for name, e in DATASETS.items():
+        assert table.metric_name(name) == e.metric
+        assert table.dataset_title(name) == e.label
+    cells = [table.new_cell("knn", d, comparable=False) for d in reversed(list(DATASETS))]
+    header = table.render_table(cells).splitlines()[0]
+    assert header == "| Model | " + " | ".join(e.label for e in DATASETS.values()) + " |"
+
+
+def test_montage_split_all_is_refused_where_the_registry_has_no_such_split(tmp_path, capsys):
+    rc = main(["montage", "k49", "--root", str(tmp_path), "--out", str(tmp_path / "m.png"),
+               "--split", "all"])  # fmt: skip
+    assert rc == 2
+    assert "--split all is for kkanji; k49 has train and test" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ the verifier, called directly
+
+
+def test_verify_arrays_names_files_that_differ_from_the_published_ones(tmp_path):
+    from kmnist_torch.data.verify import verify_arrays, verify_dataset
+
+    images, labels = random_split(12)
+    write_split(tmp_path, "kmnist", "test", images, labels)
+    lines: list[str] = []
+    assert verify_arrays(tmp_path, catalog.KMNIST, False, lines.append) == 1
+    assert any("t10k-images-idx3-ubyte.gz: BAD" in line for line in lines), lines
+    assert not any("decodes" in line for line in lines)  # bad files are not decoded
+    lines.clear()
+    assert verify_dataset(tmp_path, "K49", say=lines.append) == 0
+    assert lines == [f"k49: not downloaded ({tmp_path / 'K49' / 'raw'})"]
+
+
+def test_verify_arrays_decodes_a_good_split(tmp_path, real_dir):
+    from kmnist_torch.data.verify import verify_arrays
+
+    raw = tmp_path / "KMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(real_dir / "kmnist" / name, raw)
+    lines: list[str] = []
+    assert verify_arrays(tmp_path, catalog.KMNIST, False, lines.append) == 0
+    assert "kmnist t10k-labels-idx1-ubyte.gz: OK" in lines
+    assert lines[-1] == "kmnist test (mnist): decodes, 10,000 images"
+
+
+def test_copy_problem_compares_the_extracted_copy_with_its_gz(tmp_path):
+    import gzip
+
+    from kmnist_torch.data.verify import copy_problem
+
+    gz, copy = tmp_path / "x-idx1-ubyte.gz", tmp_path / "x-idx1-ubyte"
+    gz.write_bytes(gzip.compress(b"payload"))
+    copy.write_bytes(b"payload")
+    assert copy_problem(gz, copy) is None
+    copy.write_bytes(b"payloaD")
+    assert "differs from x-idx1-ubyte.gz" in copy_problem(gz, copy)
+    gz.write_bytes(b"not gzip")
+    assert "cannot compare it with x-idx1-ubyte.gz" in copy_problem(gz, copy)
+
+
+def test_missing_files_lists_what_is_in_no_usable_form(tmp_path):
+    from kmnist_torch.data.verify import missing_files
+
+    every = {f.name for f in catalog.KMNIST.files(fmt="mnist")} | {"kmnist_classmap.csv"}
+    assert {t.dest.name for t in missing_files(catalog.KMNIST, tmp_path, ["mnist"])} == every
+    images, labels = random_split(12)
+    write_split(tmp_path, "kmnist", "test", images, labels)
+    left = {t.dest.name for t in missing_files(catalog.KMNIST, tmp_path, ["mnist"])}
+    assert left == {f.name for f in catalog.KMNIST.files("train", "mnist")}
+    (tar,) = missing_files(catalog.KKANJI, tmp_path, [])
+    assert tar.dest == tmp_path / "KKanji" / "kkanji.tar"
+    write_kkanji_tree(tmp_path / "KKanji", kkanji_files(1, 1))
+    assert missing_files(catalog.KKANJI, tmp_path, []) == []
+
+
+def test_check_archive_and_verify_archive_on_a_tree(tmp_path, monkeypatch):
+    import dataclasses
+
+    from kmnist_torch.data.kkanji.dataset import KKanji
+    from kmnist_torch.data.verify import check_archive, verify_archive
+
+    lines: list[str] = []
+    assert verify_archive(tmp_path, catalog.KKANJI, False, lines.append) == 0
+    assert lines == [f"kkanji: not downloaded ({tmp_path / 'KKanji'})"]
+    tree = write_kkanji_tree(tmp_path / "KKanji", kkanji_files(3, 4, seed=1))
+    found = check_archive(tmp_path / "KKanji")  # 12 images where the catalog has 140,424
+    assert found.tree_bad and found.listing is None and "holds 3 c" in found.problems[0]
+    small = dataclasses.replace(catalog.KKANJI, num_classes=3, split_sizes={"all": 12})
+    monkeypatch.setattr(catalog, "KKANJI", small)
+    lines.clear()
+    assert verify_archive(tmp_path, small, False, lines.append) == 0
+    assert lines == ["kkanji: OK, 12 images in 3 classes; no cache yet"]
+    KKanji(tmp_path, split="all")  # builds the decoded cache
+    lines.clear()
+    assert verify_archive(tmp_path, small, False, lines.append) == 0
+    assert lines == ["kkanji: OK, 12 images in 3 classes; decoded cache checked against the PNGs"]
+    victim = sorted(tree.rglob("*.png"))[0]
+    st = victim.stat()
+    victim.write_bytes(b"not a png".ljust(st.st_size, b"\0"))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    found = check_archive(tmp_path / "KKanji")
+    assert found.png_bad and not found.tar_bad and found.listing.total == 12
+    lines.clear()
+    assert verify_archive(tmp_path, small, False, lines.append) == 1
+    assert lines and all(line.startswith("kkanji: BAD: ") for line in lines)
+    assert any(victim.name in line for line in lines)
+
+
+# ------------------------------------------------------------------- one run_main for all
+
+
+class _Refused(UserError):
+    exit_code = 3
+
+
+@pytest.mark.parametrize(
+    "raised, code, line",
+    [
+        (_Refused("no way"), 3, "error: no way"),
+        (DataFilesError("gone"), 1, "error: gone"),
+        (ValueError("bad value"), 1, "error: bad value"),
+        (FileNotFoundError("nowhere"), 1, "error: nowhere"),
+        (KeyboardInterrupt(), INTERRUPTED, "stopped"),
+    ],
+)
+def test_run_main_turns_user_errors_into_one_line_and_their_exit_code(raised, code, line, capsys):
+    def run(argv):
+        raise raised
+
+    assert run_main(run, [], interrupted="stopped") == code
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_run_main_gives_the_status_of_a_result_and_lets_bugs_through():
+    assert run_main(lambda argv: argv, ["x"], status=len) == 1
+    assert run_main(lambda argv: None) == 0
+    with pytest.raises(ZeroDivisionError):
+        run_main(lambda argv: 1 / 0)
+
+
+@pytest.mark.parametrize("module", ["train", "reproduce", "evaluate", "predict", "export", "cli"])
+def test_every_command_main_ends_through_run_main(module, monkeypatch, capsys):
+    import importlib
+
+    mod = importlib.import_module(f"kmnist_torch.{module}")
+
+    def refuse(argv):
+        raise _Refused("refused")
+
+    monkeypatch.setattr(mod, "run", refuse)  # main wraps the module's run
+    assert mod.main([]) == 3
+    assert capsys.readouterr().err.strip() == "error: refused"

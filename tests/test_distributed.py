@@ -161,12 +161,12 @@ def test_global_batch_must_split_over_the_ranks(root, tmp_path, monkeypatch, cap
         distributed, "setup", lambda device: (distributed.Dist(0, 2), torch.device("cpu"))
     )
     with pytest.raises(SystemExit):
-        train.main(_argv(root, tmp_path / "run", "--recipe", "cnn", "--batch-size", "25"))
+        train.run(_argv(root, tmp_path / "run", "--recipe", "cnn", "--batch-size", "25"))
     assert "--batch-size 25 is the global batch: it must split evenly over the 2" in (
         capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
-        train.main(_argv(root, tmp_path / "run", "--model", "preact18", "--sync-bn"))
+        train.run(_argv(root, tmp_path / "run", "--model", "preact18", "--sync-bn"))
     assert "--sync-bn needs CUDA" in capsys.readouterr().err
 
 
@@ -187,7 +187,7 @@ def test_world_size_2_writes_once_and_follows_world_size_1(two_ranks, root, tmp_
     two = json.loads((out / "results.json").read_text())
     assert two["finished"] and two["world_size"] == 2 and two["config"]["world_size"] == 2
     assert two["num_test"] == 91 and two["images_per_second"] > 0
-    one = train.main(_argv(root, tmp_path / "one", *EXACT))
+    one = train.run(_argv(root, tmp_path / "one", *EXACT))
     assert one["world_size"] == 1
     assert len(epoch_numbers(one)) == len(epoch_numbers(two)) == 2
     for a, b in zip(epoch_numbers(one), epoch_numbers(two)):

@@ -597,7 +597,7 @@ def test_trainer_runs_on_real_kkanji_images(real_dir, tmp_path, one_thread):
     from kmnist_torch import train
 
     _write_tree(tmp_path / "KKanji", _subset_of(_files(_real_tree(TOP100)), 4, 30))
-    res = train.main(["--dataset", "kkanji", "--root", str(tmp_path), "--no-download",
+    res = train.run(["--dataset", "kkanji", "--root", str(tmp_path), "--no-download",
                       "--no-verify", "--out", str(tmp_path / "run"), "--device", "cpu",
                       "--no-progress", "--recipe", "cnn", "--epochs", "1",
                       "--batch-size", "16", "--shots", "10", "--split-seed", "1"])  # fmt: skip

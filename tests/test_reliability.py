@@ -460,8 +460,8 @@ def _official_like_root(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     images, labels = random_split(catalog.KMNIST.split_sizes["test"])
     raw_dir = write_split(tmp_path / "root", "kmnist", "test", images, labels, fmt="mnist")
     served = {p.name: p.read_bytes() for p in raw_dir.iterdir() if p.is_file()}
-    from kmnist_torch import cli
     from kmnist_torch.data import mnist as datasets
+    from kmnist_torch.data import verify
     from kmnist_torch.download import sources
 
     original = sources.target_for
@@ -474,7 +474,7 @@ def _official_like_root(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
         md5, sha = hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest()
         return dataclasses.replace(t, size=len(data), md5=md5, sha256=sha, stale_md5={})
 
-    monkeypatch.setattr(cli, "target_for", patched)
+    monkeypatch.setattr(verify, "target_for", patched)
     monkeypatch.setattr(datasets, "target_for", patched)
     monkeypatch.setattr(arrays, "target_for", patched)
     return raw_dir, served

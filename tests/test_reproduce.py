@@ -281,6 +281,24 @@ def test_train_argv(tmp_path):
     assert argv[argv.index("--device") + 1] == "cuda:1" and "--root" not in argv
 
 
+def test_recipe_and_dataset_choices_come_from_their_tables(capsys):
+    from kmnist_torch.data.registry import DATASETS
+    from kmnist_torch.training.recipes import RECIPES
+
+    actions = {a.dest: a for a in reproduce.build_parser()._actions}
+    assert sorted(actions["recipe"].choices) == sorted(RECIPES)
+    assert list(actions["datasets"].choices) == list(DATASETS)
+    assert actions["recipe"].default in RECIPES
+    # A recipe beyond paper/fast is accepted, and reaches the trained rows' argv.
+    other = next(name for name in RECIPES if name not in ("paper", "fast"))
+    args = reproduce.build_parser().parse_args(["--recipe", other])
+    argv = reproduce.train_argv(table.new_cell("preact18", "kmnist"), args, Path("o"))
+    assert argv[argv.index("--recipe") + 1] == other
+    with pytest.raises(SystemExit):
+        reproduce.build_parser().parse_args(["--recipe", "no-such-recipe"])
+    assert "invalid choice: 'no-such-recipe'" in capsys.readouterr().err
+
+
 def test_quick_cnn_cell_trains(tmp_path, monkeypatch):
     pytest.importorskip("kmnist_torch.train")
     _offline(monkeypatch)

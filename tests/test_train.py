@@ -201,7 +201,7 @@ def test_every_recipe_value_is_a_flag(tmp_path):
 )
 def test_bad_values_are_refused_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        train.main(argv)
+        train.run(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -387,7 +387,7 @@ def test_cli_end_to_end_on_kmnist_served_from_loopback(http_server, fast_net, tm
 
 def test_results_schema(kmnist_root, tmp_path):
     out = tmp_path / "run"
-    res = train.main(_argv(kmnist_root, out, *SMALL, "--limit-test", "60", "--seed", "3"))
+    res = train.run(_argv(kmnist_root, out, *SMALL, "--limit-test", "60", "--seed", "3"))
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
     for key, kind in {
@@ -431,17 +431,17 @@ def test_results_schema(kmnist_root, tmp_path):
 
 
 def test_resume_after_an_epoch_ends_with_the_same_numbers(kmnist_root, tmp_path):
-    whole = train.main(_argv(kmnist_root, tmp_path / "whole", *SMALL))
-    first = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--stop-after", "1"))
+    whole = train.run(_argv(kmnist_root, tmp_path / "whole", *SMALL))
+    first = train.run(_argv(kmnist_root, tmp_path / "split", *SMALL, "--stop-after", "1"))
     assert first["interrupted"] and not first["finished"] and len(first["epochs"]) == 1
-    rest = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
+    rest = train.run(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
     assert rest["finished"] and epoch_numbers(rest) == epoch_numbers(whole)
     assert rest["test_accuracy"] == whole["test_accuracy"]
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
 
 
 def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, monkeypatch):
-    whole = train.main(_argv(kmnist_root, tmp_path / "whole", *SMALL))
+    whole = train.run(_argv(kmnist_root, tmp_path / "whole", *SMALL))
     calls = {"n": 0}
     real = engine.random_translate
 
@@ -453,13 +453,13 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
 
     monkeypatch.setattr(engine, "random_translate", translate_then_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
-    stopped = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL))
+    stopped = train.run(_argv(kmnist_root, tmp_path / "split", *SMALL))
     assert stopped["interrupted"] and stopped["epochs"] == []
     state = torch.load(tmp_path / "split" / train.CHECKPOINT, weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 3)  # the step under way was finished
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works as before again
     monkeypatch.setattr(engine, "random_translate", real)
-    rest = train.main(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
+    rest = train.run(_argv(kmnist_root, tmp_path / "split", *SMALL, "--resume"))
     assert epoch_numbers(rest) == epoch_numbers(whole)
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
 
@@ -467,25 +467,25 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
 def test_output_folder_is_not_overwritten_by_accident(kmnist_root, tmp_path):
     out = tmp_path / "run"
     argv = _argv(kmnist_root, out, *SMALL, "--epochs", "1")
-    train.main(argv)
+    train.run(argv)
     with pytest.raises(train.TrainError, match="already holds a run.*--resume.*--overwrite"):
-        train.main(argv)
+        train.run(argv)
     with pytest.raises(train.TrainError, match=r"other settings: lr=0\.5 \(now 0\.2\)"):
-        train.main(argv + ["--resume", "--lr", "0.2"])
-    done = train.main(argv + ["--resume"])  # finished already: nothing to train
+        train.run(argv + ["--resume", "--lr", "0.2"])
+    done = train.run(argv + ["--resume"])  # finished already: nothing to train
     assert done["finished"] and len(done["epochs"]) == 1
-    again = train.main(argv + ["--overwrite", "--seed", "1"])
+    again = train.run(argv + ["--overwrite", "--seed", "1"])
     assert again["seed"] == 1 and len(again["epochs"]) == 1
 
 
 def test_too_few_images_for_a_batch_is_explained(kmnist_root, tmp_path):
     argv = _argv(kmnist_root, tmp_path / "run", *SMALL, "--limit-train", "10")
     with pytest.raises(train.TrainError, match="10 training images make no full batch of 25"):
-        train.main(argv)
+        train.run(argv)
 
 
 def test_missing_files_without_download_fail_with_the_dataset_error(tmp_path, capsys):
-    code = train.run_cli(_argv(tmp_path / "empty", tmp_path / "run", "--recipe", "cnn"))
+    code = train.main(_argv(tmp_path / "empty", tmp_path / "run", "--recipe", "cnn"))
     assert code == 1
     err = capsys.readouterr().err
     assert "\nerror: KMNIST: " in err and "train-images-idx3-ubyte.gz" in err
@@ -504,7 +504,7 @@ def test_preact18_trains_through_the_cli(kmnist_root, tmp_path):
         "--limit-test",
         "16",
     ]
-    res = train.main(_argv(kmnist_root, tmp_path / "run", *argv))
+    res = train.run(_argv(kmnist_root, tmp_path / "run", *argv))
     assert res["finished"] and res["config"]["mixup"] == "manifold"
     assert res["parameters"] == 11_171_146 - 2 * 64 * 9
     assert np.isfinite(res["epochs"][0]["train_loss"])
@@ -526,7 +526,8 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
 
     from kmnist_torch.data import registry
 
-    monkeypatch.setitem(registry.DATASETS, "kkanji", FakeKKanji)
+    entry = dataclasses.replace(registry.DATASETS["kkanji"], cls=FakeKKanji)
+    monkeypatch.setitem(registry.DATASETS, "kkanji", entry)
     argv = _argv(
         tmp_path / "root",
         tmp_path / "run",
@@ -547,7 +548,7 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
         "--split-seed",
         "7",
     )
-    res = train.main(argv)
+    res = train.run(argv)
     expected = {
         "download": False,
         "verify": False,
@@ -563,7 +564,7 @@ def test_kkanji_gets_its_split_options_and_64x64_images_train(tmp_path, monkeypa
     assert res["image_size"] == 64 and res["num_classes"] == 3 and res["num_test"] == 9
     # Options left out are not passed, so KKanji's own defaults apply.
     calls.clear()
-    train.main(argv[:-8] + ["--overwrite"])
+    train.run(argv[:-8] + ["--overwrite"])
     assert calls[0][1] == {"split": "train", "download": False, "verify": False}
 
 
@@ -587,8 +588,8 @@ def test_compile_trains_like_eager(kmnist_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     argv = [*SMALL, "--epochs", "1", "--limit-train", "100", "--limit-test", "50"]
-    eager = train.main(_argv(kmnist_root, tmp_path / "eager", *argv))
-    compiled = train.main(_argv(kmnist_root, tmp_path / "compiled", *argv, "--compile"))
+    eager = train.run(_argv(kmnist_root, tmp_path / "eager", *argv))
+    compiled = train.run(_argv(kmnist_root, tmp_path / "compiled", *argv, "--compile"))
     assert compiled_models == ["SimpleCNN"]  # the compiled run alone, and it was compiled
     assert compiled["config"]["compile"] and not eager["config"]["compile"]
     (e,), (c,) = eager["epochs"], compiled["epochs"]

@@ -3,15 +3,17 @@ trainer and the reproduction harness (so a 4-NN row and a trained row see the sa
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from .registry import create_dataset
+from .registry import create_dataset, dataset_options
 
 # The seed of --limit-train/--limit-test. Fixed, not the run's --seed: runs with different
 # seeds then differ by training noise alone, on the same images, and the harness's 4-NN and
@@ -96,19 +98,57 @@ def load_split(
     )
 
 
-# The trainer's KKanji flags -> KKanji's arguments (the rest of a run's options need none).
-KKANJI_OPTIONS = {
-    "test_fraction": "test_fraction",
-    "min_per_class": "min_per_class",
-    "shots": "shots",
-    "split_seed": "seed",
-}
-
-
-def dataset_options(dataset: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The dataset's own arguments among a run's options ``given`` (flag name -> value): for
-    KKanji its split options that were set (left out: KKanji's defaults); none otherwise."""
-    if dataset != "kkanji":
+def _run_results(model_file: Path) -> dict[str, Any]:
+    """The ``results.json`` the trainer wrote beside ``model_file`` (empty where there is none)."""
+    results = model_file.parent / "results.json"
+    if not results.is_file():
         return {}
-    options = {key: given.get(flag) for flag, key in KKANJI_OPTIONS.items()}
-    return {k: v for k, v in options.items() if v is not None}
+    return json.loads(results.read_text(encoding="utf-8"))
+
+
+def load_run_split(
+    model_file: Path,
+    meta: dict[str, Any],
+    split: str = "test",
+    root: str | None = None,
+    verify: bool = True,
+    download: bool = True,
+) -> tuple[SimpleNamespace, dict[str, Any]]:
+    """The images a run trained (``split="train"``) or tested on, chosen as the run chose
+    them: its dataset, root, limits and the dataset's own options, from ``model_file``'s
+    metadata and the ``results.json`` beside it.
+
+    Args:
+        model_file: the run's ``model.pt`` or ``checkpoint.pt``.
+        meta: the model's metadata (:func:`kmnist_torch.models.modelfile.model_meta`).
+        split: ``"test"`` or ``"train"``.
+        root: the data folder (None: the run's).
+        verify: check the files' checksums (where the run did).
+        download: fetch missing files.
+
+    Returns:
+        ``(split, results)``: :func:`load_split`'s namespace and the run's ``results.json``
+        document (empty where there is none).
+    """
+    run = _run_results(model_file)
+    config = run.get("config", {})
+    limit = config.get("limit_test" if split == "test" else "limit_train")
+    options = (meta.get("data") or {}).get("options")
+    if options is None:  # metadata rebuilt from a checkpoint's config
+        options = dataset_options(meta["dataset"], config)
+    images = load_split(
+        meta["dataset"],
+        root or config.get("root"),
+        split == "train",
+        limit,
+        download,
+        verify and config.get("verify", True),
+        **options,
+    )
+    if list(images.classes) != list(meta["classes"]):
+        raise ValueError(
+            f"the {meta['dataset']} {split} images have other classes than the model "
+            f"({len(images.classes)} vs {len(meta['classes'])}): check --root and the split "
+            "options"
+        )
+    return images, run

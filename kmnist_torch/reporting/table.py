@@ -1,9 +1,12 @@
 """The upstream benchmark table as data, and pure functions over its cells: targets, the
---check rule and the markdown table. Used by :mod:`kmnist_torch.reproduce`; torch-free."""
+--check rule and the markdown table. Used by :mod:`kmnist_torch.reproduce`. The datasets (their
+order, column titles and metric) are the dataset registry's."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from ..data.registry import DATASETS
 
 # ------------------------------------------------------------------------- targets (fractions)
 
@@ -61,17 +64,19 @@ ROWS: dict[str, dict[str, str]] = {
         "mixup": "manifold",
     },
 }
-DATASETS = ("mnist", "kmnist", "k49", "kkanji")
-DATASET_TITLES = {"mnist": "MNIST", "kmnist": "KMNIST", "k49": "K49", "kkanji": "KKanji"}
-# Upstream reports balanced accuracy for K49; KKanji is far more imbalanced still.
-BALANCED = {"k49", "kkanji"}
 
 # --------------------------------------------------------------------------- pure functions
 
 
 def metric_name(dataset: str) -> str:
     """``"balanced_accuracy"`` for K49 and KKanji, ``"accuracy"`` (top-1) otherwise."""
-    return "balanced_accuracy" if dataset in BALANCED else "accuracy"
+    return DATASETS[dataset].metric
+
+
+def dataset_title(dataset: str) -> str:
+    """The dataset's column title (``"KMNIST"``); an unknown name as it is."""
+    entry = DATASETS.get(dataset)
+    return dataset if entry is None else entry.label
 
 
 def target_for(row: str, dataset: str) -> tuple[float | None, str | None]:
@@ -82,6 +87,16 @@ def target_for(row: str, dataset: str) -> tuple[float | None, str | None]:
     if (row, dataset) in UPSTREAM_OLD:
         return UPSTREAM_OLD[(row, dataset)], "old"
     return None, None
+
+
+def targets_record(tolerance: float | None = None) -> dict[str, Any]:
+    """Upstream's figures (keyed ``"row/dataset"``) and the tolerance of each row (``tolerance``
+    for every row when given), as results.json records them."""
+    return {
+        "upstream_old": {f"{r}/{d}": v for (r, d), v in UPSTREAM_OLD.items()},
+        "upstream_today": {f"{r}/{d}": v for (r, d), v in UPSTREAM_TODAY.items()},
+        "tolerance": TOLERANCE if tolerance is None else dict.fromkeys(TOLERANCE, tolerance),
+    }
 
 
 def new_cell(row: str, dataset: str, comparable: bool = True) -> dict[str, Any]:
@@ -124,7 +139,7 @@ def check_cells(cells: list[dict[str, Any]], tolerance: float | None = None) -> 
     row's, or ``tolerance`` for every row when given) below its target."""
     failures = []
     for c in cells:
-        name = f"{c['title']} on {DATASET_TITLES.get(c['dataset'], c['dataset'])}"
+        name = f"{c['title']} on {dataset_title(c['dataset'])}"
         if c.get("error"):
             failures.append(f"{name}: did not run: {c['error']}")
             continue
@@ -165,7 +180,7 @@ def render_table(cells: list[dict[str, Any]], tolerance: float | None = None) ->
     by_key = {(c["row"], c["dataset"]): c for c in cells}
     failing = {id(c) for c in cells if check_cells([c], tolerance)}
     out = [
-        "| Model | " + " | ".join(DATASET_TITLES[d] for d in datasets) + " |",
+        "| Model | " + " | ".join(dataset_title(d) for d in datasets) + " |",
         "| --- |" + " ---: |" * len(datasets),
     ]
     for r in rows:
@@ -183,7 +198,7 @@ def render_table(cells: list[dict[str, Any]], tolerance: float | None = None) ->
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for c in sorted(
-        cells, key=lambda c: (list(ROWS).index(c["row"]), DATASETS.index(c["dataset"]))
+        cells, key=lambda c: (list(ROWS).index(c["row"]), list(DATASETS).index(c["dataset"]))
     ):
         if c["error"]:
             status = "error"
@@ -192,7 +207,7 @@ def render_table(cells: list[dict[str, Any]], tolerance: float | None = None) ->
         else:
             status = "FAIL" if id(c) in failing else "ok"
         out.append(
-            f"| {c['title']} | {DATASET_TITLES[c['dataset']]} | {pct(c['upstream_old'])} "
+            f"| {c['title']} | {dataset_title(c['dataset'])} | {pct(c['upstream_old'])} "
             f"| {pct(c['upstream_today'])} | {pct(c['ours'])} | {_signed(c['difference'])} "
             f"| {_secs(c['device_seconds'])} | {c['device'] or '—'} | {status} |"
         )

@@ -1,0 +1,313 @@
+"""Full checks of the files under a data root, and their repair: the ``verify`` command's work.
+
+Every file present is rehashed (no remembered hash is trusted), every complete split decoded,
+KKanji's tar checked against its record and its decoded cache against the PNG tree. The checks
+report one line per file through ``say`` (``print`` by default), as they go: a full check of
+KKanji takes a while, and a line per file shows where it is.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import catalog
+from .._io import HashRecord, hash_file
+from ..download.fetch import Target, check
+from ..download.sources import ensure_files, target_for
+from ..errors import DataFilesError, FormatError
+from .arrays import extracted_target, present, raw_folder
+from .formats import read_gzip
+from .kkanji import archive, cache, layout
+from .registry import create_dataset
+
+Say = Callable[[str], None]
+
+
+def missing_files(info: catalog.DatasetInfo, root: Path, fmts: list[str]) -> list[Target]:
+    """The official files of a dataset that are in no usable form under ``root``.
+
+    Args:
+        info: the dataset's catalog entry.
+        root: the data folder.
+        fmts: the formats asked for (``"mnist"``, ``"npz"``); ignored for an archive.
+
+    Returns:
+        One target per file still missing, each able to say where to fetch it from and where
+        to put it (:meth:`kmnist_torch.download.fetch.Target.describe`).
+    """
+    if info.archive is not None:  # KKanji: the tar, unless the tree is extracted
+        folder = root / info.folder
+        if (folder / layout.TREE_NAME).is_dir() or (folder / info.archive.name).is_file():
+            return []
+        return [target_for(info.archive, folder, info.bases, shown=True)]
+    folder = raw_folder(root, info)
+    remotes = [f for pairs in info.splits.values() for fmt in fmts for f in pairs.get(fmt, ())]
+    if info.classmap is not None:
+        remotes.append(info.classmap)
+    return [
+        target_for(f, folder, info.bases, shown=True) for f in remotes if not present(f, folder)
+    ]
+
+
+def copy_problem(gz: Path, copy: Path) -> str | None:
+    """Why an extracted idx file is not the decompressed content of the ``.gz`` beside it.
+
+    Args:
+        gz: the official ``.gz`` file.
+        copy: the idx file extracted from it (which loading reads).
+
+    Returns:
+        What is wrong, in words, or None when ``copy`` is ``gz``'s content.
+    """
+    try:
+        same = read_gzip(gz) == copy.read_bytes()
+    except (FormatError, OSError) as exc:
+        return f"cannot compare it with {gz.name} ({exc})"
+    if same:
+        return None
+    return f"differs from {gz.name}, which it was extracted from (rewritten from it on repair)"
+
+
+def verify_dataset(root: Path, name: str, repair: bool = False, say: Say = print) -> int:
+    """Check every file of one dataset present under ``root``, and repair what is bad.
+
+    Args:
+        root: the data folder.
+        name: the dataset (any name :func:`kmnist_torch.catalog.get` accepts).
+        repair: download bad files again (and rebuild KKanji's cache).
+        say: where the per-file lines go.
+
+    Returns:
+        0 when every file present is good (or was repaired), else 1.
+    """
+    info = catalog.get(name)
+    if info.archive is not None:
+        return verify_archive(root, info, repair, say)
+    return verify_arrays(root, info, repair, say)
+
+
+@dataclass
+class _Checked:
+    """One file of a split as checked: its target, what is wrong (None: good) and whether a
+    published checksum was compared (else its size only)."""
+
+    target: Target
+    problem: str | None
+    known: bool = True
+
+
+@dataclass
+class _SplitFiles:
+    """A split's pair of files in one format, as found under the raw folder."""
+
+    split: str
+    fmt: str
+    pair: tuple[catalog.RemoteFile, ...]
+    forms: list[str | None] = field(default_factory=list)  # "official", "extracted" or None
+
+
+def verify_arrays(root: Path, info: catalog.DatasetInfo, repair: bool, say: Say = print) -> int:
+    """Rehash every file of an array dataset (KMNIST, K49, MNIST) under ``root`` in whichever
+    form it is there (the official file, or only the idx file extracted from it), then decode
+    each complete split.
+
+    Args:
+        root: the data folder.
+        info: the dataset's catalog entry.
+        repair: delete bad files and download them again.
+        say: where the per-file lines go.
+
+    Returns:
+        0 when every file present is good (or was repaired) and every complete split decodes,
+        else 1.
+    """
+    folder = raw_folder(root, info)
+    record = HashRecord(folder)
+    found, status = False, 0
+    for split, formats in info.splits.items():
+        for fmt, pair in formats.items():
+            files = _SplitFiles(split, fmt, pair, [present(f, folder) for f in pair])
+            found = found or any(files.forms)
+            bad = _check_files(info, folder, record, files, say)
+            if bad and repair:
+                bad = _repair_files(info, folder, record, files, bad, say)
+            if bad:
+                status = 1
+            elif all(files.forms):  # a whole split: decode it too
+                status |= _decode(root, info, files, say)
+    if not found:
+        say(f"{info.name}: not downloaded ({folder})")
+    return status
+
+
+def _check_files(
+    info: catalog.DatasetInfo, folder: Path, record: HashRecord, files: _SplitFiles, say: Say
+) -> list[Target]:
+    """Rehash the files of one split and format in full; say one line each; return the bad."""
+    checked: list[_Checked] = []
+    for remote, form in zip(files.pair, files.forms):
+        if form == "official":
+            t = target_for(remote, folder, info.bases)
+        elif form == "extracted":
+            t = extracted_target(remote, folder)
+        else:
+            continue
+        checked.append(_Checked(t, check(t, True, record, full=True), bool(t.md5 or t.sha256)))
+        copy = extracted_target(remote, folder)
+        if form == "official" and copy is not None and copy.dest.is_file():
+            # The extracted copy is what loading reads: it must be the .gz's content.
+            checked.append(_Checked(copy, copy_problem(t.dest, copy.dest)))
+    for c in checked:
+        verdict = "OK" if c.known else "OK (size only: no published checksum to check)"
+        say(
+            f"{info.name} {c.target.dest.name}: "
+            + (verdict if c.problem is None else "BAD: " + c.problem)
+        )
+    return [c.target for c in checked if c.problem]
+
+
+def _repair_files(
+    info: catalog.DatasetInfo,
+    folder: Path,
+    record: HashRecord,
+    files: _SplitFiles,
+    bad: list[Target],
+    say: Say,
+) -> list[Target]:
+    """Delete the bad files and fetch the official ones again (loading re-extracts the copies);
+    return the files still bad."""
+    for t in bad:
+        t.dest.unlink(missing_ok=True)
+        record.forget(t.dest.name)
+    try:
+        ensure_files(
+            [target_for(f, folder, info.bases) for f in files.pair], True, True, name=info.name
+        )
+    except DataFilesError as exc:
+        say(f"{info.name} {files.split} ({files.fmt}): repair failed: {exc}")
+        return bad
+    for t in bad:
+        how = "downloaded again" if t.dest.suffix else "rewritten from the .gz"
+        say(f"{info.name} {t.dest.name}: repaired ({how})")
+    files.forms = ["official"] * len(files.pair)
+    return []
+
+
+def _decode(root: Path, info: catalog.DatasetInfo, files: _SplitFiles, say: Say) -> int:
+    """Load a complete split through its class: 0 when it decodes, else 1."""
+    kw = {"format": files.fmt} if len(info.formats) > 1 else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said per file already
+            ds = create_dataset(info.name, root, split=files.split, **kw)
+    except (DataFilesError, FormatError) as exc:
+        say(f"{info.name} {files.split} ({files.fmt}): BAD: {exc}")
+        return 1
+    say(f"{info.name} {files.split} ({files.fmt}): decodes, {len(ds):,} images")
+    return 0
+
+
+@dataclass
+class ArchiveCheck:
+    """What a check of KKanji's folder found: the problems, which parts they are in, and the
+    tree's listing (None where there is no readable tree)."""
+
+    problems: list[str] = field(default_factory=list)
+    tar_bad: bool = False
+    tree_bad: bool = False
+    png_bad: bool = False
+    listing: cache.Listing | None = None
+
+
+def verify_archive(root: Path, info: catalog.DatasetInfo, repair: bool, say: Say = print) -> int:
+    """Check Kuzushiji-Kanji under ``root``: the tar against the record written when it was
+    downloaded, every PNG of the extracted tree, and the decoded cache against the tree.
+
+    Args:
+        root: the data folder.
+        info: the dataset's catalog entry (KKanji's).
+        repair: delete what is bad, download and extract again, rebuild the cache.
+        say: where the lines go.
+
+    Returns:
+        0 when everything present is good (or was repaired), else 1.
+    """
+    folder = root / info.folder
+    tar, tree = folder / layout.TAR_NAME, folder / layout.TREE_NAME
+    if not folder.exists() or not (tree.is_dir() or tar.is_file()):
+        say(f"{info.name}: not downloaded ({folder})")
+        return 0
+    state = check_archive(folder)
+    for line in state.problems:
+        say(f"{info.name}: BAD: {line}")
+    if state.problems and repair:
+        return _repair_archive(root, info.name, folder, state, say)
+    if state.problems:
+        return 1
+    if state.listing is not None:
+        has_cache = cache.cache_paths(folder, state.listing.fingerprint)[1].is_file()
+        note = "; decoded cache checked against the PNGs" if has_cache else "; no cache yet"
+        n, k = state.listing.total, len(state.listing.codepoints)
+        say(f"{info.name}: OK, {n:,} images in {k:,} classes{note}")
+    else:
+        say(f"{info.name}: OK, {tar} matches its record (not extracted yet)")
+    return 0
+
+
+def check_archive(folder: Path) -> ArchiveCheck:
+    """Check KKanji's folder without changing anything in it.
+
+    Args:
+        folder: the dataset's folder (``<root>/KKanji``).
+
+    Returns:
+        What was found: the tar against its record, the tree's PNGs, the decoded cache
+        against the tree.
+    """
+    state = ArchiveCheck()
+    tar, tree = folder / layout.TAR_NAME, folder / layout.TREE_NAME
+    try:
+        rec = archive.read_record(folder)
+    except DataFilesError as exc:
+        rec, state.tar_bad = None, True
+        state.problems.append(str(exc))
+    if tar.is_file() and rec is not None:
+        _, sha = hash_file(tar)
+        if sha != rec["sha256"] or tar.stat().st_size != rec["size"]:
+            state.tar_bad = True
+            state.problems.append(
+                f"{tar}: sha256 {sha} differs from the one recorded ({rec['sha256']})"
+            )
+    if tree.is_dir():
+        try:
+            state.listing = cache.scan_tree(tree, verify=True)
+        except DataFilesError as exc:
+            state.tree_bad = True
+            state.problems.append(str(exc))
+    if state.listing is not None:
+        cache_problems = cache.check_cache(folder, state.listing)
+        state.problems += cache_problems
+        state.png_bad = any(".png" in p.split(":")[0] for p in cache_problems)
+    return state
+
+
+def _repair_archive(root: Path, name: str, folder: Path, state: ArchiveCheck, say: Say) -> int:
+    """Delete the bad parts, download and extract again, rebuild the cache: 0 when it worked."""
+    tar, tree = folder / layout.TAR_NAME, folder / layout.TREE_NAME
+    try:
+        if state.tar_bad:
+            tar.unlink(missing_ok=True)
+        if state.tree_bad or state.png_bad or state.tar_bad:
+            shutil.rmtree(tree, ignore_errors=True)
+        cache.remove_cache(folder)
+        prepared = cache.prepare_cache(root, download=True)
+    except (DataFilesError, FormatError, OSError) as exc:
+        say(f"{name}: repair failed: {exc}")
+        return 1
+    n, where = prepared["n_images"], prepared["images"]
+    say(f"{name}: repaired: {n:,} images, cache rebuilt at {where}")
+    return 0
