@@ -40,12 +40,9 @@ from .models.registry import create_model, list_models
 from .training import distributed, mixup
 from .training.engine import Job, RunState, fit
 from .training.recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, default_recipe_name
-from .training.runtime import CHECKPOINT, RESULTS, RunDir, determinism
+from .training.runtime import RunDir, determinism
 
 __all__ = [
-    "CHECKPOINT",
-    "RESULTS",
-    "TrainError",
     "build_parser",
     "main",
     "resolve_recipe",

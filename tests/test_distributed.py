@@ -24,7 +24,7 @@ from kmnist_torch import reproduce, train
 from kmnist_torch.data.loader import TensorLoader
 from kmnist_torch.training import distributed, mixup
 from kmnist_torch.training.augment import random_translate
-from kmnist_torch.training.runtime import RunDir
+from kmnist_torch.training.runtime import CHECKPOINT, RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,7 +231,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_with_one_checkpoint(root, tmp_pa
         proc.kill()
     res = json.loads((out / "results.json").read_text())
     assert res["interrupted"] and not res["finished"] and 1 <= res["epochs_done"] < 500, err
-    state = torch.load(out / train.CHECKPOINT, weights_only=True)
+    state = torch.load(out / CHECKPOINT, weights_only=True)
     ranks = state["rng"]["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 

@@ -23,6 +23,8 @@ LAYERS = {
     "commands": 5,  # cli, train, reproduce, evaluate, predict, export, _args, __main__
 }
 VOCABULARY = {"kmnist_torch", "catalog", "settings", "errors", "_io"}
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -119,6 +121,20 @@ def test_subpackage_init_is_only_a_docstring(module):
     # in another through an __init__.
     tree = ast.parse(MODULES[module][0].read_text(encoding="utf-8"))
     assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr), module
+
+
+def test_no_module_or_function_too_long():
+    long = []
+    for module, (path, _) in MODULES.items():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > MAX_MODULE_LINES:
+            long.append(f"{module}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name}: {n} lines")
+    assert not long, "\n".join(long)
 
 
 def test_the_layer_test_sees_an_upward_import(tmp_path, monkeypatch):

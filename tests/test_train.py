@@ -21,11 +21,12 @@ from fakedata import random_split
 from kmnist_torch import train
 from kmnist_torch.data.resplit import write_split
 from kmnist_torch.data.splits import LIMIT_SEED, load_split, stratified_subset
-from kmnist_torch.errors import RecipeError
+from kmnist_torch.errors import RecipeError, TrainError
 from kmnist_torch.training import engine
 from kmnist_torch.training.augment import random_translate
 from kmnist_torch.training.metrics import accuracy, balanced_accuracy
 from kmnist_torch.training.recipes import RECIPES, Recipe
+from kmnist_torch.training.runtime import CHECKPOINT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -326,7 +327,7 @@ SMALL = [
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / train.CHECKPOINT, weights_only=True)["model"]
+    return torch.load(out / CHECKPOINT, weights_only=True)["model"]
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -381,7 +382,7 @@ def test_cli_end_to_end_on_kmnist_served_from_loopback(http_server, fast_net, tm
     assert res["finished"] and not res["interrupted"]
     assert res["num_train"] == 200 and res["num_test"] == 100 and res["num_classes"] == 10
     assert res["test_accuracy"] > 0.5  # the fixture classes are learnable; chance is 0.1
-    assert (out / train.CHECKPOINT).is_file()
+    assert (out / CHECKPOINT).is_file()
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
@@ -455,7 +456,7 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
     handler = signal.getsignal(signal.SIGINT)
     stopped = train.run(_argv(kmnist_root, tmp_path / "split", *SMALL))
     assert stopped["interrupted"] and stopped["epochs"] == []
-    state = torch.load(tmp_path / "split" / train.CHECKPOINT, weights_only=True)
+    state = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 3)  # the step under way was finished
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works as before again
     monkeypatch.setattr(engine, "random_translate", real)
@@ -468,9 +469,9 @@ def test_output_folder_is_not_overwritten_by_accident(kmnist_root, tmp_path):
     out = tmp_path / "run"
     argv = _argv(kmnist_root, out, *SMALL, "--epochs", "1")
     train.run(argv)
-    with pytest.raises(train.TrainError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(TrainError, match="already holds a run.*--resume.*--overwrite"):
         train.run(argv)
-    with pytest.raises(train.TrainError, match=r"other settings: lr=0\.5 \(now 0\.2\)"):
+    with pytest.raises(TrainError, match=r"other settings: lr=0\.5 \(now 0\.2\)"):
         train.run(argv + ["--resume", "--lr", "0.2"])
     done = train.run(argv + ["--resume"])  # finished already: nothing to train
     assert done["finished"] and len(done["epochs"]) == 1
@@ -480,7 +481,7 @@ def test_output_folder_is_not_overwritten_by_accident(kmnist_root, tmp_path):
 
 def test_too_few_images_for_a_batch_is_explained(kmnist_root, tmp_path):
     argv = _argv(kmnist_root, tmp_path / "run", *SMALL, "--limit-train", "10")
-    with pytest.raises(train.TrainError, match="10 training images make no full batch of 25"):
+    with pytest.raises(TrainError, match="10 training images make no full batch of 25"):
         train.run(argv)
 
 
