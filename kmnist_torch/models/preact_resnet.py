@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixing import mix
+from .mixing import check_mix_layer, mix
 
 
 class PreActBlock(nn.Module):
@@ -84,8 +84,7 @@ class PreActResNet(nn.Module):
     ) -> torch.Tensor:
         """Logits for ``x`` (N x C x H x W). With ``mix_layer`` (0, 1 or 2), the hidden state
         there becomes ``lam * h + (1 - lam) * h[perm]`` before the rest of the network."""
-        if mix_layer is not None and mix_layer not in self.mix_layers:
-            raise ValueError(f"mix_layer must be one of {self.mix_layers}, got {mix_layer}")
+        check_mix_layer(mix_layer, self.mix_layers)
         out = mix(x, lam, perm) if mix_layer == 0 else x
         out = self.layer1(self.conv1(out))
         if mix_layer == 1:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixing import mix
+from .mixing import check_mix_layer, mix
 
 
 class SimpleCNN(nn.Module):
@@ -50,8 +50,7 @@ class SimpleCNN(nn.Module):
     ) -> torch.Tensor:
         """Logits for ``x`` (N x C x H x W), mixing the hidden state at ``mix_layer`` as
         :class:`~kmnist_torch.models.preact_resnet.PreActResNet` does."""
-        if mix_layer is not None and mix_layer not in self.mix_layers:
-            raise ValueError(f"mix_layer must be one of {self.mix_layers}, got {mix_layer}")
+        check_mix_layer(mix_layer, self.mix_layers)
         out = mix(x, lam, perm) if mix_layer == 0 else x
         out = F.relu(self.conv1(out))
         if mix_layer == 1:
