@@ -59,6 +59,7 @@ def stop_on_signals() -> Iterator[None]:
         for s, handler in previous.items():  # None: set outside Python; the default is closest
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
+
 ROOT_HELP = "data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch)"
 
 
