@@ -110,22 +110,29 @@ def spread(
         threading.Thread(target=serve, args=(d, pool), daemon=True)
         for d, pool in zip(devices, pools)
     ]
-    stopped: Stopped | None = None
     try:
-        for t in serving:
-            t.start()
-        for t in serving:
-            while t.is_alive():
-                try:
-                    t.join(0.5)  # a timed join lets a signal through
-                except Stopped as exc:  # pass it on, once to each worker; wait for them
-                    stopped, stop.value = stopped or exc, exc.signum
-                    for pid in pids:
-                        with contextlib.suppress(ProcessLookupError):
-                            if pid:
-                                os.kill(pid, exc.signum)
+        stopped = _wait(serving, stop, pids)
     finally:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
     if stopped is not None:
         raise stopped
+
+
+def _wait(serving: list[threading.Thread], stop: Any, pids: Any) -> Stopped | None:
+    """Wait for the serving threads; pass each signal on to every worker, once, meanwhile.
+    The first signal's :class:`~kmnist_torch._args.Stopped`, or None."""
+    stopped: Stopped | None = None
+    for t in serving:
+        t.start()
+    for t in serving:
+        while t.is_alive():
+            try:
+                t.join(0.5)  # a timed join lets a signal through
+            except Stopped as exc:  # pass it on, once to each worker; wait for them
+                stopped, stop.value = stopped or exc, exc.signum
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        if pid:
+                            os.kill(pid, exc.signum)
+    return stopped
