@@ -102,7 +102,7 @@ class Command:
         assert wait_for(caught, timeout)
 
     def stop(self, signum: int, timeout: float = 120) -> int:
-        """Send ``signum`` (to the process group when started as one); its exit status."""
+        """Send ``signum`` to the process (its PID alone); its exit status."""
         if self.proc.poll() is None:
             self.children()
         try:
