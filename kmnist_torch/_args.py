@@ -1,15 +1,64 @@
 """What every command line shares, written once: the options of the commands that read data
 (where the data is, ``--root``; whether to fetch it, ``--download``; whether to check it,
-``--no-verify``; where to compute, ``--device``), and :func:`run_main`, the one way a command
-ends (its exit code, errors as one line)."""
+``--no-verify``; where to compute, ``--device``), :class:`Parser` (no abbreviated flags),
+and :func:`run_main`, the one way a command ends (its exit code, errors as one line, SIGINT and
+SIGTERM as :class:`Stopped`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 from .errors import INTERRUPTED, UserError
+
+# What asks a command to stop: Ctrl-C, and what a scheduler (Slurm, Kubernetes) sends first.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command line's parser: flags are never abbreviated (``--epoch 1`` is an error, not
+    ``--epochs 1``), in its sub-commands' parsers too (they are made of this class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class Stopped(KeyboardInterrupt):
+    """A command was stopped by ``signum`` (SIGINT or SIGTERM); it exits with ``exit_code``,
+    128 + the signal's number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.name = signal.Signals(signum).name
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside: SIGINT and SIGTERM raise :class:`Stopped` in the main thread, so ``finally``
+    blocks and atomic writes clean up as after Ctrl-C (a trainer's own handler takes over while
+    it trains, to stop after the step). The previous handlers come back afterwards; outside the
+    main thread nothing changes (signals reach only the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():  # None: set outside Python; the default is closest
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
 
 ROOT_HELP = "data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch)"
 
@@ -54,16 +103,21 @@ def run_main(
         run: the command: parses ``argv``, does the work, returns its result.
         argv: the arguments (None: ``sys.argv[1:]``).
         status: the exit status of a result (default: 0 for any).
-        interrupted: the line printed after Ctrl-C.
+        interrupted: the line printed after Ctrl-C or SIGTERM.
 
     Returns:
         The exit status. What a user can act on (a
         :class:`~kmnist_torch.errors.UserError`, an unreadable path, a bad value) is one
         ``error:`` line and the error's ``exit_code`` (1 for ``OSError``/``ValueError``);
-        Ctrl-C is 130. Anything else is a bug, and keeps its traceback.
+        SIGINT (Ctrl-C) is 130, SIGTERM 143 (128 + the signal), with no traceback. Anything
+        else is a bug, and keeps its traceback.
     """
     try:
-        result = run(argv)
+        with stop_on_signals():
+            result = run(argv)
+    except Stopped as exc:
+        print(f"{exc.name}: {interrupted}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return INTERRUPTED

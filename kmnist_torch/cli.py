@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import catalog
-from ._args import add_data_options, run_main
+from ._args import Parser, add_data_options, run_main
 from .download.fetch import Target
 from .download.sources import NO_SOURCE, default_root, mirrors, resolve_root
 from .errors import USAGE, DataFilesError, FormatError
@@ -267,7 +267,7 @@ def cmd_kkanji_split(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m kmnist_torch``."""
-    p = argparse.ArgumentParser(prog="python -m kmnist_torch", description=__doc__)
+    p = Parser(prog="python -m kmnist_torch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("available", help="list the datasets").set_defaults(func=cmd_available)
     s = sub.add_parser("info", help="counts, classes, files, licence of a dataset")

@@ -3,7 +3,8 @@ the command lines' catalog verbs start at once).
 
 Each error class carries ``exit_code``: what a command line of the package exits with when the
 error ends it (one ``error:`` line on stderr, no traceback). The other exit codes are fixed by
-convention: 0 success, 2 a bad command line (argparse), 130 Ctrl-C.
+convention: 0 success, 2 a bad command line (argparse), 128 + the signal's number after a
+signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 
 | error | raised when | exit code |
 | --- | --- | --- |
@@ -21,7 +22,8 @@ convention: 0 success, 2 a bad command line (argparse), 130 Ctrl-C.
 
 from __future__ import annotations
 
-INTERRUPTED = 130  # exit code after Ctrl-C, as shells report SIGINT
+INTERRUPTED = 130  # exit code after Ctrl-C: 128 + SIGINT (2), as shells report it
+TERMINATED = 143  # exit code after SIGTERM (a scheduler's stop): 128 + SIGTERM (15)
 USAGE = 2  # exit code of a bad command line, as argparse gives it
 
 

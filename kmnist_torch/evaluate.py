@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._args import add_data_options, run_main
+from ._args import Parser, add_data_options, run_main
 from ._io import write_json
 from .data.loader import TensorLoader
 from .data.splits import load_run_split
@@ -35,7 +35,7 @@ DENSE_MAX_CLASSES = 1000
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m kmnist_torch.evaluate",
         description="Evaluate a trained run: metrics.json, confusion.png and errors.png.",
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._args import add_data_options, run_main
+from ._args import Parser, add_data_options, run_main
 from .data.splits import load_run_split
 from .errors import DataFilesError, ExportError, FormatError
 from .models.modelfile import find_model_file, load_model
@@ -149,7 +150,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> 
     Args:
         model: the model, with its ``.meta``.
         fmt: a name in :data:`FORMATS`.
-        out: the file to write.
+        out: the file to write (through a temporary beside it, renamed once checked).
         batch: float32 N x C x H x W images to check on (N > 2: the export is traced with 2,
             so the check also shows the batch size is dynamic).
 
@@ -170,18 +171,25 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> 
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside ``out`` and renamed once checked: a failed check, an error or a signal
+    # (Ctrl-C, SIGTERM) on the way leaves no file at ``out``, so a rerun is not refused.
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
     net = Logits(model.cpu().eval()).eval()
-    with torch.no_grad():
-        form.write(net, batch[:2].clone(), out, model.meta)
-        exported = form.load(out)
-        want = net(batch)
-        got = exported(batch)
-    diff = (got.float() - want.float()).abs().max().item()
-    if not diff <= TOLERANCE:
-        raise ExportError(
-            f"{out}: the exported model differs from the eager one by up to {diff:.2e} "
-            f"(more than {TOLERANCE:g})"
-        )
+    try:
+        with torch.no_grad():
+            form.write(net, batch[:2].clone(), tmp, model.meta)
+            exported = form.load(tmp)
+            want = net(batch)
+            got = exported(batch)
+        diff = (got.float() - want.float()).abs().max().item()
+        if not diff <= TOLERANCE:
+            raise ExportError(
+                f"{out}: the exported model differs from the eager one by up to {diff:.2e} "
+                f"(more than {TOLERANCE:g}); nothing written"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return diff
 
 
@@ -204,7 +212,7 @@ def _check_batch(model_file: Path, meta: dict, root: str | None, verify: bool) -
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m kmnist_torch.export",
         description="Export a trained model (dynamic batch size) and check it against eager.",
     )

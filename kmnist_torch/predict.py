@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ._args import run_main
+from ._args import Parser, run_main
 from .errors import ImageError
 from .models.modelfile import load_model
 
@@ -151,7 +151,7 @@ def predict(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m kmnist_torch.predict",
         description="Top-k characters for image files (any size or mode; dark ink on light "
         "paper is inverted automatically).",

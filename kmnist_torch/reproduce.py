@@ -35,14 +35,13 @@ run gives (each cell seeds its own run, whichever process and device of a kind r
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
+import functools
 import json
-import multiprocessing
 import os
 import platform
-import queue
+import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -52,7 +51,8 @@ import numpy as np
 import torch
 
 from . import catalog
-from ._args import add_data_options, run_main
+from ._args import Parser, Stopped, add_data_options, run_main
+from ._fanout import spread
 from ._io import atomic_write
 from .data.arrays import raw_folder
 from .data.registry import DATASETS
@@ -71,13 +71,16 @@ from .reporting.table import (
     targets_record,
 )
 from .training.recipes import RECIPES
-from .training.runtime import device_name
+from .training.runtime import device_name, stop_signal
 
 # --quick: sizes for a CPU smoke run of a few minutes over every cell.
 QUICK_KNN = {"limit_train": 2000, "limit_test": 500}
 QUICK_TRAIN = (
     "--epochs 1 --limit-train 256 --limit-test 256 --batch-size 32 --eval-batch-size 256"
 ).split()
+# What a cell takes from the table, not from an earlier run (targets change with the table).
+TABLE_FIGURES = ("title", "metric", "upstream_old", "upstream_today", "target", "target_source",
+                 "tolerance", "comparable")  # fmt: skip
 # What a trained cell keeps of its run's results.
 RUN_KEYS = ("device_seconds", "wall_seconds", "device", "images_per_second", "best_test_accuracy",
             "best_test_balanced_accuracy", "epochs_done", "num_train", "num_test")  # fmt: skip
@@ -91,18 +94,17 @@ def _prepare_resplit(args: argparse.Namespace) -> None:
     raw = raw_folder(Path(args.root), catalog.KMNIST)
     if args.resplit:
         sizes = write_resplit(args.root, args.resplit, args.resplit_seed)  # 8,000 / 2,000
-        print(
-            f"wrote {raw}: real KMNIST test images re-split "
-            f"{sizes['train']:,} train / {sizes['test']:,} test"
-        )
+        print(f"wrote {raw}: real KMNIST test images re-split "
+              f"{sizes['train']:,} train / {sizes['test']:,} test")  # fmt: skip
     elif (raw / "train-images-idx3-ubyte.gz").is_file():
         print(f"using the re-split already in {raw}")
     else:
         raise DataFilesError(f"{raw} holds no re-split; pass --resplit SOURCE_DIR to write one")
-    # The limits mark the cells as not comparable with upstream: no target applies.
+    # Not the official files: no target applies. --quick keeps its own small sizes.
     args.datasets, args.download, args.verify = ["kmnist"], False, False
-    args.limit_train = args.limit_train or RESPLIT_TRAIN
-    args.limit_test = args.limit_test or RESPLIT_TEST
+    if not args.quick:
+        args.limit_train = args.limit_train or RESPLIT_TRAIN
+        args.limit_test = args.limit_test or RESPLIT_TEST
 
 
 # --------------------------------------------------------------------------- running cells
@@ -179,8 +181,8 @@ def run_trained(cell: dict[str, Any], args: argparse.Namespace) -> None:
     argv = train_argv(cell, args, out)
     cell["train_argv"] = argv
     res = train.run(argv)
-    if res.get("interrupted"):
-        raise RuntimeError(f"training was interrupted; rerun to resume from {out}")
+    if res.get("interrupted"):  # a signal stopped it after a step, with a checkpoint
+        raise Stopped(stop_signal() or signal.SIGINT)
     for key in RUN_KEYS:
         cell[key] = res.get(key)
     cell["run_dir"] = str(out)
@@ -218,7 +220,7 @@ def _machine(device: str | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The harness's command line."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m kmnist_torch.reproduce",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -227,39 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     upstream = [d for d in DATASETS if any(d == dataset for _, dataset in UPSTREAM_OLD)]
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=upstream)
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    p.add_argument(
-        "--out",
-        default="reproduce-out",
-        metavar="DIR",
-        help="table.md, results.json, runs/ (default: reproduce-out)",
-    )
+    p.add_argument("--out", default="reproduce-out", metavar="DIR",
+                   help="table.md, results.json, runs/ (default: reproduce-out)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="CPU smoke run on a few hundred images")
     p.add_argument("--check", action="store_true", help="exit 1 if a cell misses its target")
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=None,
-        metavar="POINTS",
-        help="one tolerance for all rows, in percentage points (default: per row)",
-    )
+    p.add_argument("--tolerance", type=float, default=None, metavar="POINTS",
+                   help="one tolerance for all rows, in points (default: per row)")  # fmt: skip
     add_data_options(
         p,
         root_help="data folder (default: $KMNIST_TORCH_ROOT or ~/.cache/kmnist_torch; with "
         "--resplit, OUT/resplit-data)",
     )
-    p.add_argument(
-        "--devices",
-        default=None,
-        metavar="LIST",
-        help="run cells concurrently, one process per device: GPU indices or devices, "
-        "comma-separated (0,1,2,3; cuda:0,cuda:1; cpu,cpu)",
-    )
-    p.add_argument(
-        "--recipe",
-        default="paper",
-        choices=sorted(RECIPES),
-        help="recipe of the preact18 rows (default paper; cnn has its own)",
-    )
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="run cells concurrently, one process per device: GPU indices or "
+                   "devices, comma-separated (0,1,2,3; cuda:0,cuda:1; cpu,cpu)")  # fmt: skip
+    p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
+                   help="recipe of the preact18 rows (default paper; cnn has its own)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     for which, text in (("train", "training images (kmnist_torch.data.splits)"),
@@ -272,26 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_resplit_options(rs: argparse._ArgumentGroup) -> None:
     """``--resplit`` and its companions."""
-    rs.add_argument(
-        "--resplit",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="SOURCE_DIR",
-        help="run on the real KMNIST test split re-split 8,000/2,000, written from "
-        "SOURCE_DIR into --root (no SOURCE_DIR: --root holds one already)",
-    )
+    rs.add_argument("--resplit", nargs="?", const="", default=None, metavar="SOURCE_DIR",
+                    help="run on the real KMNIST test split re-split 8,000/2,000, written from "
+                    "SOURCE_DIR into --root (no SOURCE_DIR: --root holds one already)")  # fmt: skip
     rs.add_argument("--resplit-seed", type=int, default=0, help="seed of the 8,000/2,000 cut")
     rs.add_argument("--write-only", action="store_true", help="write the re-split and stop")
 
 
+def _interrupted(cell: dict[str, Any], signum: int) -> None:
+    cell["error"] = f"interrupted ({signal.Signals(signum).name}): the same command resumes it"
+
+
 def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
-    """Run one cell, recording an error in it instead of raising (but not Ctrl-C)."""
+    """Run one cell, recording an error in it instead of raising (but not a signal: the cell
+    is marked interrupted, and the signal stops the harness)."""
     t0 = time.perf_counter()
     try:
         (run_knn if cell["row"] == "knn" else run_trained)(cell, args)
-    except KeyboardInterrupt:
-        cell["error"] = "interrupted"
+    except KeyboardInterrupt as exc:
+        _interrupted(cell, exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
         raise
     except Exception as exc:  # one failing cell must not lose the others' results
         cell["error"] = f"{type(exc).__name__}: {exc}"
@@ -312,65 +296,41 @@ def parse_devices(text: str) -> list[str]:
     return [f"cuda:{d}" if d.isdigit() else d for d in devices]
 
 
-def _cell_in_worker(cell: dict[str, Any], args: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One cell in a worker process of the fan-out (``args``: the harness's, with a device)."""
-    torch.set_num_threads(threads)
-    _run_cell(cell, argparse.Namespace(**args))
+def _cell_in_worker(
+    args: dict[str, Any], cpu_threads: int, cell: dict[str, Any], device: str
+) -> dict[str, Any]:
+    """One cell in a worker process of the fan-out (``args``: the harness's) on ``device``;
+    the cell, marked interrupted where a signal stopped it."""
+    if torch.device(device).type == "cpu":  # CPU workers share the cores
+        torch.set_num_threads(cpu_threads)
+    print(f"== {cell['title']} on {dataset_title(cell['dataset'])}: {device}", flush=True)
+    with contextlib.suppress(Stopped):
+        _run_cell(cell, argparse.Namespace(**{**args, "device": device}))
     return cell
 
 
 def _fan_out(
-    cells: list[dict[str, Any]],
-    args: argparse.Namespace,
-    devices: list[str],
-    done: Any,
+    cells: list[dict[str, Any]], args: argparse.Namespace, devices: list[str], done: Any
 ) -> None:
-    """Run ``cells`` on ``devices``, one worker process each (spawned: CUDA needs a fresh
-    process), every worker taking the next cell when it finishes one. ``done(cell)`` is called
-    in this process, one cell at a time, as each finishes; cells are updated in place."""
-    todo: queue.Queue[int] = queue.Queue()
-    for i in range(len(cells)):
-        todo.put(i)
-    lock = threading.Lock()
-    # CPU workers share the cores; a GPU worker keeps the default.
+    """Run ``cells`` on ``devices``, one worker process each
+    (:func:`kmnist_torch._fanout.spread`), every worker taking the next cell when it finishes
+    one. ``done(cell)`` is called in this process, one cell at a time, as each finishes; cells
+    are updated in place. A signal stops every worker after its step, then the harness."""
     n_cpu = sum(torch.device(d).type == "cpu" for d in devices)
-    cpu_threads = max(1, torch.get_num_threads() // max(n_cpu, 1))
-    spawn = multiprocessing.get_context("spawn")
-    pools = [
-        concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) for _ in devices
-    ]
+    work = functools.partial(
+        _cell_in_worker, vars(args), max(1, torch.get_num_threads() // max(n_cpu, 1))
+    )
 
-    def serve(device: str, pool: concurrent.futures.ProcessPoolExecutor) -> None:
-        threads = cpu_threads if torch.device(device).type == "cpu" else torch.get_num_threads()
-        while True:
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            print(f"== {cells[i]['title']} on {dataset_title(cells[i]['dataset'])}: {device}")
-            try:
-                cell = pool.submit(
-                    _cell_in_worker, cells[i], {**vars(args), "device": device}, threads
-                ).result()
-            except Exception as exc:  # the worker died (a crash, not a cell error)
-                cell = {**cells[i], "error": f"worker on {device}: {type(exc).__name__}: {exc}"}
-            with lock:
-                cells[i].update(cell)
-                done(cells[i])
+    def finished(i: int, result: Any, device: str) -> None:
+        if isinstance(result, Stopped):
+            _interrupted(cells[i], result.signum)
+        elif isinstance(result, BaseException):  # the worker died (a crash, not a cell error)
+            cells[i]["error"] = f"worker on {device}: {type(result).__name__}: {result}"
+        else:
+            cells[i].update(result)
+        done(cells[i])
 
-    workers = [
-        threading.Thread(target=serve, args=(d, pool), daemon=True)
-        for d, pool in zip(devices, pools)
-    ]
-    try:
-        for w in workers:
-            w.start()
-        for w in workers:
-            while w.is_alive():
-                w.join(0.5)  # a timed join lets Ctrl-C through
-    finally:
-        for pool in pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+    spread(cells, devices, work, finished)
 
 
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str] | None]:
@@ -409,7 +369,43 @@ def _meta(
         "recipe": args.recipe,
         "seed": args.seed,
         "resplit": args.resplit is not None,
+        "settings": _settings(args),
     }
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a rerun must share with an earlier run in its ``--out`` to keep its finished cells."""
+    keys = ("quick", "epochs", "limit_train", "limit_test", "recipe", "seed", "verify", "root")
+    return {**{k: getattr(args, k) for k in keys}, "resplit": args.resplit is not None,
+            "resplit_seed": args.resplit_seed}  # fmt: skip
+
+
+def _still_to_run(cells: list[dict[str, Any]], out: Path, settings: dict) -> list[dict[str, Any]]:
+    """The cells an earlier run with the same settings did not finish in ``out`` (its
+    results.json); the finished ones take its figures (and today's targets), not run again."""
+    try:
+        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return cells
+    except (OSError, ValueError) as exc:
+        print(f"note: {out / 'results.json'} unreadable ({exc}): every cell runs", file=sys.stderr)
+        return cells
+    if earlier.get("settings") != settings:
+        print(f"note: {out / 'results.json'} holds a run with other settings: every cell runs")
+        return cells
+    finished = {(c["row"], c["dataset"]): c for c in earlier.get("cells", [])
+                if c.get("error") is None and c.get("ours") is not None}  # fmt: skip
+    todo = []
+    for cell in cells:
+        old = finished.get((cell["row"], cell["dataset"]))
+        if old is None:
+            todo.append(cell)
+            continue
+        cell.update({k: v for k, v in old.items() if k not in TABLE_FIGURES})
+        finish_cell(cell, old["accuracy"], old["balanced_accuracy"])
+        print(f"== {cell['title']} on {dataset_title(cell['dataset'])}: done in an earlier run")
+        _report(cell)
+    return todo
 
 
 def _report(cell: dict[str, Any]) -> None:
@@ -429,29 +425,27 @@ def _run_cells(
     meta: dict[str, Any],
     tolerance: float | None,
 ) -> list[str]:
-    """Run every cell (in this process, or fanned out over ``devices``), writing the outputs
-    after each; return the --check failures."""
+    """Run every cell not finished in ``--out`` already (in this process, or fanned out over
+    ``devices``), writing the outputs after each; return the --check failures."""
     out = Path(args.out)
-    failures: list[str] = []
-    if devices is not None:
+    todo = _still_to_run(cells, out, meta["settings"])
 
-        def done(cell: dict[str, Any]) -> None:
-            nonlocal failures
-            failures = write_outputs(out, cells, meta, tolerance)
-            _report(cell)
-
-        try:
-            _fan_out(cells, args, devices, done)
-        finally:
-            failures = write_outputs(out, cells, meta, tolerance)
-        return failures
-    for cell in cells:
-        print(f"== {cell['title']} on {dataset_title(cell['dataset'])}", flush=True)
-        try:
-            _run_cell(cell, args)
-        finally:
-            failures = write_outputs(out, cells, meta, tolerance)
+    def done(cell: dict[str, Any]) -> None:
+        write_outputs(out, cells, meta, tolerance)
         _report(cell)
+
+    try:
+        if devices is not None and todo:
+            _fan_out(todo, args, devices, done)
+        for cell in todo if devices is None else []:
+            print(f"== {cell['title']} on {dataset_title(cell['dataset'])}", flush=True)
+            try:
+                _run_cell(cell, args)
+            finally:
+                write_outputs(out, cells, meta, tolerance)
+            _report(cell)
+    finally:
+        failures = write_outputs(out, cells, meta, tolerance)
     return failures
 
 
@@ -470,10 +464,16 @@ def run(argv: list[str] | None = None) -> int:
     )
     meta = _meta(args, argv, devices, comparable)
     cells = [new_cell(r, d, comparable) for d in args.datasets for r in args.rows]
-    failures = _run_cells(cells, args, devices, meta, tolerance)
+    out = Path(args.out)
+    try:
+        failures = _run_cells(cells, args, devices, meta, tolerance)
+    except Stopped:
+        finished = sum(c["ours"] is not None for c in cells)
+        print(f"{finished} of {len(cells)} cells done: {out / 'table.md'} and "
+              f"{out / 'results.json'} hold them", file=sys.stderr)  # fmt: skip
+        raise
     print()
     print(render_table(cells, tolerance))
-    out = Path(args.out)
     print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
     errors = [c for c in cells if c["error"]]
     if args.check and failures:
@@ -486,8 +486,11 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: run the harness (see :func:`run`); errors as one line."""
-    return run_main(run, argv, status=lambda code: code)
+    """The command line: run the harness (see :func:`run`); errors as one line; Ctrl-C or
+    SIGTERM stops it after the current step (exit 128 + the signal), and the same command
+    resumes it."""
+    stopped = "stopped; run the same command again to resume (finished cells are kept)"
+    return run_main(run, argv, status=lambda code: code, interrupted=stopped)
 
 
 if __name__ == "__main__":

@@ -28,22 +28,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ._args import add_data_options, run_main
+from ._args import Parser, add_data_options, run_main
 from .data import registry
 from .data.loader import TensorLoader
 from .data.registry import dataset_options, list_datasets
 from .data.splits import load_split
 from .download.sources import resolve_root
-from .errors import RecipeError, TrainError
+from .errors import INTERRUPTED, RecipeError, TrainError
 from .models import modelfile
 from .models.registry import create_model, list_models
 from .training import distributed, mixup
 from .training.engine import Job, RunState, fit
 from .training.recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, default_recipe_name
-from .training.runtime import RunDir, determinism
+from .training.runtime import RunDir, determinism, stop_signal
 
 __all__ = [
     "build_parser",
+    "exit_status",
     "main",
     "resolve_recipe",
     "run",
@@ -176,7 +177,7 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: run options, the datasets' own options, then one flag per
     :class:`Recipe` field."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m kmnist_torch.train",
         description="Train and evaluate a classifier on a Kuzushiji dataset (or MNIST).",
     )
@@ -331,8 +332,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, train, evaluate after every epoch, write ``results.json`` and a
     checkpoint to the output folder each epoch, and return the results dict.
 
-    A first Ctrl-C stops after the current step with a checkpoint (``"interrupted": True`` in
-    the results); ``--resume`` continues from it.
+    A first Ctrl-C or SIGTERM stops after the current step with a checkpoint
+    (``"interrupted": True`` in the results;
+    :func:`~kmnist_torch.training.runtime.stop_signal` says which); ``--resume`` continues.
 
     Started by ``torchrun`` with several processes, it trains data-parallel: every rank runs
     this function, rank 0 alone writes and prints the epoch lines, and each rank returns the
@@ -442,14 +444,20 @@ def _train(
     return res
 
 
+def exit_status(res: dict[str, Any]) -> int:
+    """A run's exit status: 0 finished; 128 + the signal that stopped it (130 Ctrl-C, 143
+    SIGTERM); 130 after ``--stop-after`` (unfinished, resumable)."""
+    if not res["interrupted"]:
+        return 0
+    signum = stop_signal()
+    return INTERRUPTED if signum is None else 128 + signum
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: train (see :func:`run`); errors as one line; exit 130 after Ctrl-C
-    (a first Ctrl-C checkpoints and stops, a second aborts)."""
+    """The command line: train (see :func:`run`); errors as one line; a first Ctrl-C or
+    SIGTERM checkpoints and stops after the step, a second aborts (exit 128 + the signal)."""
     return run_main(
-        run,
-        argv,
-        status=lambda res: 130 if res["interrupted"] else 0,
-        interrupted="aborted; the last checkpoint is kept",
+        run, argv, status=exit_status, interrupted="aborted; the last checkpoint is kept"
     )
 
 

@@ -326,7 +326,7 @@ def test_quick_cnn_cell_trains(tmp_path, monkeypatch):
     assert cell["device_seconds"] > 0 and cell["device"].startswith("CPU")
     run = json.loads((out / "runs" / "kmnist-cnn" / "results.json").read_text())
     assert run["test_accuracy"] == cell["ours"]
-    # Rerun: the finished run is picked up from its checkpoint, not trained again.
+    # Rerun: the finished cell is kept from results.json, not trained again.
     assert reproduce.main(argv) == 0
     (again,) = json.loads((out / "results.json").read_text())["cells"]
     assert again["ours"] == cell["ours"]

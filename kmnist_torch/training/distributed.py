@@ -14,7 +14,7 @@ Semantics (README-distributed.md says the same for users):
   seeded alike on every rank and consumed in lockstep; see
   :func:`kmnist_torch.training.mixup.draw` and
   :func:`kmnist_torch.training.augment.random_translate` (``shard=``).
-- Stop requests (Ctrl-C, or the SIGINT/SIGTERM that ``torchrun`` forwards) are agreed on with
+- Stop requests (the SIGINT/SIGTERM that ``torchrun`` forwards) are agreed on with
   an all-reduce at every step boundary (:class:`SharedStop`), so all ranks stop after the same
   step and rank 0 writes one checkpoint.
 """
@@ -22,7 +22,6 @@ Semantics (README-distributed.md says the same for users):
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -79,13 +78,13 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank."""
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's ``value`` (over the gloo group: no device waits)."""
         if not self.active:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+            return value
+        t = torch.tensor([value], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return bool(t.item())
+        return int(t.item())
 
     def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """The 1-D tensors of every rank, of any lengths, concatenated in rank order."""
@@ -141,32 +140,35 @@ class Dist:
 class SharedStop:
     """:class:`~kmnist_torch.training.runtime.StopRequest` agreed on by every rank:
     ``requested`` is an all-reduce of each rank's own request, so every rank must read it at
-    the same points (the
-    engine reads it at step boundaries, and before and during evaluation). SIGTERM counts as a
-    request too: ``torchrun`` forwards the signal it gets (Ctrl-C's SIGINT, or a scheduler's
+    the same points (the engine reads it at step boundaries, and before and during
+    evaluation). ``torchrun`` forwards the signal it gets (Ctrl-C's SIGINT, or a scheduler's
     SIGTERM) to the workers and kills them 30 s later, time enough to finish a step and write
-    the checkpoint."""
+    the checkpoint; every rank then knows the signal (SIGTERM where ranks got different ones),
+    and exits with 128 + it."""
 
     def __init__(self, ctx: Dist) -> None:
         self.ctx = ctx
         self.local = StopRequest()
-        self._term: Any = None
 
     def __enter__(self) -> SharedStop:
         self.local.__enter__()
-        if self.local._installed:
-            self._term = signal.signal(signal.SIGTERM, self.local._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.local._installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._term is None else self._term)
         self.local.__exit__(*exc)
+
+    @property
+    def signum(self) -> int | None:
+        """The signal that asked this rank to stop (None: none yet)."""
+        return self.local.signum
 
     @property
     def requested(self) -> bool:
         """True on every rank once any rank was asked to stop."""
-        return self.ctx.any(self.local.requested)
+        agreed = self.ctx.max_int(self.local.signum or 0)
+        if agreed:
+            self.local.ask(agreed)
+        return bool(agreed)
 
 
 # ------------------------------------------------------------------------- process group

@@ -1,6 +1,6 @@
 """What a run needs around its training loop: its output folder (checkpoint, results), the
-determinism switches, the Ctrl-C stop request, device names and timing, the git commit, and the
-CPU-time estimate. Re-exported by :mod:`kmnist_torch.training.engine`."""
+determinism switches, the stop request (Ctrl-C, SIGTERM), device names and timing, the git
+commit, and the CPU-time estimate. Re-exported by :mod:`kmnist_torch.training.engine`."""
 
 from __future__ import annotations
 
@@ -51,38 +51,65 @@ def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:]
 
 
+# What asks a run to stop after its step: Ctrl-C, and what a scheduler sends before it kills.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_last_stop: list[int | None] = [None]
+
+
+def stop_signal() -> int | None:
+    """The signal that asked this process's last training loop to stop (``signal.SIGINT`` or
+    ``signal.SIGTERM``), or None when none did: what a command line exits with (128 + it)."""
+    return _last_stop[0]
+
+
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step and checkpoint; a second
-    one aborts at once (the last checkpoint stays)."""
+    """The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) asks the loop to stop after
+    the current step and checkpoint; a second one aborts at once (the last checkpoint stays):
+    it goes to the handler that was there before (a command line's exits 128 + the signal, with
+    no traceback), or raises ``KeyboardInterrupt``.
+
+    ``signum`` is the signal that asked (None: none yet); ``requested`` says whether one did."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._installed = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """A stop was asked for."""
+        return self.signum is not None
 
     def __enter__(self) -> StopRequest:
-        # Signal handlers can only be set from the main thread; elsewhere Ctrl-C reaches the
-        # main thread anyway.
+        _last_stop[0] = None
+        # Signal handlers can only be set from the main thread; elsewhere a signal reaches
+        # the main thread anyway.
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
+
+    def ask(self, signum: int) -> None:
+        """Record a stop asked for by ``signum`` (here, or on another rank)."""
+        if self.signum is None:
+            self.signum = _last_stop[0] = signum
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
             raise KeyboardInterrupt
-        self.requested = True
+        self.ask(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
-            "\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+            f"\n{name}: stopping after this step and writing a checkpoint ({name} again to abort)",
             file=sys.stderr,
             flush=True,
         )
 
     def __exit__(self, *exc: Any) -> None:
-        if self._installed:  # None: a handler set outside Python; the default is closest
-            signal.signal(
-                signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous
-            )
+        for s, handler in self._previous.items():  # None: set outside Python; default is closest
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
 
 
 def sync(device: torch.device) -> float:

@@ -1,0 +1,138 @@
+"""Work spread over worker processes, one per device, that stop when the command that started
+them stops: the harness's ``--devices`` (:mod:`kmnist_torch.reproduce`).
+
+Each worker is a spawned process (CUDA needs a fresh one) in a process group of its own, so a
+terminal's Ctrl-C reaches the command alone, and the command passes every SIGINT or SIGTERM it
+gets on to each worker, exactly once: a worker then stops as the command would (a trainer after
+its step, with a checkpoint; a second signal aborts). A worker whose command died without
+passing anything on (``kill -9``, a closed terminal) stops the same way by itself, and exits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from ._args import STOP_SIGNALS, Stopped, stop_on_signals
+
+# In a worker: the command's stop flag (the signal that stopped it, 0 while none did), and
+# whether an item is under way.
+_worker: dict[str, Any] = {"stop": None, "busy": False}
+
+
+def _init(stop: Any, pids: Any, slot: int, parent: int) -> None:
+    """A worker's start: its own process group, its pid where the command reads it, signals
+    ignored while it waits for an item, and a watch on its command."""
+    _worker["stop"] = stop
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    pids[slot] = os.getpid()  # only now: a signal passed on sooner would end the worker
+    threading.Thread(target=_watch, args=(parent,), daemon=True).start()
+
+
+def _watch(parent: int) -> None:
+    """Once the command is gone: stop the item under way as SIGTERM does, then exit."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)  # ignored between items
+    while _worker["busy"]:
+        time.sleep(0.2)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _call(work: Callable[[Any, str], Any], item: Any, device: str) -> Any:
+    """``work(item, device)`` in a worker, with SIGINT and SIGTERM raising
+    :class:`~kmnist_torch._args.Stopped` (as in the command itself)."""
+    _worker["busy"] = True
+    try:
+        with stop_on_signals():
+            if _worker["stop"].value:  # the command stopped before this item began
+                raise Stopped(_worker["stop"].value)
+            return work(item, device)
+    finally:
+        _worker["busy"] = False
+
+
+def spread(
+    items: list[Any],
+    devices: list[str],
+    work: Callable[[Any, str], Any],
+    done: Callable[[int, Any, str], None],
+) -> None:
+    """Call ``work(item, device)`` (picklable) for the items, in one worker process per
+    device, each worker taking the next item when it finishes one.
+
+    ``done(i, result, device)`` is called in this process, one item at a time, as each
+    finishes: ``result`` is what ``work`` returned, or the exception that ended it (a
+    :class:`~kmnist_torch._args.Stopped` for an item stopped before it began, or the error of
+    a worker that died). A signal stops every worker (see the module) and, once each has
+    stopped, is raised here as :class:`~kmnist_torch._args.Stopped`; items not begun by then
+    are never done."""
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(len(items)):
+        todo.put(i)
+    lock = threading.Lock()
+    spawn = multiprocessing.get_context("spawn")
+    stop, pids = spawn.RawValue("i", 0), spawn.RawArray("i", len(devices))
+    pools = [
+        concurrent.futures.ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=spawn,
+            initializer=_init,
+            initargs=(stop, pids, k, os.getpid()),
+        )
+        for k in range(len(devices))
+    ]
+
+    def serve(device: str, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        while not stop.value:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = pool.submit(_call, work, items[i], device).result()
+            except (Exception, Stopped) as exc:  # stopped before it began, or the worker died
+                result = exc
+            with lock:
+                done(i, result, device)
+
+    serving = [
+        threading.Thread(target=serve, args=(d, pool), daemon=True)
+        for d, pool in zip(devices, pools)
+    ]
+    try:
+        stopped = _wait(serving, stop, pids)
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if stopped is not None:
+        raise stopped
+
+
+def _wait(serving: list[threading.Thread], stop: Any, pids: Any) -> Stopped | None:
+    """Wait for the serving threads; pass each signal on to every worker, once, meanwhile.
+    The first signal's :class:`~kmnist_torch._args.Stopped`, or None."""
+    stopped: Stopped | None = None
+    for t in serving:
+        t.start()
+    for t in serving:
+        while t.is_alive():
+            try:
+                t.join(0.5)  # a timed join lets a signal through
+            except Stopped as exc:  # pass it on, once to each worker; wait for them
+                stopped, stop.value = stopped or exc, exc.signum
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        if pid:
+                            os.kill(pid, exc.signum)
+    return stopped
