@@ -88,6 +88,14 @@ class Recipe:
                 out.append((key, f"must be one of {', '.join(allowed)}"))
         return out
 
+    def objective(self) -> str:
+        """What the training loss a run records is, in words (``results.json``'s
+        ``train_objective``): not comparable with the test loss when batches are mixed."""
+        loss = "BCE on softmax" if self.loss == "bce" else "cross-entropy"
+        mixed = {"none": "", "input": ", input mixup", "manifold": ", manifold mixup"}[self.mixup]
+        moved = ", translated" if self.translate else ""
+        return f"{loss} of the training batches{mixed}{moved}"
+
     def override(self, **changes: Any) -> Recipe:
         """A copy with ``changes`` applied and mixup's alpha filled in from the mode when it
         is not given. Raises :class:`RecipeError` for bad values."""
