@@ -487,11 +487,13 @@ def _close_epoch(job: Job, state: RunState, metrics: dict[str, float], test_s: f
     state.loader_state = job.train_loader.state_dict()
     sample = record.get("train_sample_loss")
     sample_text = "" if sample is None else f"train {sample:.4f} "
+    steps, at = state.epoch * job.steps_per_epoch, record["test_balanced_accuracy"]
+    note = job.recipe.slow_start(steps, job.num_classes, at) if state.epoch == 1 else None
     print(
         f"epoch {state.epoch}/{job.recipe.epochs}  objective {record['train_loss']:.4f}  "
         f"cross-entropy {sample_text}test {record['test_loss']:.4f}  "
         f"acc {100 * record['test_accuracy']:.2f}%  "
         f"bal acc {100 * record['test_balanced_accuracy']:.2f}%  "
-        f"{record['images_per_second']:,.0f} img/s",
+        f"{record['images_per_second']:,.0f} img/s" + (f"\nnote: {note}" if note else ""),
         flush=True,
     )

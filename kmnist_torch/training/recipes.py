@@ -15,6 +15,8 @@ from . import mixup
 
 OPTIMIZERS = ("sgd", "adadelta")
 SCHEDULES = ("step", "onecycle", "constant")
+# Up to this many steps a BCE run at chance is explained, not a fault (see Recipe.slow_start).
+SLOW_START_STEPS = 200
 
 
 def _h(text: str) -> Any:
@@ -95,6 +97,23 @@ class Recipe:
         mixed = {"none": "", "input": ", input mixup", "manifold": ", manifold mixup"}[self.mixup]
         moved = ", translated" if self.translate else ""
         return f"{loss} of the training batches{mixed}{moved}"
+
+    def slow_start(self, steps: int, num_classes: int, balanced_accuracy: float) -> str | None:
+        """Why a test accuracy at chance after the first ``steps`` optimiser steps is expected
+        of this recipe, or None (not at chance, not a slow starter, or far past the start).
+
+        BCE on the softmax averaged over every class (the reference's loss) sends the logits
+        a gradient ``num_classes - 1`` times smaller than cross-entropy's at the start, and
+        mixing softens the targets further: a short run barely leaves where it began."""
+        if self.loss != "bce" or steps > SLOW_START_STEPS or balanced_accuracy > 1.5 / num_classes:
+            return None
+        return (
+            f"test accuracy at chance after {steps} steps: expected this early with --loss bce "
+            f"(BCE on the softmax, as the reference), whose gradients start {num_classes - 1}x "
+            "smaller than cross-entropy's, so the model still gives nearly every image one "
+            f"class. The {self.epochs}-epoch recipe leaves chance later; for a quick look, "
+            "--loss ce (or --recipe cnn) learns within the first epoch."
+        )
 
     def override(self, **changes: Any) -> Recipe:
         """A copy with ``changes`` applied and mixup's alpha filled in from the mode when it
