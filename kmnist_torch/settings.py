@@ -1,6 +1,6 @@
 """The settings a user changes through the environment, read in one place: each value is
-checked, and a bad one is an error naming the variable and the values it allows.
-Torch-free.
+checked, and a bad one is an error naming the variable and the values it allows; and what
+long steps print on stderr (:func:`say`, :class:`Progress`). Torch-free.
 
 - ``KMNIST_TORCH_TIMEOUT``: seconds to wait for a connection and for each read (> 0, default 30).
 - ``KMNIST_TORCH_RETRIES``: extra attempts per URL after a transient failure (whole number >= 0,
