@@ -15,8 +15,8 @@ from . import mixup
 
 OPTIMIZERS = ("sgd", "adadelta")
 SCHEDULES = ("step", "onecycle", "constant")
-# Up to this many steps a BCE run at chance is explained, not a fault (see Recipe.slow_start).
-SLOW_START_STEPS = 200
+# Up to this many steps a preact18 run at chance is explained, not a fault (Recipe.slow_start).
+SLOW_START_STEPS = 50  # 0.9 ** 50: 0.5% of BatchNorm's start left
 
 
 def _h(text: str) -> Any:
@@ -100,19 +100,25 @@ class Recipe:
 
     def slow_start(self, steps: int, num_classes: int, balanced_accuracy: float) -> str | None:
         """Why a test accuracy at chance after the first ``steps`` optimiser steps is expected
-        of this recipe, or None (not at chance, not a slow starter, or far past the start).
+        of this recipe, or None (not at chance, no BatchNorm, or far past the start).
 
-        BCE on the softmax averaged over every class (the reference's loss) sends the logits
-        a gradient ``num_classes - 1`` times smaller than cross-entropy's at the start, and
-        mixing softens the targets further: a short run barely leaves where it began."""
-        if self.loss != "bce" or steps > SLOW_START_STEPS or balanced_accuracy > 1.5 / num_classes:
+        Measured (preact18, paper recipe, 2,000 KMNIST images on a CPU): after one epoch of 20
+        steps every test image got one class in eval mode, with or without mixup, with BCE or
+        cross-entropy; the same weights with BatchNorm statistics recomputed over the training
+        images scored 19.6% (manifold mixup) and 22.3% (no mixup); a 3-epoch run scored 10.0%,
+        39.7% and 52.1% after 20, 40 and 60 steps. Running statistics (momentum 0.1) still
+        hold 0.9 ** steps of their starting values (mean 0, variance 1)."""
+        if self.model != "preact18" or steps > SLOW_START_STEPS:
+            return None
+        if balanced_accuracy > 1.5 / num_classes:
             return None
         return (
-            f"test accuracy at chance after {steps} steps: expected this early with --loss bce "
-            f"(BCE on the softmax, as the reference), whose gradients start {num_classes - 1}x "
-            "smaller than cross-entropy's, so the model still gives nearly every image one "
-            f"class. The {self.epochs}-epoch recipe leaves chance later; for a quick look, "
-            "--loss ce (or --recipe cnn) learns within the first epoch."
+            f"test accuracy at chance after {steps} steps: expected this early with preact18. "
+            "Testing uses BatchNorm's running statistics, which still hold "
+            f"{100 * 0.9**steps:.0f}% of their starting values (mean 0, variance 1), so nearly "
+            "every test image gets one class; the same weights with recomputed statistics score "
+            "about 20% after 20 steps on 2,000 KMNIST images, and a 3-epoch run 40% after 40. "
+            "For a quick look on a CPU, train more steps or use --recipe cnn (no BatchNorm)."
         )
 
     def override(self, **changes: Any) -> Recipe:
