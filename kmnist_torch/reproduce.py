@@ -148,10 +148,13 @@ def train_argv(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> lis
     spec = ROWS[cell["row"]]
     recipe = "cnn" if cell["row"] == "cnn" else args.recipe
     # --resume: a rerun after an interruption continues each run where it stopped (a run
-    # that finished is not repeated).
+    # that finished is not repeated). Progress: a bar on a terminal, plain lines in a log;
+    # none from the --devices workers on a terminal (their bars would share one line).
     argv = ["--dataset", cell["dataset"], "--model", spec["model"], "--mixup", spec["mixup"],
-            "--recipe", recipe, "--seed", str(args.seed), "--out", str(out), "--resume",
-            "--no-progress"]  # fmt: skip
+            "--recipe", recipe, "--seed", str(args.seed), "--out", str(out),
+            "--resume"]  # fmt: skip
+    if getattr(args, "devices", None) and sys.stderr.isatty():
+        argv.append("--no-progress")
     if args.root is not None:
         argv += ["--root", str(args.root)]
     if args.device is not None:

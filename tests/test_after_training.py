@@ -119,6 +119,75 @@ def test_trainer_writes_curves_and_names_the_folder_last(run):
         assert name in last
 
 
+def test_each_epoch_scores_training_images_like_the_test_set(run):
+    """train_sample_loss is the test pass's cross-entropy on the training images (all 300
+    here: fewer than TRAIN_SAMPLE), from the weights model.pt holds; train_loss is named."""
+    from kmnist_torch.data.splits import load_split
+
+    (epoch,) = run["results"]["epochs"]
+    assert epoch["train_objective"] == "cross-entropy of the training batches"
+    split = load_split("kmnist", run["root"], train=True, download=False, verify=False)
+    model = kmnist_torch.load_model(run["out"])
+    with torch.no_grad():
+        logits = model(split.data.float().div(255).unsqueeze(1))
+    y = torch.as_tensor(split.targets, dtype=torch.int64)
+    ce = torch.nn.functional.cross_entropy(logits, y).item()
+    assert epoch["train_sample_loss"] == pytest.approx(ce, rel=1e-4)
+    assert epoch["train_sample_accuracy"] == (logits.argmax(1) == y).double().mean().item()
+    line = next(ln for ln in run["stdout"].splitlines() if ln.startswith("epoch 1/1"))
+    assert f"cross-entropy train {ce:.4f} test {epoch['test_loss']:.4f}" in line
+
+
+def _epochs(n: int, mixed: bool = True, sample: bool = True) -> list[dict]:
+    out = []
+    for k in range(1, n + 1):
+        e = {"epoch": k, "train_loss": 0.3 / k, "test_loss": 2.0 / k, "test_accuracy": 0.5,
+             "test_balanced_accuracy": 0.5}  # fmt: skip
+        if mixed:
+            e["train_objective"] = "BCE on softmax of the training batches, manifold mixup"
+        if sample:
+            e.update(train_sample_loss=1.9 / k, train_sample_accuracy=0.6)
+        out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_curves_have_whole_epoch_ticks(n):
+    fig = plots.curves_figure(_epochs(n))
+    try:
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+            if n <= 3:
+                assert ticks == list(range(1, n + 1))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_curves_put_like_with_like_and_name_the_training_objective():
+    import matplotlib.pyplot as plt
+
+    fig = plots.curves_figure(_epochs(3))
+    try:
+        loss_ax, acc_ax, objective_ax = fig.axes
+        assert [ln.get_label() for ln in loss_ax.get_lines()] == ["train (sample)", "test"]
+        assert loss_ax.get_ylabel() == "cross-entropy, eval mode, clean images"
+        (objective,) = objective_ax.get_lines()
+        assert "BCE on softmax of the training batches, manifold mixup" in objective.get_label()
+        assert list(objective.get_ydata()) == pytest.approx([0.3, 0.15, 0.1])
+        assert objective_ax.get_ylabel() == "training objective"
+    finally:
+        plt.close(fig)
+    fig = plots.curves_figure(_epochs(2, mixed=False, sample=False))  # an older results.json
+    try:
+        assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["test"]
+    finally:
+        plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------ evaluate
 
 
@@ -321,6 +390,37 @@ def test_montage_samples_by_seed_with_gaps_title_and_no_verify(run, tmp_path, ca
     assert (pa[2 * gap + cell :, x0 : x0 + gap] == 255).all()
     assert pa[: gap + cell, :].min() < 128  # a title is drawn
     assert cli_main(["montage", "kmnist", "--out", str(a), *root, "--split", "all"]) == 2
+
+
+def _ink(img: np.ndarray) -> np.ndarray:
+    return img < 128
+
+
+def test_montage_title_fits_two_per_class(run, tmp_path):
+    """At --per-class 2 the montage is 176 px wide: the title wraps inside it, whole."""
+    from kmnist_torch.reporting.montage import MONTAGE_GAP, find_cjk_font
+
+    out = tmp_path / "m.png"
+    argv = ["montage", "kmnist", "--out", str(out), "--root", str(run["root"]), "--no-verify",
+            "--per-class", "2"]  # fmt: skip
+    assert cli_main(argv) == 0
+    title = "Kuzushiji-MNIST (kmnist), train split\n2 random images per class (seed 0)"
+    img = np.asarray(Image.open(out))
+    width = img.shape[1]
+    assert _png(out) == montage_size(10, 2, title=title) and width == montage_size(10, 2)[0]
+    header = img[: img.shape[0] - 10 * (32 + MONTAGE_GAP) - MONTAGE_GAP]
+    cols = np.flatnonzero(_ink(header).any(0))
+    assert cols.max() < width - MONTAGE_GAP  # nothing runs into the right margin
+    # Every line drawn whole: as much ink as the title drawn on a canvas wide enough for it.
+    from PIL import ImageDraw
+
+    font = find_cjk_font(int(32 * 0.4))
+    whole = 0
+    for line in title.splitlines():
+        canvas = Image.new("L", (1000, 40), 255)
+        ImageDraw.Draw(canvas).text((0, 0), line, fill=0, font=font)
+        whole += int(_ink(np.asarray(canvas)).sum())
+    assert _ink(header).sum() >= 0.97 * whole
 
 
 def test_export_refuses_an_out_it_would_damage_before_any_work(run, tmp_path, capsys):

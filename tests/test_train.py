@@ -597,3 +597,33 @@ def test_compile_trains_like_eager(kmnist_root, tmp_path, monkeypatch):
     assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
     assert c["test_loss"] == pytest.approx(e["test_loss"], rel=1e-4)
     assert c["test_accuracy"] == e["test_accuracy"]
+
+
+def test_a_preact18_run_at_chance_early_says_why():
+    paper, cnn = RECIPES["paper"], RECIPES["cnn"]
+    note = paper.slow_start(20, 10, 0.1)
+    assert "at chance after 20 steps" in note and "BatchNorm's running statistics" in note
+    assert "--recipe cnn" in note
+    assert paper.slow_start(20, 10, 0.4) is None  # learning already
+    assert paper.slow_start(5000, 10, 0.1) is None  # past the start: a fault, not a note
+    assert cnn.slow_start(20, 10, 0.1) is None  # no BatchNorm: no excuse
+
+
+def test_the_epoch_line_explains_a_preact18_first_epoch_at_chance(tmp_path):
+    """Every test image the same: the model gives them all one class, exactly chance."""
+    root = tmp_path / "data"
+    write_split(root, "kmnist", "train", *random_split(100, "kmnist", 0), fmt="mnist")
+    blank, labels = np.zeros((50, 28, 28), np.uint8), np.arange(50, dtype=np.uint8) % 10
+    write_split(root, "kmnist", "test", blank, labels, fmt="mnist")
+    argv = ["--root", str(root), "--no-download", "--no-verify", "--device", "cpu",
+            "--no-progress", "--epochs", "1", "--batch-size", "50"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    for model, noted in (("preact18", True), ("simple_cnn", False)):
+        out = tmp_path / model
+        proc = subprocess.run([sys.executable, "-m", "kmnist_torch.train", *argv, "--model", model,
+                               "--out", str(out)], capture_output=True, text=True, timeout=120,
+                              env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        res = json.loads((out / "results.json").read_text())
+        assert res["test_balanced_accuracy"] == 0.1
+        assert ("note: test accuracy at chance after 2 steps" in proc.stdout) is noted

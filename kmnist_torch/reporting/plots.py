@@ -62,37 +62,76 @@ def _figure(size: tuple[int, int], **kw: Any) -> tuple[Any, Any]:
 
 
 def plot_curves(history: Sequence[dict[str, Any]], out: str | os.PathLike, title: str = "") -> None:
-    """Train and test loss, top-1 and balanced test accuracy against the epoch.
+    """Write :func:`curves_figure` to ``out`` (a PNG of :data:`CURVES_SIZE` pixels)."""
+    _save(curves_figure(history, title), out)
+
+
+def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Any:
+    """The training curves against the epoch (whole-number ticks), like with like.
+
+    Left: cross-entropy of the model in eval mode on the test set and on a fixed sample of
+    training images, both unaugmented and unmixed (``train_sample_loss``, recorded since
+    epoch records have it), and, on its own right-hand axis, the training objective as
+    recorded (``train_loss``: BCE on the softmax of mixed batches for the mixup recipes,
+    named by ``train_objective``), which is not comparable with the test loss. Right: top-1
+    and balanced test accuracy, and the training sample's top-1.
 
     Args:
-        history: ``results.json``'s ``epochs`` (``epoch``, ``train_loss``, ``test_loss``,
-            ``test_accuracy``, ``test_balanced_accuracy``).
-        out: the PNG to write (:data:`CURVES_SIZE` pixels).
+        history: ``results.json``'s ``epochs``.
         title: above both panels (the run's folder, say).
+
+    Returns:
+        The matplotlib figure.
     """
     epochs = [e["epoch"] for e in history]
     fig, (loss_ax, acc_ax) = _figure(CURVES_SIZE, ncols=2)
-    marker = "o" if len(epochs) < 30 else None
-    loss_ax.plot(epochs, [e["train_loss"] for e in history], marker=marker, label="train loss")
-    loss_ax.plot(epochs, [e["test_loss"] for e in history], marker=marker, label="test loss")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    for key, name in (("test_accuracy", "top-1"), ("test_balanced_accuracy", "balanced")):
-        acc_ax.plot(epochs, [100 * e[key] for e in history], marker=marker, label=name)
+    kw = {"marker": "o" if len(epochs) < 30 else None}
+    sampled = all(e.get("train_sample_loss") is not None for e in history)
+    if sampled:
+        loss_ax.plot(
+            epochs, [e["train_sample_loss"] for e in history], label="train (sample)", **kw
+        )
+    loss_ax.plot(epochs, [e["test_loss"] for e in history], label="test", **kw)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy, eval mode, clean images",
+                title="loss")  # fmt: skip
+    objective = history[-1].get("train_objective", "the training batches' loss")
+    obj_ax = loss_ax.twinx()
+    obj_ax.plot(epochs, [e["train_loss"] for e in history], color="0.5", linestyle="--",
+                label=f"training objective (right axis):\n{objective}", **kw)  # fmt: skip
+    obj_ax.set_ylabel("training objective", color="0.4")
+    lines = loss_ax.get_lines() + obj_ax.get_lines()
+    loss_ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
+    for key, name in (("test_accuracy", "test top-1"), ("test_balanced_accuracy", "test balanced")):
+        acc_ax.plot(epochs, [100 * e[key] for e in history], label=name, **kw)
+    if all(e.get("train_sample_accuracy") is not None for e in history):
+        acc_ax.plot(epochs, [100 * e["train_sample_accuracy"] for e in history],
+                    label="train (sample) top-1", linestyle=":", **kw)  # fmt: skip
     last = history[-1]
     acc_ax.set(
         xlabel="epoch",
-        ylabel="test accuracy (%)",
+        ylabel="accuracy (%)",
         title=f"test accuracy (last: {100 * last['test_accuracy']:.2f}% top-1, "
         f"{100 * last['test_balanced_accuracy']:.2f}% balanced)",
     )
+    acc_ax.legend(fontsize=8)
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _epoch_ticks(ax, epochs)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, out)
+    return fig
+
+
+def _epoch_ticks(ax: Any, epochs: Sequence[int]) -> None:
+    """Whole-number epoch ticks: each epoch while there are few, else whole numbers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    if len(epochs) <= 12:
+        ax.set_xticks(list(epochs))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _labels(chars: Sequence[str], codepoints: Sequence[str], path: Any) -> list[str]:

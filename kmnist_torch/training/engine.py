@@ -19,9 +19,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.loader import TensorLoader
+from ..settings import Progress
 from . import mixup
 from .augment import random_translate
 from .distributed import Dist
@@ -208,34 +208,37 @@ def train_one_epoch(
         job: what is trained.
         state: where the run stands (advanced in place).
         stop: checked after each step.
-        progress: show a progress bar (None: on a terminal).
+        progress: False: nothing; else a bar on a terminal, plain lines elsewhere
+            (:class:`~kmnist_torch.settings.Progress`).
         estimate: told the time of each step, to warn how long a CPU run will take.
     """
     skip = state.step
     job.model.train()
     t0 = sync(job.device)
-    bar = _epoch_bar(job, state, progress)
     # With several ranks the sums start at 0 here and are summed over the ranks at the end,
     # then added to the carry (which holds whole-run figures).
     ddp = job.dist.active
     carried = 0.0 if ddp else state.carry["loss_sum"]
     loss_sum = torch.tensor(carried, dtype=torch.float64, device=job.device)
     seen = 0 if ddp else state.carry["seen"]
-    for x, y in bar:
-        t_step = time.perf_counter()
-        loss = train_step(job, state, x, y)
-        loss_sum += loss.double() * len(y)
-        seen += len(y)
-        state.step += 1
-        if estimate is not None:
-            estimate.tick(
-                time.perf_counter() - t_step, state.epoch * job.steps_per_epoch + state.step
-            )
-        if not bar.disable and state.step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if stop is not None and stop.requested:
-            break
-    bar.close()
+    shown = Progress(f"epoch {state.epoch + 1}/{job.recipe.epochs}", job.steps_per_epoch,
+                     "step", state.step, progress)  # fmt: skip
+    with shown:
+        for x, y in itertools.islice(iter(job.train_loader), state.step, None):
+            t_step = time.perf_counter()
+            loss = train_step(job, state, x, y)
+            loss_sum += loss.double() * len(y)
+            seen += len(y)
+            state.step += 1
+            if estimate is not None:
+                estimate.tick(
+                    time.perf_counter() - t_step, state.epoch * job.steps_per_epoch + state.step
+                )
+            # .item() waits for the device: only now and then, and only when shown.
+            note = f"loss {loss.item():.4f}" if shown.enabled and state.step % 25 == 0 else None
+            shown.update(1, len(y) * job.dist.world_size, note)
+            if stop is not None and stop.requested:
+                break
     if ddp:
         job.dist.all_sum(loss_sum)
         loss_sum += state.carry["loss_sum"]
@@ -244,17 +247,23 @@ def train_one_epoch(
     _account_epoch(job, state, loss_sum.item(), seen, sync(job.device) - t0, skip)
 
 
-def _epoch_bar(job: Job, state: RunState, progress: bool | None) -> tqdm:
-    """The batches of the epoch from ``state.step`` on, behind a progress bar."""
-    return tqdm(
-        itertools.islice(iter(job.train_loader), state.step, None),
-        total=job.steps_per_epoch,
-        initial=state.step,
-        desc=f"epoch {state.epoch + 1}/{job.recipe.epochs}",
-        leave=False,
-        disable=None if progress is None else not progress,  # None: on a terminal
-        unit="batch",
-    )
+TRAIN_SAMPLE = 1000  # training images scored like the test set after each epoch
+
+
+class TrainSample:
+    """Up to :data:`TRAIN_SAMPLE` training images, evenly spaced through the split (the same
+    every epoch), as unaugmented, unmixed batches like the test loader's. Every rank of a
+    data-parallel run holds the whole split, so each scores the whole sample."""
+
+    def __init__(self, data: torch.Tensor, targets: torch.Tensor, batch_size: int) -> None:
+        n = min(TRAIN_SAMPLE, len(data))
+        idx = torch.linspace(0, len(data) - 1, n).round().long().to(data.device)
+        self.x, self.y, self.batch_size = data[idx], targets[idx], batch_size
+
+    def __iter__(self):
+        for lo in range(0, len(self.y), self.batch_size):
+            hi = lo + self.batch_size
+            yield self.x[lo:hi].float().div_(255.0), self.y[lo:hi]
 
 
 def _account_epoch(
@@ -326,6 +335,7 @@ def _epoch_record(job: Job, state: RunState, metrics: dict[str, float], test_s: 
         "epoch": state.epoch + 1,
         "lr": r.lr * lr_factor((state.epoch + 1) * steps - 1, steps, r),
         "train_loss": carry["loss_sum"] / max(carry["seen"], 1),
+        "train_objective": r.objective(),
         **metrics,
         "images_per_second": carry["seen"] / max(carry["train_seconds"], 1e-9),
         "train_seconds": carry["train_seconds"],
@@ -392,7 +402,7 @@ def fit(
         config: the run's settings, saved in the checkpoint (checked on resume).
         info: what was run, for the results (dataset, sizes, seed ...).
         stop_after: checkpoint and stop once this many epochs are done.
-        progress: progress bar (None: on a terminal).
+        progress: False: no progress shown; else a bar on a terminal, plain lines elsewhere.
         wall_start: when the session began (wall-clock time includes loading the data).
 
     Returns:
@@ -436,14 +446,35 @@ def _train_and_test(
     state.loader_state = job.train_loader.state_dict()  # the epoch's order comes from it
     train_one_epoch(job, state, stop, progress, estimate)
     t1 = sync(job.device)
-    metrics = (
-        None
-        if stop.requested
-        else evaluate(job.eval_forward, job.test_loader, job.recipe, job.device, stop, job.dist)
-    )
+    metrics = None if stop.requested else _test(job, state, stop, progress)
     test_s = sync(job.device) - t1
     state.spent["device_seconds"] += test_s
     return metrics, test_s
+
+
+def _test(
+    job: Job, state: RunState, stop: StopRequest, progress: bool | None
+) -> dict[str, float] | None:
+    """The test metrics, and the same measured on a fixed sample of the training images
+    (``train_sample_loss``, ``train_sample_accuracy``): like with like, where the training
+    loss is measured on augmented, mixed batches. None when a stop was requested."""
+    r, ws = job.recipe, job.dist.world_size
+    desc = f"testing epoch {state.epoch + 1}/{r.epochs}"
+    with Progress(desc, len(job.test_loader), "batch", enabled=progress) as shown:
+        test = shown.counted(job.test_loader, ws)
+        metrics = evaluate(job.eval_forward, test, r, job.device, stop, job.dist)
+    loader = job.train_loader
+    if metrics is None or not hasattr(loader, "data"):  # a benchmark's torch DataLoader
+        return metrics
+    sample = TrainSample(loader.data, loader.targets, r.eval_batch_size)
+    on_train = evaluate(job.eval_forward, sample, r, job.device, stop, job.dist)
+    if on_train is None:
+        return None
+    return {
+        **metrics,
+        "train_sample_loss": on_train["test_loss"],
+        "train_sample_accuracy": on_train["test_accuracy"],
+    }
 
 
 def _close_epoch(job: Job, state: RunState, metrics: dict[str, float], test_s: float) -> None:
@@ -454,11 +485,15 @@ def _close_epoch(job: Job, state: RunState, metrics: dict[str, float], test_s: f
     state.carry = {"loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
     state.epoch, state.step = state.epoch + 1, 0
     state.loader_state = job.train_loader.state_dict()
+    sample = record.get("train_sample_loss")
+    sample_text = "" if sample is None else f"train {sample:.4f} "
+    steps, at = state.epoch * job.steps_per_epoch, record["test_balanced_accuracy"]
+    note = job.recipe.slow_start(steps, job.num_classes, at) if state.epoch == 1 else None
     print(
-        f"epoch {state.epoch}/{job.recipe.epochs}  train loss {record['train_loss']:.4f}  "
-        f"test loss {record['test_loss']:.4f}  "
+        f"epoch {state.epoch}/{job.recipe.epochs}  objective {record['train_loss']:.4f}  "
+        f"cross-entropy {sample_text}test {record['test_loss']:.4f}  "
         f"acc {100 * record['test_accuracy']:.2f}%  "
         f"bal acc {100 * record['test_balanced_accuracy']:.2f}%  "
-        f"{record['images_per_second']:,.0f} img/s",
+        f"{record['images_per_second']:,.0f} img/s" + (f"\nnote: {note}" if note else ""),
         flush=True,
     )

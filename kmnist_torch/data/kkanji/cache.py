@@ -9,7 +9,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from ... import catalog
 from ..._io import folder_lock_if_writable, hash_file, write_json
 from ...download.sources import resolve_root
 from ...errors import DataFilesError
-from ...settings import decode_workers
+from ...settings import Progress, decode_workers
 from ..formats import read_gray_png
 from .archive import ensure_tree
 from .layout import (
@@ -167,10 +166,7 @@ def _decode_chunk(paths: Sequence[str]) -> bytes:
 
 
 def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(paths), unit="img", desc="KKanji: decoding PNGs", leave=False,
-               disable=not sys.stderr.isatty())  # fmt: skip
+    bar = Progress("KKanji: decoding PNGs into the cache", len(paths), "image")
     starts = range(0, len(paths), CHUNK_IMAGES)
     try:
         if workers <= 1 or len(paths) < POOL_MIN_IMAGES:
