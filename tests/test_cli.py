@@ -241,7 +241,9 @@ def test_verify_arrays_decodes_a_good_split(tmp_path, real_dir):
     assert "kmnist t10k-labels-idx1-ubyte.gz: OK" in lines
     assert "kmnist test (mnist): decodes, 10,000 images" in lines
     assert [line.split(":")[0] for line in lines if "MISSING" in line] == [
-        "kmnist train-images-idx3-ubyte.gz", "kmnist train-labels-idx1-ubyte.gz"]
+        "kmnist train-images-idx3-ubyte.gz",
+        "kmnist train-labels-idx1-ubyte.gz",
+    ]
 
 
 def test_copy_problem_compares_the_extracted_copy_with_its_gz(tmp_path):

@@ -176,6 +176,22 @@ def load(
             raise missing_error(info, root, fmt, name)
         forms = ["official" if form is None else form for form in forms]
     record = HashRecord(folder)
+    verified = _check_extracted(folder, pair, forms, verify, record, name)
+    official = [target_for(f, folder, info.bases) for f, form in zip(pair, forms)]
+    official = [t for t, form in zip(official, forms) if form == "official"]
+    ensure_files(official, download, verify, name=name, extras=extras, record=record)
+    verified = verified and verify
+    images, labels = _decode(info, folder, pair, forms, fmt, record)
+    names = [f.extracted.name if form == "extracted" else f.name for f, form in zip(pair, forms)]
+    _check_arrays(info, split, images, labels, (folder / names[0], folder / names[1]), verify)
+    source = "npz" if fmt == "npz" else ("idx" if "extracted" in forms else "idx.gz")
+    return Loaded(images, labels, source, verified)
+
+
+def _check_extracted(folder: Path, pair, forms: list, verify: bool, record, name: str) -> bool:
+    """Check the files present only as the idx extracted from an official .gz (``forms``
+    updated where one vanished meanwhile); whether every one was verified by checksum. A copy
+    that fails its check is the user's own: an error, never replaced."""
     verified = True
     for i, (remote, form) in enumerate(zip(pair, forms)):
         if form != "extracted":
@@ -202,15 +218,7 @@ def load(
                 f"(verify=False); or place the official {remote.name} beside it."
             )
         forms[i] = "official"  # gone meanwhile: fetch the published file, and decode that
-    official = [target_for(f, folder, info.bases) for f, form in zip(pair, forms)]
-    official = [t for t, form in zip(official, forms) if form == "official"]
-    ensure_files(official, download, verify, name=name, extras=extras, record=record)
-    verified = verified and verify
-    images, labels = _decode(info, folder, pair, forms, fmt, record)
-    names = [f.extracted.name if form == "extracted" else f.name for f, form in zip(pair, forms)]
-    _check_arrays(info, split, images, labels, (folder / names[0], folder / names[1]), verify)
-    source = "npz" if fmt == "npz" else ("idx" if "extracted" in forms else "idx.gz")
-    return Loaded(images, labels, source, verified)
+    return verified
 
 
 def _decode(

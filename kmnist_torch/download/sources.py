@@ -216,7 +216,14 @@ def ensure_files(
                 bad.append(t)
     if not download_missing or not mirrors():
         raise _unusable(name, folder, bad, problems, download_missing)
-    config = config or FetchConfig()  # a bad $KMNIST_TORCH_* value fails here, by name
+    _download_all(name, folder, bad, verify, config or FetchConfig(), record)
+
+
+def _download_all(
+    name: str, folder: Path, bad: list[Target], verify: bool, config: FetchConfig,
+    record: HashRecord,
+) -> None:  # fmt: skip
+    """Download ``bad`` under the folder's lock, all or none; one error for what failed."""
     failures: list[str] = []
     # One lock per folder: a second process waits (bounded), then finds the files in place.
     try:
