@@ -213,9 +213,10 @@ def _check_extracted(folder: Path, pair, forms: list, verify: bool, record, name
             continue
         if not replaceable(problem):  # the user's own file: never replaced unasked
             raise DataFilesError(
-                f"{name}: {folder / remote.extracted.name} is not the official file "
-                f"({problem}) and was left as it is. Your own file: pass --no-verify "
-                f"(verify=False); or place the official {remote.name} beside it."
+                f"{name}: {folder / remote.extracted.name} is not usable: {problem}; it was "
+                "left as it is. Your own file: pass --no-verify (verify=False). To replace it: "
+                f"python -m kmnist_torch verify {name.lower()} --root {folder.parent.parent} "
+                f"--repair (or place the official {remote.name} beside it)."
             )
         forms[i] = "official"  # gone meanwhile: fetch the published file, and decode that
     return verified

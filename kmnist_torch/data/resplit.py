@@ -90,6 +90,9 @@ def _taken(folder: Path, info, staged: Path, names: list[str]) -> list[str]:
         old = read_manifest(folder, info.name)
     taken = []
     for f in info.files():
+        copy = folder / f.extracted.name if f.extracted is not None else None
+        if old is None and copy is not None and (copy.exists() or copy.is_symlink()):
+            taken.append(f"{copy.name} (loading would rewrite it from the new {f.name})")
         path = folder / f.name
         if not path.exists() and not path.is_symlink():
             continue

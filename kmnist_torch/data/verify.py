@@ -248,10 +248,8 @@ def _repair_files(
 ) -> list[Target]:
     """Fetch the official files again over the bad ones, all or none (loading re-extracts the
     copies); return the files still bad."""
-    for t in bad:  # official files are replaced all at once, only once their copies arrived
-        if not t.urls:  # an extracted copy of a good .gz: rewritten from it when decoded
-            t.dest.unlink(missing_ok=True)
-        record.forget(t.dest.name)
+    for t in bad:  # official files are replaced all at once, only once their copies arrived;
+        record.forget(t.dest.name)  # an extracted copy is rewritten from its .gz when decoded
     try:
         targets = [target_for(f, folder, info.bases) for f in files.pair]
         ensure_files(targets, True, True, name=info.name, replace=True)
