@@ -85,6 +85,10 @@ class DatasetInfo:
     class_counts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # Where the publisher serves the files (each base + RemoteFile.path is a URL).
     bases: tuple[str, ...] = (OFFICIAL_BASE,)
+    # Terms of use and how to cite (the Kuzushiji datasets share theirs; MNIST has its own).
+    license: str = LICENSE
+    attribution: str = ATTRIBUTION
+    citation: str = CITATION
 
     def files(self, split: str | None = None, fmt: str | None = None) -> list[RemoteFile]:
         """The official files of this dataset, optionally only one split and/or one format."""
@@ -285,6 +289,11 @@ MNIST = DatasetInfo(
     "baseline the Kuzushiji table compares with (md5s as torchvision publishes them).",
     # torchvision's two sources, in its order; the Kuzushiji host does not serve MNIST.
     bases=("https://ossci-datasets.s3.amazonaws.com/", "http://yann.lecun.com/exdb/"),
+    license="CC BY-SA 3.0",
+    attribution="THE MNIST DATABASE of handwritten digits, Yann LeCun, Corinna Cortes and "
+    "Christopher J.C. Burges, http://yann.lecun.com/exdb/mnist/",
+    citation='Yann LeCun, Leon Bottou, Yoshua Bengio, Patrick Haffner, "Gradient-Based '
+    'Learning Applied to Document Recognition", Proceedings of the IEEE 86(11):2278-2324, 1998.',
 )  # fmt: skip
 
 KKANJI_VERIFICATION_NOTE = (

@@ -1,5 +1,5 @@
-"""Command line: ``python -m kmnist_torch available | info | download | verify | montage |
-kkanji-split``. Every command reads the catalog; nothing here repeats it."""
+"""Command line: ``python -m kmnist_torch available | info | download | verify | resplit | subset
+| montage | kkanji-split``. Every command reads the catalog; nothing here repeats it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import catalog
-from ._args import Parser, add_data_options, run_main
+from ._args import ROOT_HELP, Parser, add_data_options, run_main
 from .download.fetch import Target
 from .download.sources import NO_SOURCE, default_root, mirrors, resolve_root
 from .errors import USAGE, DataFilesError, FormatError
@@ -63,8 +63,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                              initial_indent="  ", subsequent_indent="    ")  # fmt: skip
         print("\n" + note)
     print(f"\n  mirrors tried, in order: {', '.join(mirrors()) or '(none: ' + NO_SOURCE + ')'}")
-    print(f"  licence: {catalog.LICENSE}; attribution: {catalog.ATTRIBUTION}")
-    print(f"  cite: {catalog.CITATION}")
+    print(f"  licence: {info.license}; attribution: {info.attribution}")
+    print(f"  cite: {info.citation}")
     return 0
 
 
@@ -72,6 +72,8 @@ def _checked(ds, verify: bool) -> str:
     """What was checked of a dataset just loaded, in words that never overstate it."""
     if not verify:
         return "checksums not checked (--no-verify)"
+    if getattr(ds, "derived", None):
+        return f"{ds.derived}, verified against its manifest (nothing downloaded)"
     if getattr(ds, "verified", True):
         return "verified against the published checksums"
     return "size and format checked; no published checksum for some files (see the warning)"
@@ -100,6 +102,8 @@ def cmd_download(args: argparse.Namespace) -> int:
             try:
                 if fmt is not None and fmt not in info.formats:
                     raise ValueError(f"{name} has no {fmt!r} format; it has {info.formats}")
+                if fmt is not None:
+                    _replace_bad(info, root, split, fmt, args.verify)
                 kw = {"format": fmt} if fmt is not None and len(info.formats) > 1 else {}
                 with warnings.catch_warnings():
                     if not args.verify:  # said once above
@@ -123,6 +127,68 @@ def cmd_download(args: argparse.Namespace) -> int:
         for t in missing:
             print(t.describe(), file=sys.stderr)
     return 1
+
+
+def _replace_bad(info: catalog.DatasetInfo, root: Path, split: str, fmt: str, verify: bool):
+    """The ``download`` command replaces the official files of a split that are present but
+    fail verification (it is asked for, as ``verify --repair`` is), both together or neither;
+    a derived root (with a manifest) is left alone."""
+    from .data.arrays import raw_folder
+    from .download.manifest import manifest_path
+    from .download.sources import ensure_files, target_for
+
+    folder = raw_folder(root, info)
+    if manifest_path(folder).exists():
+        return
+    pair = info.splits[split][fmt]
+    there = [f for f in pair if (folder / f.name).exists() or (folder / f.name).is_symlink()]
+    targets = [target_for(f, folder, info.bases) for f in there]
+    ensure_files(targets, True, verify, name=info.name, replace=True)
+
+
+def cmd_resplit(args: argparse.Namespace) -> int:
+    """Write a KMNIST training set from the real test split alone: 8,000 train / 2,000 test,
+    a derived root with a manifest, which trains without --no-verify."""
+    from .data.arrays import raw_folder
+    from .data.resplit import write_resplit
+
+    source = Path(args.source).expanduser()
+    nested = raw_folder(source, catalog.KMNIST)  # a data root given instead of its raw folder
+    if not (source / "t10k-images-idx3-ubyte.gz").is_file() and nested.is_dir():
+        source = nested
+    root = resolve_root(args.root)
+    sizes = write_resplit(root, source, args.seed)
+    folder = raw_folder(root, catalog.KMNIST)
+    print(f"wrote {folder}: the real KMNIST test images of {source} re-split "
+          f"{sizes['train']:,} train / {sizes['test']:,} test (seed {args.seed}), with a "
+          "manifest (kmnist_torch-derived.json)")  # fmt: skip
+    print(f"train on it: python -m kmnist_torch.train --root {root} --no-download")
+    return 0
+
+
+def cmd_subset(args: argparse.Namespace) -> int:
+    """Write a stratified subset of a root's splits to another root, with a manifest."""
+    from .data.resplit import write_subset
+
+    info = catalog.get(args.name)
+    if info.archive is not None:
+        print(f"error: {info.name} has no official split to subset; use kkanji-split "
+              "--shots or the trainer's --limit-train", file=sys.stderr)  # fmt: skip
+        return USAGE
+    for flag, n in (("--train", args.train), ("--test", args.test)):
+        if n is not None and n < 1:
+            print(f"error: {flag} must be a whole number >= 1, got {n}", file=sys.stderr)
+            return USAGE
+    with warnings.catch_warnings():
+        if not args.verify:
+            warnings.simplefilter("ignore")
+        sizes = write_subset(resolve_root(args.root), info.name, Path(args.out_root),
+                             {"train": args.train, "test": args.test}, args.seed,
+                             args.verify)  # fmt: skip
+    print(f"wrote {args.out_root}: {info.name} subset, "
+          + ", ".join(f"{n:,} {split}" for split, n in sizes.items())
+          + " (stratified), with a manifest (kmnist_torch-derived.json)")  # fmt: skip
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -194,6 +260,7 @@ def _montage_dataset(args: argparse.Namespace, root: Path) -> tuple[Any, str]:
         return ds, split
     names = [args.split] if args.split else ["train", "test"]  # none named: whichever is there
     tried: list[str] = []
+    reasons: set[str] = set()
     for k, split in enumerate(names):
         try:  # only the last split tried is downloaded
             ds = create_dataset(args.name, root, split=split, verify=args.verify,
@@ -201,8 +268,10 @@ def _montage_dataset(args: argparse.Namespace, root: Path) -> tuple[Any, str]:
             return ds, split
         except DataFilesError as exc:
             tried.append(f"{split} split: {exc}")
-    # Every split tried: say why each one failed.
-    raise DataFilesError("\n".join(tried))
+            reasons.add(str(exc))
+    # Every split tried: say why each failed; a missing-files error (it names the files of
+    # both splits) only once.
+    raise DataFilesError(reasons.pop() if len(reasons) == 1 else "\n".join(tried))
 
 
 def cmd_montage(args: argparse.Namespace) -> int:
@@ -286,6 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair", action="store_true",
                    help="download bad files again and rebuild the KKanji cache")  # fmt: skip
     s.set_defaults(func=cmd_verify)
+    s = sub.add_parser(
+        "resplit",
+        help="a KMNIST training set without the official training files: the real test "
+        "split cut 8,000 train / 2,000 test (offline, air-gapped machines)",
+    )
+    s.add_argument("source", metavar="SOURCE_DIR",
+                   help="a folder (or data root) holding the real t10k-images-idx3-ubyte.gz "
+                   "and t10k-labels-idx1-ubyte.gz")  # fmt: skip
+    s.add_argument("--root", default=None, help="the data root to write; " + ROOT_HELP[12:])
+    s.add_argument("--seed", type=int, default=0, help="the shuffle before the cut")
+    s.set_defaults(func=cmd_resplit)
+    s = sub.add_parser("subset", help="a stratified subset of a root, written as another root")
+    s.add_argument("name")
+    s.add_argument("--out-root", required=True, help="the data root to write")
+    s.add_argument("--train", type=int, default=None, help="training images kept (default all)")
+    s.add_argument("--test", type=int, default=None, help="test images kept (default all)")
+    s.add_argument("--seed", type=int, default=0, help="which images of each class are kept")
+    add_data_options(s, download=None, device_help=None)
+    s.set_defaults(func=cmd_subset)
     s = sub.add_parser("montage", help="save a grid of examples per class as PNG")
     s.add_argument("name")
     s.add_argument("--out", required=True)

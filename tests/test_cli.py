@@ -55,11 +55,14 @@ def test_download_reports_failure_per_split(tmp_path, real_mirror, capsys):
 
 def test_verify_finds_good_and_bad_files(tmp_path, real_root, capsys):
     real_root()
-    assert main(["verify", "kmnist", "k49", "--root", str(tmp_path)]) == 0
+    # The training images were never downloaded: named, and the exit code says so.
+    assert main(["verify", "kmnist", "k49", "--root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "kmnist t10k-images-idx3-ubyte.gz: OK" in out
     assert "kmnist test (mnist): decodes, 10,000 images" in out
-    assert "k49: not downloaded" in out
+    assert "kmnist train-images-idx3-ubyte.gz: MISSING: the train split needs it" in out
+    assert "kmnist train-labels-idx1-ubyte.gz: MISSING" in out
+    assert "k49: not downloaded" in out  # a dataset never downloaded at all is no error
     real_root("old_release_pre_2019-02-05/kmnist-test-imgs.npz")
     assert main(["verify", "kmnist", "--root", str(tmp_path)]) == 1
     assert "kmnist-test-imgs.npz: BAD: stale" in capsys.readouterr().out
@@ -99,11 +102,24 @@ def test_download_carries_on_and_lists_every_missing_file(tmp_path, http_server,
     assert "t10k-images-idx3-ubyte.gz" not in summary  # downloaded
 
 
-def test_montage_says_why_each_split_failed(tmp_path, fast_net, capsys):
+def test_montage_says_why_the_data_is_missing_once_summary_first(tmp_path, fast_net, capsys):
     rc = main(["montage", "k49", "--root", str(tmp_path), "--out", str(tmp_path / "m.png")])
     err = capsys.readouterr().err
-    assert rc == 1 and "train split: K49" in err and "test split: K49" in err
+    lines = err.splitlines()
+    # One summary line (what is missing, the command that fixes it), then the details, once.
+    assert rc == 1 and lines[0].startswith("error: K49: 5 file(s) missing in ")
+    assert f"python -m kmnist_torch download k49 --root {tmp_path}" in lines[0]
+    assert lines[1] == "Details:" and err.count("k49-train-imgs.npz: missing") == 1
+    assert 10 < len(lines) < 60
     assert not (tmp_path / "m.png").exists()
+
+
+def test_montage_says_why_each_split_failed_when_they_differ(tmp_path, capsys):
+    raw = write_split(tmp_path, "kmnist", "test", *random_split(10))
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"x")  # test: a damaged file of theirs
+    rc = main(["montage", "kmnist", "--root", str(tmp_path), "--out", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "train split: KMNIST" in err and "test split: KMNIST" in err
 
 
 # ------------------------------------------------------- the dataset registry: one name table
@@ -221,9 +237,13 @@ def test_verify_arrays_decodes_a_good_split(tmp_path, real_dir):
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         shutil.copy(real_dir / "kmnist" / name, raw)
     lines: list[str] = []
-    assert verify_arrays(tmp_path, catalog.KMNIST, False, lines.append) == 0
+    assert verify_arrays(tmp_path, catalog.KMNIST, False, lines.append) == 1  # no train split
     assert "kmnist t10k-labels-idx1-ubyte.gz: OK" in lines
-    assert lines[-1] == "kmnist test (mnist): decodes, 10,000 images"
+    assert "kmnist test (mnist): decodes, 10,000 images" in lines
+    assert [line.split(":")[0] for line in lines if "MISSING" in line] == [
+        "kmnist train-images-idx3-ubyte.gz",
+        "kmnist train-labels-idx1-ubyte.gz",
+    ]
 
 
 def test_copy_problem_compares_the_extracted_copy_with_its_gz(tmp_path):

@@ -137,15 +137,29 @@ def test_wrong_checksum_without_download_raises(tmp_path, real_root):
         KMNIST(tmp_path, train=False, format="npz")
 
 
-def test_wrong_checksum_with_download_is_replaced(tmp_path, real_mirror, real_dir):
+def test_a_file_that_fails_its_check_is_kept_unless_a_repair_is_asked(
+    tmp_path, real_mirror, real_dir
+):
     raw = tmp_path / "KMNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "kmnist-test-labels.npz").write_bytes(b"not the file")
-    ds = KMNIST(tmp_path, train=False, format="npz", download=True)
-    assert len(ds) == 10000
+    # download=True fetches what is missing, never over a file the user put there.
+    with pytest.raises(DataFilesError) as err:
+        KMNIST(tmp_path, train=False, format="npz", download=True)
+    summary = str(err.value).splitlines()[0]
+    assert "not the official ones and were left as they are" in summary
+    assert "--no-verify" in summary and f"verify kmnist --root {tmp_path} --repair" in summary
+    assert (raw / "kmnist-test-labels.npz").read_bytes() == b"not the file"
+    assert not (raw / "kmnist-test-imgs.npz").exists()  # nothing fetched either
+    # The download command is a request to replace (the mirror has no training images: that
+    # split fails, the test split is replaced).
+    from kmnist_torch.cli import main
+
+    assert main(["download", "kmnist", "--root", str(tmp_path), "--format", "npz"]) == 1
     assert (raw / "kmnist-test-labels.npz").read_bytes() == (
         real_dir / "kmnist" / "kmnist-test-labels.npz"
     ).read_bytes()
+    assert len(KMNIST(tmp_path, train=False, format="npz")) == 10000
 
 
 def test_stale_release_is_named_and_replaced(tmp_path, real_root, real_mirror):

@@ -455,10 +455,15 @@ def test_npz_cap_is_checked_before_inflating(tmp_path):
 
 
 def _official_like_root(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
-    """A full-size KMNIST test split (idx.gz) whose catalog checksums are patched to match, so
-    ``verify`` has something it can call good; returns the raw folder and the bytes served."""
+    """A full-size KMNIST test split (idx.gz), and a blank full-size train split (``verify``
+    calls a root good only when no split lacks a file), whose catalog checksums are patched
+    to match, so ``verify`` has something it can call good; returns the raw folder and the
+    bytes served."""
     images, labels = random_split(catalog.KMNIST.split_sizes["test"])
     raw_dir = write_split(tmp_path / "root", "kmnist", "test", images, labels, fmt="mnist")
+    n = catalog.KMNIST.split_sizes["train"]
+    blank = np.zeros((n, 28, 28), np.uint8)
+    write_split(tmp_path / "root", "kmnist", "train", blank, np.arange(n) % 10, fmt="mnist")
     served = {p.name: p.read_bytes() for p in raw_dir.iterdir() if p.is_file()}
     from kmnist_torch.data import mnist as datasets
     from kmnist_torch.data import verify

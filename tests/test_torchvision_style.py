@@ -252,6 +252,7 @@ def test_verify_command_checks_extracted_files_and_never_overstates(tmp_path, ca
     for p in raw.iterdir():
         p.unlink()
     write_idx(raw / "train-images-idx3-ubyte", np.zeros((60000, 28, 28), np.uint8), False)
-    assert main(["verify", "kmnist", "--root", str(tmp_path)]) == 0
+    assert main(["verify", "kmnist", "--root", str(tmp_path)]) == 1  # the labels: missing
     out = capsys.readouterr().out
     assert "train-images-idx3-ubyte: OK (size only: no published checksum to check)" in out
+    assert "train-labels-idx1-ubyte.gz: MISSING: the train split needs it" in out

@@ -23,7 +23,14 @@ import numpy as np
 from .._io import HashRecord, atomic_write
 from ..catalog import DatasetInfo, LocalFile, RemoteFile
 from ..download.fetch import Target, check
-from ..download.sources import ensure_files, mirrors, target_for
+from ..download.manifest import Manifest, file_problem, read_manifest
+from ..download.sources import (
+    ensure_files,
+    fix_command,
+    mirrors,
+    replaceable,
+    target_for,
+)
 from ..errors import DataFilesError, UncheckedContentWarning
 from . import formats
 
@@ -40,7 +47,8 @@ class Loaded:
     images: np.ndarray
     labels: np.ndarray
     source: str  # "idx.gz", "idx", "npz" or "legacy .pt"
-    verified: bool  # every file checked against a published checksum
+    verified: bool  # every file checked against a published checksum (or its manifest)
+    derived: str | None = None  # "derived from ..." for a root with a manifest
 
 
 def raw_folder(root: Path, info: DatasetInfo) -> Path:
@@ -80,13 +88,17 @@ def present(remote: RemoteFile, folder: Path) -> str | None:
 
 def missing_error(info: DatasetInfo, root: Path, fmt: str, name: str) -> DataFilesError:
     """One error listing every file of the run (both splits and the class map) that is in no
-    usable form under ``root``: URLs, size, checksums and where to put it."""
+    usable form under ``root``: one summary line (what is missing, the one command that fixes
+    it), then URLs, size, checksums and where to put each file."""
     folder = raw_folder(root, info)
     files = [f for pairs in info.splits.values() for f in pairs[fmt]]
     if info.classmap is not None:
         files.append(info.classmap)
     missing = [f for f in files if present(f, folder) is None]
-    lines = [f"{name}: {len(missing)} file(s) missing in {folder}:"]
+    lines = [
+        f"{name}: {len(missing)} file(s) missing in {folder}. Fix: {fix_command(name, folder)}",
+        "Details:",
+    ]
     for f in missing:
         lines.append(f"- {f.name}: missing")
         lines.append(target_for(f, folder, info.bases, shown=True).describe())
@@ -94,11 +106,46 @@ def missing_error(info: DatasetInfo, root: Path, fmt: str, name: str) -> DataFil
             lines.append(f"    (or the extracted {f.extracted.name}, {f.extracted.size} bytes)")
     if not mirrors():
         lines.append("No download source is set ($KMNIST_TORCH_OFFICIAL=0, no mirrors).")
-    lines.append(
-        f"Pass download=True (or run `python -m kmnist_torch download {info.name}`) to fetch "
-        "them, or place the files above by hand."
-    )
+    lines.append("Pass download=True (or --download) to fetch them, or place the files above "
+                 "by hand.")  # fmt: skip
     return DataFilesError("\n".join(lines))
+
+
+def _load_derived(
+    info: DatasetInfo, folder: Path, manifest: Manifest, split: str, fmt: str, verify: bool,
+    name: str,
+) -> Loaded:  # fmt: skip
+    """One split of a derived root: its files checked against the root's manifest (size and
+    sha256, as strictly as the catalog's) instead of the catalog, never downloaded."""
+    pair = info.splits[split][fmt]
+    where = f"{name}: {folder} is a root {manifest.describe()}"
+    unlisted = [f.name for f in pair if f.name not in manifest.files]
+    if unlisted:
+        raise DataFilesError(f"{where}; it holds no {split} split in the {fmt} format "
+                             f"({', '.join(unlisted)} not in its manifest)")  # fmt: skip
+    record = HashRecord(folder)
+    if verify:
+        problems = [(f.name, file_problem(manifest, folder, f.name, record)) for f in pair]
+        problems = [(n, p) for n, p in problems if p]
+        if problems:
+            raise DataFilesError(
+                f"{where}, and {len(problems)} of its files do not match its manifest "
+                f"({manifest.path}): write the root again, or pass --no-verify (verify=False) "
+                "to use the files as they are\n" + "\n".join(f"- {n}: {p}" for n, p in problems)
+            )
+    else:
+        for f in pair:
+            if not (folder / f.name).is_file():
+                raise DataFilesError(f"{where}, but {f.name} is missing: write it again")
+    images, labels = _decode(info, folder, pair, ["official", "official"], fmt, record)
+    paths = (folder / pair[0].name, folder / pair[1].name)
+    _check_arrays(info, split, images, labels, paths, False)
+    expected = manifest.splits.get(split)
+    if verify and expected is not None and len(images) != expected:
+        raise formats.FormatError(f"{paths[0]}: the manifest says {expected} images in the "
+                                  f"{split} split, found {len(images)}")  # fmt: skip
+    return Loaded(images, labels, "npz" if fmt == "npz" else "idx.gz", verify,
+                  manifest.describe())  # fmt: skip
 
 
 def load(
@@ -116,6 +163,9 @@ def load(
     Raises :class:`DataFilesError` naming every file the run needs when files are missing and
     cannot be fetched, and :class:`~kmnist_torch.errors.FormatError` for a damaged file."""
     folder = raw_folder(root, info)
+    manifest = read_manifest(folder, info.name)
+    if manifest is not None:
+        return _load_derived(info, folder, manifest, split, fmt, verify, name)
     pair = info.splits[split][fmt]
     extras = [target_for(info.classmap, folder, info.bases)] if info.classmap else []
     forms = [present(f, folder) for f in pair]
@@ -126,6 +176,22 @@ def load(
             raise missing_error(info, root, fmt, name)
         forms = ["official" if form is None else form for form in forms]
     record = HashRecord(folder)
+    verified = _check_extracted(folder, pair, forms, verify, record, name)
+    official = [target_for(f, folder, info.bases) for f, form in zip(pair, forms)]
+    official = [t for t, form in zip(official, forms) if form == "official"]
+    ensure_files(official, download, verify, name=name, extras=extras, record=record)
+    verified = verified and verify
+    images, labels = _decode(info, folder, pair, forms, fmt, record)
+    names = [f.extracted.name if form == "extracted" else f.name for f, form in zip(pair, forms)]
+    _check_arrays(info, split, images, labels, (folder / names[0], folder / names[1]), verify)
+    source = "npz" if fmt == "npz" else ("idx" if "extracted" in forms else "idx.gz")
+    return Loaded(images, labels, source, verified)
+
+
+def _check_extracted(folder: Path, pair, forms: list, verify: bool, record, name: str) -> bool:
+    """Check the files present only as the idx extracted from an official .gz (``forms``
+    updated where one vanished meanwhile); whether every one was verified by checksum. A copy
+    that fails its check is the user's own: an error, never replaced."""
     verified = True
     for i, (remote, form) in enumerate(zip(pair, forms)):
         if form != "extracted":
@@ -145,21 +211,15 @@ def load(
                         "verified.",
                     )
             continue
-        if not download:
+        if not replaceable(problem):  # the user's own file: never replaced unasked
             raise DataFilesError(
-                f"{name}: {folder / remote.extracted.name} is not usable: {problem}. Delete it "
-                f"and pass download=True, or place the official {remote.name} beside it."
+                f"{name}: {folder / remote.extracted.name} is not usable: {problem}; it was "
+                "left as it is. Your own file: pass --no-verify (verify=False). To replace it: "
+                f"python -m kmnist_torch verify {name.lower()} --root {folder.parent.parent} "
+                f"--repair (or place the official {remote.name} beside it)."
             )
-        forms[i] = "official"  # fetch the published file instead, and decode that
-    official = [target_for(f, folder, info.bases) for f, form in zip(pair, forms)]
-    official = [t for t, form in zip(official, forms) if form == "official"]
-    ensure_files(official, download, verify, name=name, extras=extras, record=record)
-    verified = verified and verify
-    images, labels = _decode(info, folder, pair, forms, fmt, record)
-    names = [f.extracted.name if form == "extracted" else f.name for f, form in zip(pair, forms)]
-    _check_arrays(info, split, images, labels, (folder / names[0], folder / names[1]), verify)
-    source = "npz" if fmt == "npz" else ("idx" if "extracted" in forms else "idx.gz")
-    return Loaded(images, labels, source, verified)
+        forms[i] = "official"  # gone meanwhile: fetch the published file, and decode that
+    return verified
 
 
 def _decode(
@@ -193,7 +253,8 @@ def _check_arrays(
     if len(images) != len(labels):
         raise formats.FormatError(
             f"{where[0]} holds {len(images)} images but {where[1]} holds {len(labels)} labels; "
-            "they must match: delete both and download them again."
+            "they must match: replace them with the official files (python -m kmnist_torch "
+            f"verify {info.name} --repair), or write your own again."
         )
     if labels.size and int(labels.max()) >= info.num_classes:
         raise formats.FormatError(

@@ -101,23 +101,28 @@ class _MNISTFamily(ImageDataset):
         loaded = arrays.load(self.info, Path(self.root), self.split, self.format, download,
                              self.verify, type(self).__name__, legacy=self.legacy)  # fmt: skip
         self.source, self.verified = loaded.source, loaded.verified
+        self.derived = loaded.derived  # "derived from ..." for a root with a manifest
         images = torch.from_numpy(_writable(loaded.images))
         return images, torch.from_numpy(loaded.labels.astype(np.int64))
 
     def download(self) -> None:
         """Download (and verify) every official file of this format, both splits and the
         class map, into :attr:`raw_folder`, as torchvision's ``download()`` fetches its
-        resources; files already there and correct are kept."""
+        resources; files already there and correct are kept, any other file of them is
+        replaced (an explicit download, as ``python -m kmnist_torch download`` is). A derived
+        root (a re-split or subset, with a manifest) is refused: nothing is downloaded into it."""
         folder = Path(self.raw_folder)
         remotes = [f for pairs in self.info.splits.values() for f in pairs[self.format]]
         if self.info.classmap is not None:
             remotes.append(self.info.classmap)
         targets = [target_for(f, folder, self.info.bases) for f in remotes]
-        ensure_files(targets, True, self.verify, name=type(self).__name__)
+        ensure_files(targets, True, self.verify, name=type(self).__name__, replace=True)
 
     def extra_repr(self) -> str:
         counts = torch.bincount(self.targets, minlength=self.info.num_classes)
         checked = "verified against published checksums"
+        if self.derived:
+            checked = f"{self.derived}, verified against its manifest"
         if not self.verified:
             checked = "size and format checked, content not verified"
         return "\n".join([
@@ -125,7 +130,7 @@ class _MNISTFamily(ImageDataset):
             f"Format: {self.format} (read from {self.source}; {checked})",
             f"Classes: {self.info.num_classes} ({''.join(self.classes)})",
             f"Images per class: {int(counts.min())} to {int(counts.max())}",
-            f"Licence: {catalog.LICENSE}",
+            f"Licence: {self.info.license}",
         ])  # fmt: skip
 
 

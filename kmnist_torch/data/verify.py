@@ -17,6 +17,7 @@ from typing import Callable
 from .. import catalog
 from .._io import HashRecord, hash_file
 from ..download.fetch import Target, check
+from ..download.manifest import Manifest, file_problem, read_manifest
 from ..download.sources import ensure_files, target_for
 from ..errors import DataFilesError, FormatError
 from .arrays import extracted_target, present, raw_folder
@@ -126,11 +127,20 @@ def verify_arrays(root: Path, info: catalog.DatasetInfo, repair: bool, say: Say 
         else 1.
     """
     folder = raw_folder(root, info)
+    try:
+        manifest = read_manifest(folder, info.name)
+    except DataFilesError as exc:
+        say(f"{info.name}: BAD: {exc}")
+        return 1
+    if manifest is not None:
+        return verify_derived(root, info, manifest, repair, say)
     record = HashRecord(folder)
     found, status = False, 0
+    seen: list[_SplitFiles] = []
     for split, formats in info.splits.items():
         for fmt, pair in formats.items():
             files = _SplitFiles(split, fmt, pair, [present(f, folder) for f in pair])
+            seen.append(files)
             found = found or any(files.forms)
             bad = _check_files(info, folder, record, files, say)
             if bad and repair:
@@ -141,6 +151,64 @@ def verify_arrays(root: Path, info: catalog.DatasetInfo, repair: bool, say: Say 
                 status |= _decode(root, info, files, say)
     if not found:
         say(f"{info.name}: not downloaded ({folder})")
+        return status
+    return status | _report_absent(info, root, seen, say)
+
+
+def _report_absent(info: catalog.DatasetInfo, root: Path, seen: list, say: Say) -> int:
+    """Name every file a split needs that is absent (in no form): 1 if there is one. A split
+    needs one format's pair: the format partly there, else the format the dataset's other
+    files are in, else its first."""
+    status = 0
+    used = [f.fmt for f in seen if any(f.forms)] or info.formats[:1]
+    for split in info.splits:
+        mine = [f for f in seen if f.split == split]
+        if any(all(f.forms) for f in mine):
+            continue
+        started = [f for f in mine if any(f.forms)]
+        for files in started or [f for f in mine if f.fmt == used[0]]:
+            for remote, form in zip(files.pair, files.forms):
+                if form is None:
+                    status = 1
+                    say(f"{info.name} {remote.name}: MISSING: the {split} split needs it "
+                        f"(python -m kmnist_torch download {info.name} --root {root})")  # fmt: skip
+    return status
+
+
+def verify_derived(
+    root: Path, info: catalog.DatasetInfo, manifest: Manifest, repair: bool, say: Say = print
+) -> int:
+    """Check a derived root (a re-split, a subset) against its manifest: every file it lists
+    rehashed (size and sha256), then each split decoded. Nothing is downloaded into it: a file
+    that changed is an error naming it, and ``repair`` says how to write the root again.
+
+    Returns:
+        0 when every file matches the manifest and every split decodes, else 1."""
+    folder = raw_folder(root, info)
+    record = HashRecord(folder)
+    status = 0
+    for name in manifest.files:
+        problem = file_problem(manifest, folder, name, record, full=True)
+        say(f"{info.name} {name}: " + ("OK (matches the manifest)" if problem is None
+                                       else f"BAD: {problem}"))  # fmt: skip
+        status |= problem is not None
+        copy = next((f.extracted for f in info.files() if f.name == name), None)
+        if problem is None and copy is not None and (folder / copy.name).is_file():
+            # The extracted copy is what loading reads: it must be the .gz's content.
+            bad = copy_problem(folder / name, folder / copy.name)
+            say(f"{info.name} {copy.name}: " + ("OK" if bad is None else f"BAD: {bad}"))
+            status |= bad is not None
+    if status:
+        how = ": not repaired from the mirrors, write it again (resplit / subset)"
+        say(f"{info.name}: {folder} is a root {manifest.describe()}; it does not match its "
+            f"manifest ({manifest.path})" + (how if repair else ""))  # fmt: skip
+        return 1
+    for split in manifest.splits:
+        for fmt, pair in info.splits.get(split, {}).items():
+            if all(f.name in manifest.files for f in pair):
+                status |= _decode(root, info, _SplitFiles(split, fmt, pair), say)
+    if not status:
+        say(f"{info.name}: {manifest.describe()}, verified against its manifest")
     return status
 
 
@@ -178,15 +246,13 @@ def _repair_files(
     bad: list[Target],
     say: Say,
 ) -> list[Target]:
-    """Delete the bad files and fetch the official ones again (loading re-extracts the copies);
-    return the files still bad."""
-    for t in bad:
-        t.dest.unlink(missing_ok=True)
-        record.forget(t.dest.name)
+    """Fetch the official files again over the bad ones, all or none (loading re-extracts the
+    copies); return the files still bad."""
+    for t in bad:  # official files are replaced all at once, only once their copies arrived;
+        record.forget(t.dest.name)  # an extracted copy is rewritten from its .gz when decoded
     try:
-        ensure_files(
-            [target_for(f, folder, info.bases) for f in files.pair], True, True, name=info.name
-        )
+        targets = [target_for(f, folder, info.bases) for f in files.pair]
+        ensure_files(targets, True, True, name=info.name, replace=True)
     except DataFilesError as exc:
         say(f"{info.name} {files.split} ({files.fmt}): repair failed: {exc}")
         return bad

@@ -8,6 +8,7 @@ user changes through the environment. Torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -21,6 +22,7 @@ from ..catalog import RemoteFile
 from ..errors import DataFilesError, DownloadError, LockTimeout
 from ..settings import FetchConfig, env_flag
 from .fetch import Target, check, download
+from .manifest import MANIFEST_NAME, manifest_path
 
 DOWNLOAD_LOCK = ".download.lock"
 
@@ -111,6 +113,63 @@ def magic_problem(path: os.PathLike | str, name: str | None = None) -> str | Non
     return f"not {kind}: it begins with {looks}"
 
 
+def data_root(folder: Path) -> Path:
+    """The data root a dataset's folder is in (``root/KMNIST/raw`` -> ``root``)."""
+    return folder.parent.parent if folder.name == "raw" else folder.parent
+
+
+def fix_command(name: str, folder: Path) -> str:
+    """The one command that fetches a dataset's missing files (after setting a mirror, where no
+    source is set), and for KMNIST the one that makes a training set without them (the
+    re-split of the real test split, for offline and air-gapped machines)."""
+    root, dataset = data_root(folder), name.lower()
+    line = f"python -m kmnist_torch download {dataset} --root {root}"
+    if not mirrors():
+        line = f"set $KMNIST_TORCH_MIRRORS to a mirror, then {line}"
+    if dataset == "kmnist":
+        line += (f"; offline, without the official training files: python -m kmnist_torch "
+                 f"resplit SOURCE_DIR --root {root}")  # fmt: skip
+    return line
+
+
+# A file that fails its check may be replaced without asking only when it is one of these: not
+# there, a known stale release, or a link (replaced, never followed). Anything else may be the
+# user's own file: replaced only on an explicit repair or download.
+def replaceable(problem: str) -> bool:
+    """Whether a file with this problem (from :func:`check`) may be replaced unasked."""
+    return problem == "missing" or problem.startswith(("stale", "a symbolic link"))
+
+
+def _refusal(name: str, folder: Path, refused: list[tuple[Target, str]]) -> DataFilesError:
+    """The error for present files that fail verification and were left as they are."""
+    root, dataset = data_root(folder), name.lower()
+    lines = [
+        f"{name}: {len(refused)} file(s) in {folder} are not the official ones and were left "
+        "as they are. Your own files (a re-split, a subset): pass --no-verify (verify=False). "
+        f"To replace them: python -m kmnist_torch verify {dataset} --root {root} --repair"
+    ]
+    lines += [f"- {t.dest.name}: {problem}" for t, problem in refused]
+    return DataFilesError("\n".join(lines))
+
+
+def _unusable(name: str, folder: Path, bad: list[Target], problems: dict, download: bool):
+    """The error naming every file still not right: what is wrong, where it comes from."""
+    if download:
+        head = f"{name}: {len(bad)} file(s) to download into {folder}, but no download source"
+    else:
+        head = f"{name}: {len(bad)} file(s) missing or not usable in {folder}"
+    lines = [f"{head}. Fix: {fix_command(name, folder)}", "Details:"]
+    if download:
+        lines.append(NO_SOURCE[0].upper() + NO_SOURCE[1:] + ".")
+    for t in bad:  # extras (the class map) were not checked above: they are missing or bad
+        lines.append(f"- {t.dest.name}: {problems.get(id(t)) or 'missing or not usable'}")
+        lines.append(t.describe())
+    if not download:
+        lines.append("Pass download=True (or --download) to fetch them, or place the files "
+                     "above by hand.")  # fmt: skip
+    return DataFilesError("\n".join(lines))
+
+
 def ensure_files(
     targets: list[Target],
     download_missing: bool,
@@ -119,10 +178,17 @@ def ensure_files(
     config: FetchConfig | None = None,
     extras: list[Target] = (),
     record: HashRecord | None = None,
+    replace: bool = False,
 ) -> None:
-    """Make sure every target is on disk and passes its checks; download what is missing, bad
-    or stale when ``download_missing``. Raises one :class:`DataFilesError` naming every file
-    that is still not right, with its URLs, size, md5 and the path to put it at.
+    """Make sure every target is on disk and passes its checks; download what is missing or
+    stale when ``download_missing``, all files of one call together or none (staged in the
+    same folder, checked, then moved into place). Raises one :class:`DataFilesError` naming
+    every file that is still not right, with its URLs, size, md5 and the path to put it at.
+
+    A present file that fails verification for another reason (a user's own file) is never
+    replaced unless ``replace`` (``verify --repair``, the ``download`` command): it is an
+    error offering ``--no-verify`` and ``verify --repair``. A derived root (one with a
+    manifest, :mod:`kmnist_torch.download.manifest`) is never downloaded into.
 
     ``extras`` (the class map) are fetched along when something is downloaded anyway, so a
     complete (or read-only) root is never touched for them.
@@ -135,29 +201,34 @@ def ensure_files(
     bad = [t for t in targets if problems[id(t)]]
     if not bad:
         return
+    if manifest_path(folder).exists():
+        raise DataFilesError(
+            f"{name}: {folder} is a derived root (it has {MANIFEST_NAME}): its files are not "
+            "the official ones and nothing is downloaded into it. Download into another --root."
+        )
+    refused = [(t, problems[id(t)]) for t in bad if not replaceable(problems[id(t)])]
+    if refused and not replace:
+        raise _refusal(name, folder, refused)
     if download_missing:
-        bad += [t for t in extras if check(t, verify, record)]
+        for t in extras:  # a user's own class map is left alone too
+            problem = check(t, verify, record)
+            if problem and (replace or replaceable(problem)):
+                bad.append(t)
     if not download_missing or not mirrors():
-        # One error naming every file: what is wrong, where it comes from, where to put it.
-        if download_missing:
-            lines = [f"{name}: {len(bad)} file(s) to download into {folder}, but {NO_SOURCE}:"]
-        else:
-            lines = [f"{name}: {len(bad)} file(s) not usable in {folder}:"]
-        for t in bad:  # extras (the class map) were not checked above: they are missing or bad
-            lines.append(f"- {t.dest.name}: {problems.get(id(t)) or 'missing or not usable'}")
-            lines.append(t.describe())
-        if not download_missing:
-            lines.append(
-                "Pass download=True (or run `python -m kmnist_torch download "
-                f"{name.lower()}`) to fetch them, or place the files above by hand."
-            )
-        raise DataFilesError("\n".join(lines))
-    config = config or FetchConfig()  # a bad $KMNIST_TORCH_* value fails here, by name
-    failures = []
+        raise _unusable(name, folder, bad, problems, download_missing)
+    _download_all(name, folder, bad, verify, config or FetchConfig(), record)
+
+
+def _download_all(
+    name: str, folder: Path, bad: list[Target], verify: bool, config: FetchConfig,
+    record: HashRecord,
+) -> None:  # fmt: skip
+    """Download ``bad`` under the folder's lock, all or none; one error for what failed."""
+    failures: list[str] = []
     # One lock per folder: a second process waits (bounded), then finds the files in place.
     try:
         with folder_lock(folder, DOWNLOAD_LOCK, what="downloading"):
-            _download_bad(bad, verify, config, failures)
+            _download_bad(bad, verify, config, failures, record)
     except LockTimeout as exc:
         raise DataFilesError(f"{name}: {exc}") from exc
     except OSError as exc:  # a read-only root, a root below a regular file...
@@ -168,18 +239,29 @@ def ensure_files(
         raise DataFilesError("\n".join(lines)) from exc
     if failures:
         raise DataFilesError(
-            f"{name}: download failed for {len(failures)} file(s). Set $KMNIST_TORCH_MIRRORS "
-            "to a mirror, or fetch the files by hand:\n" + "\n".join(failures)
+            f"{name}: download failed for {len(failures)} file(s); nothing in {folder} was "
+            "changed. Set $KMNIST_TORCH_MIRRORS to a mirror, or fetch the files by hand:\n"
+            + "\n".join(failures)
         )
 
 
+STAGING = ".kmnist_torch-staging"
+
+
 def _download_bad(
-    bad: list[Target], verify: bool, config: FetchConfig, failures: list[str]
+    bad: list[Target], verify: bool, config: FetchConfig, failures: list[str], record: HashRecord
 ) -> None:
     """Download each target still wrong (checked again: another process may have fixed it
-    while we waited for the lock); append a message per failure."""
+    while we waited for the lock) into the staging folder beside them; when every one arrived
+    and passed its checks, move them all into place, else leave the folder as it was and
+    append a message per failure (a partial download stays in the staging folder, resumed by
+    the next run)."""
     folder = bad[0].dest.parent
-    record = HashRecord(folder)
+    # Read again under the lock (another process may have recorded files meanwhile), into the
+    # caller's record, which goes on to record the copies it extracts.
+    record.entries = HashRecord(folder).entries
+    staging = folder / STAGING
+    staged: list[tuple[Path, Path, str, str]] = []
     for t in bad:
         problem = check(t, verify, record)
         if problem is None:
@@ -191,10 +273,34 @@ def _download_bad(
                                     max_size=cap)  # fmt: skip
         elif problem.startswith("stale"):
             warnings.warn(f"{t.dest}: {problem}; replacing it with the current release",
-                          stacklevel=4)  # fmt: skip
+                          stacklevel=5)  # fmt: skip
+        st = dataclasses.replace(t, dest=staging / t.dest.name)
+        _adopt_partial(t.dest, st.dest)
         try:
-            md5, sha = download(t, config)
+            md5, sha = download(st, config)
         except DownloadError as exc:
             failures.append(str(exc))
             continue
-        record.remember(t.dest, md5, sha)
+        staged.append((st.dest, t.dest, md5, sha))
+    try:
+        if failures:
+            return
+        for src, dest, md5, sha in staged:
+            os.replace(src, dest)  # replaces a link at dest itself, never its target
+            record.remember(dest, md5, sha)
+    finally:
+        for src, *_ in staged:
+            src.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            staging.rmdir()  # kept only while it holds a partial download to resume
+
+
+def _adopt_partial(dest: Path, staged: Path) -> None:
+    """Move a partial download left beside ``dest`` (by an older release of the package) into
+    the staging folder, so it is resumed rather than left behind."""
+    part = dest.with_name(dest.name + ".part")
+    if part.is_file() and not part.is_symlink() and not staged.with_name(part.name).exists():
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        for p in (part, part.with_name(part.name + ".json")):
+            with contextlib.suppress(OSError):
+                os.replace(p, staged.with_name(p.name))
