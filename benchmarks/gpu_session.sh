@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check, run as ONE call on a lent CUDA machine (see the README, "Benchmarks").
+# The prepared GPU check, run as ONE call on a lent CUDA machine (see CONTRIBUTING.md, "The GPU
+# session"; the figures go to docs/results.md).
 # It measures what the CPU development machine cannot: training throughput on CUDA (reference
 # loop vs ours, with and without torch.compile), and the `fast` recipe against the `paper` recipe
 # on real images (the KMNIST test split re-split 8,000/2,000), accuracy and device seconds.

@@ -21,7 +21,7 @@ own extension of the table, with the KKanji class's default split: no targets.
 
 ``--resplit SOURCE_DIR`` runs the KMNIST rows on real images where the official training
 images are out of reach: the real KMNIST test split (SOURCE_DIR holds
-``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz`` and ``kmnist_classmap.csv``)
+``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz``)
 re-split 8,000 train / 2,000 test and written as an official-format root in ``--root``
 (default OUT/resplit-data). Not the benchmark protocol: no target applies. ``--resplit``
 without SOURCE_DIR uses a root written before (e.g. carried to a machine without the source);

@@ -809,7 +809,9 @@ def test_official_flag_refuses_values_it_does_not_know(monkeypatch):
         mirrors()
 
 
-def test_a_symlink_at_the_final_file_is_replaced_never_read(tmp_path, http_server, fast_net):
+def test_a_symlink_at_the_final_file_is_kept_never_read(tmp_path, http_server, fast_net):
+    # A link may point at the user's own data: loading never follows it and never replaces it
+    # unasked (only `verify --repair` or the `download` command replace a file that fails).
     images, labels = random_split(20)
     good = write_split(tmp_path / "src", "kmnist", "test", images, labels)
     for f in good.iterdir():
@@ -821,7 +823,8 @@ def test_a_symlink_at_the_final_file_is_replaced_never_read(tmp_path, http_serve
     precious.write_bytes(b"precious")
     (raw / "t10k-labels-idx1-ubyte.gz").symlink_to(precious)
     with pytest.warns(UserWarning, match="verify=False"):
-        ds = KMNIST(tmp_path / "root", train=False, download=True, verify=False)
-    assert ds.targets.tolist() == labels.tolist()
-    assert not (raw / "t10k-labels-idx1-ubyte.gz").is_symlink()
+        with pytest.raises(DataFilesError, match="symbolic link") as err:
+            KMNIST(tmp_path / "root", train=False, download=True, verify=False)
+    assert "--repair" in str(err.value) and "put the file itself there" in str(err.value)
+    assert (raw / "t10k-labels-idx1-ubyte.gz").is_symlink()
     assert precious.read_bytes() == b"precious"

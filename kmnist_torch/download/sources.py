@@ -133,11 +133,12 @@ def fix_command(name: str, folder: Path) -> str:
 
 
 # A file that fails its check may be replaced without asking only when it is one of these: not
-# there, a known stale release, or a link (replaced, never followed). Anything else may be the
-# user's own file: replaced only on an explicit repair or download.
+# there, or a known stale release. Anything else may be the user's own file, a symbolic link to
+# their data included (never followed, so never read either): replaced only on an explicit
+# repair or download.
 def replaceable(problem: str) -> bool:
     """Whether a file with this problem (from :func:`check`) may be replaced unasked."""
-    return problem == "missing" or problem.startswith(("stale", "a symbolic link"))
+    return problem == "missing" or problem.startswith("stale")
 
 
 def _refusal(name: str, folder: Path, refused: list[tuple[Target, str]]) -> DataFilesError:
@@ -145,8 +146,9 @@ def _refusal(name: str, folder: Path, refused: list[tuple[Target, str]]) -> Data
     root, dataset = data_root(folder), name.lower()
     lines = [
         f"{name}: {len(refused)} file(s) in {folder} are not the official ones and were left "
-        "as they are. Your own files (a re-split, a subset): pass --no-verify (verify=False). "
-        f"To replace them: python -m kmnist_torch verify {dataset} --root {root} --repair"
+        "as they are. Your own files (a re-split, a subset): pass --no-verify (verify=False); "
+        "a symbolic link is never followed, so put the file itself there. To replace them: "
+        f"python -m kmnist_torch verify {dataset} --root {root} --repair"
     ]
     lines += [f"- {t.dest.name}: {problem}" for t, problem in refused]
     return DataFilesError("\n".join(lines))

@@ -5,7 +5,7 @@ What a process needs to know about the others lives in :class:`Dist` (rank, worl
 group for small host-side messages). One process (``torchrun`` not used) is ``Dist()``: every
 helper here is then a no-op, so the engine has one code path.
 
-Semantics (README-distributed.md says the same for users):
+Semantics (docs/distributed.md says the same for users):
 
 - The recipe's batch size is the *global* batch; each of the N processes takes ``B / N`` rows
   of every global batch, in order (:func:`part`), from an order drawn from the shared seed.

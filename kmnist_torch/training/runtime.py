@@ -1,6 +1,6 @@
 """What a run needs around its training loop: its output folder (checkpoint, results), the
 determinism switches, the stop request (Ctrl-C, SIGTERM), device names and timing, the git
-commit, and the CPU-time estimate. Re-exported by :mod:`kmnist_torch.training.engine`."""
+commit, and the CPU-time estimate."""
 
 from __future__ import annotations
 
