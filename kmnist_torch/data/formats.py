@@ -269,7 +269,9 @@ def write_idx(path: os.PathLike | str, arr: np.ndarray, compress: bool = True) -
     )
     payload = header + arr.tobytes()
     if compress:
-        payload = gzip.compress(payload, mtime=0)
+        # zlib's default level: level 9 (gzip's default) takes a minute on images of few grey
+        # levels, for 10% fewer bytes.
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
     Path(path).write_bytes(payload)
 
 
