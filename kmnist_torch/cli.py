@@ -131,9 +131,11 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _replace_bad(info: catalog.DatasetInfo, root: Path, split: str, fmt: str, verify: bool):
     """The ``download`` command replaces the official files of a split that are present but
-    fail verification (it is asked for, as ``verify --repair`` is), both together or neither;
-    a derived root (with a manifest) is left alone."""
-    from .data.arrays import raw_folder
+    fail verification (it is asked for, as ``verify --repair`` is), in one transaction with
+    those of the pair that are missing: both together or neither, so a partner that cannot be
+    fetched leaves the other file as it was. A file there only as its extracted idx copy is
+    left to loading (which checks it), and a derived root (with a manifest) is left alone."""
+    from .data.arrays import present, raw_folder
     from .download.manifest import manifest_path
     from .download.sources import ensure_files, target_for
 
@@ -141,8 +143,11 @@ def _replace_bad(info: catalog.DatasetInfo, root: Path, split: str, fmt: str, ve
     if manifest_path(folder).exists():
         return
     pair = info.splits[split][fmt]
-    there = [f for f in pair if (folder / f.name).exists() or (folder / f.name).is_symlink()]
-    targets = [target_for(f, folder, info.bases) for f in there]
+    if not any(present(f, folder) or (folder / f.name).is_symlink() for f in pair):
+        return  # nothing there: loading fetches the pair and the class map together
+    wanted = [f for f in pair
+              if present(f, folder) != "extracted" or (folder / f.name).is_symlink()]  # fmt: skip
+    targets = [target_for(f, folder, info.bases) for f in wanted]
     ensure_files(targets, True, verify, name=info.name, replace=True)
 
 

@@ -13,6 +13,7 @@ shapes, dtypes and label range can be checked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ import numpy as np
 from .._io import HashRecord, atomic_write
 from ..catalog import DatasetInfo, LocalFile, RemoteFile
 from ..download.fetch import Target, check
-from ..download.manifest import Manifest, file_problem, read_manifest
+from ..download.manifest import Manifest, file_problem, manifest_path, read_manifest
 from ..download.sources import (
+    data_root,
     ensure_files,
     fix_command,
     mirrors,
@@ -137,7 +139,8 @@ def _load_derived(
         for f in pair:
             if not (folder / f.name).is_file():
                 raise DataFilesError(f"{where}, but {f.name} is missing: write it again")
-    images, labels = _decode(info, folder, pair, ["official", "official"], fmt, record)
+    images, labels = _decode(info, folder, pair, ["official", "official"], fmt, record, verify,
+                             name)  # fmt: skip
     paths = (folder / pair[0].name, folder / pair[1].name)
     _check_arrays(info, split, images, labels, paths, False)
     expected = manifest.splits.get(split)
@@ -181,7 +184,7 @@ def load(
     official = [t for t, form in zip(official, forms) if form == "official"]
     ensure_files(official, download, verify, name=name, extras=extras, record=record)
     verified = verified and verify
-    images, labels = _decode(info, folder, pair, forms, fmt, record)
+    images, labels = _decode(info, folder, pair, forms, fmt, record, verify, name)
     names = [f.extracted.name if form == "extracted" else f.name for f, form in zip(pair, forms)]
     _check_arrays(info, split, images, labels, (folder / names[0], folder / names[1]), verify)
     source = "npz" if fmt == "npz" else ("idx" if "extracted" in forms else "idx.gz")
@@ -223,8 +226,9 @@ def _check_extracted(folder: Path, pair, forms: list, verify: bool, record, name
 
 
 def _decode(
-    info: DatasetInfo, folder: Path, pair, forms: list[str], fmt: str, record: HashRecord
-) -> tuple[np.ndarray, np.ndarray]:
+    info: DatasetInfo, folder: Path, pair, forms: list[str], fmt: str, record: HashRecord,
+    verify: bool, name: str,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     shape = info.image_shape
     if fmt == "npz":
         return (
@@ -236,7 +240,8 @@ def _decode(
         if form == "extracted":
             out.append(formats.read_idx(folder / remote.extracted.name, ndim, dims))
         else:
-            out.append(read_idx_cached(folder / remote.name, remote.extracted, ndim, dims, record))
+            gz = folder / remote.name
+            out.append(read_idx_cached(gz, remote.extracted, ndim, dims, record, verify, name))
     return out[0], out[1]
 
 
@@ -273,28 +278,80 @@ def read_idx_cached(
     ndim: int,
     shape: tuple[int, ...] | None,
     record: HashRecord | None = None,
+    verify: bool = True,
+    name: str = "the dataset",
 ) -> np.ndarray:
     """Decode an idx.gz, using (and keeping) the extracted copy torchvision also reads.
 
-    The extracted copy is read only when the record says it was written from this very gz
-    (same md5, neither file touched since); otherwise the gz is decoded and the copy rewritten.
+    The copy is read when the record says this package wrote it from this very gz (same md5,
+    neither file touched since). It is written from the gz only when it is absent, or when the
+    record says this package wrote it (from an earlier gz) and it is untouched since; one that
+    already has the gz's content is only remembered. Any other copy is the user's (edited, or
+    extracted from another file, or a symbolic link): never rewritten. With ``verify`` that is a
+    :class:`DataFilesError` offering the ways out; without, the copy is read (it is what
+    torchvision reads), with a warning saying so.
     """
     plain = gz_path.with_suffix("") if extracted is None else gz_path.with_name(extracted.name)
     record = record or HashRecord(gz_path.parent)
     gz_md5 = record.hashes(gz_path)[0]  # remembered after the first load
-    entry = record.lookup(plain) if plain.is_file() and not plain.is_symlink() else None
+    link = plain.is_symlink()
+    entry = record.lookup(plain) if plain.is_file() and not link else None
     if entry is not None and entry.get("from_md5") == gz_md5:
         return formats.read_idx(plain, ndim, shape)
     raw = formats.read_gzip(gz_path)
     arr = formats.parse_idx(raw, gz_path, ndim, shape)
+    md5, sha = hashlib.md5(raw).hexdigest(), hashlib.sha256(raw).hexdigest()
+    ours = entry is not None and "from_md5" in entry  # written by us, untouched since
+    if (link or plain.exists()) and not ours:
+        if not link and _same_content(plain, raw):  # e.g. torchvision extracted this very gz
+            with contextlib.suppress(OSError):
+                record.remember(plain, md5, sha, from_md5=gz_md5)
+            return arr
+        return _users_copy(gz_path, plain, link, ndim, shape, verify, name)
     try:
         atomic_write(plain, raw, fsync=False)
         # Hashed from memory: the bytes just written, not read back from disk.
-        md5, sha = hashlib.md5(raw).hexdigest(), hashlib.sha256(raw).hexdigest()
         record.remember(plain, md5, sha, from_md5=gz_md5)
     except OSError:  # read-only root: keep working from the gz
         pass
     return arr
+
+
+def _same_content(path: Path, raw: bytes) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == len(raw) and path.read_bytes() == raw
+    except OSError:
+        return False
+
+
+def _users_copy(
+    gz_path: Path, plain: Path, link: bool, ndim: int, shape, verify: bool, name: str
+) -> np.ndarray:
+    """An extracted copy that is not the gz's content and not ours to rewrite: refused with the
+    ways out (``verify``), else read as it is (what torchvision reads), with a warning."""
+    root, dataset = data_root(plain.parent), name.lower()
+    repair = f"python -m kmnist_torch verify {dataset} --root {root} --repair"
+    if manifest_path(plain.parent).exists():  # a derived root: nothing is repaired into it
+        repair = "write the root again (resplit / subset)"
+    if link:
+        raise DataFilesError(
+            f"{name}: {plain} is a symbolic link (never followed) and was left as it is. Put "
+            f"the file itself there, or replace it with the content of {gz_path.name}: {repair}"
+        )
+    if verify:
+        raise DataFilesError(
+            f"{name}: {plain} differs from {gz_path.name} beside it and was left as it is. "
+            "Your own copy (torchvision reads it): pass --no-verify (verify=False) to read it. "
+            f"To replace it with the content of {gz_path.name}: {repair}\n"
+            f"This package writes {plain.name} from {gz_path.name} only where it is absent or "
+            "was written by this package and not changed since."
+        )
+    _warn_once(
+        plain,
+        f"{name}: verify=False: read your {plain} (what torchvision reads), not "
+        f"{gz_path.name} beside it, whose content differs; {plain.name} was left as it is.",
+    )
+    return formats.read_idx(plain, ndim, shape)
 
 
 # ------------------------------------------------------------------ torchvision's legacy files

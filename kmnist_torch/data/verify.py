@@ -8,6 +8,7 @@ KKanji takes a while, and a line per file shows where it is.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import catalog
-from .._io import HashRecord, hash_file
+from .._io import HashRecord, atomic_write, hash_file
 from ..download.fetch import Target, check
 from ..download.manifest import Manifest, file_problem, read_manifest
 from ..download.sources import ensure_files, target_for
@@ -64,6 +65,8 @@ def copy_problem(gz: Path, copy: Path) -> str | None:
     Returns:
         What is wrong, in words, or None when ``copy`` is ``gz``'s content.
     """
+    if copy.is_symlink():
+        return "a symbolic link, not a file (never followed; rewritten from the .gz on repair)"
     try:
         same = read_gzip(gz) == copy.read_bytes()
     except (FormatError, OSError) as exc:
@@ -246,21 +249,42 @@ def _repair_files(
     bad: list[Target],
     say: Say,
 ) -> list[Target]:
-    """Fetch the official files again over the bad ones, all or none (loading re-extracts the
-    copies); return the files still bad."""
-    for t in bad:  # official files are replaced all at once, only once their copies arrived;
-        record.forget(t.dest.name)  # an extracted copy is rewritten from its .gz when decoded
+    """Fetch the official files again over the bad ones, all or none, then rewrite from its
+    .gz every extracted copy that differs from it (loading never rewrites a copy it did not
+    write); return the files still bad."""
+    for t in bad:  # official files are replaced all at once, only once their copies arrived
+        record.forget(t.dest.name)
     try:
         targets = [target_for(f, folder, info.bases) for f in files.pair]
         ensure_files(targets, True, True, name=info.name, replace=True)
-    except DataFilesError as exc:
+        rewritten = _rewrite_copies(folder, record, files.pair)
+    except (DataFilesError, FormatError, OSError) as exc:
         say(f"{info.name} {files.split} ({files.fmt}): repair failed: {exc}")
         return bad
-    for t in bad:
-        how = "downloaded again" if t.dest.suffix else "rewritten from the .gz"
-        say(f"{info.name} {t.dest.name}: repaired ({how})")
+    for name in dict.fromkeys([t.dest.name for t in bad] + rewritten):
+        how = "rewritten from the .gz" if name in rewritten else "downloaded again"
+        say(f"{info.name} {name}: repaired ({how})")
     files.forms = ["official"] * len(files.pair)
     return []
+
+
+def _rewrite_copies(folder: Path, record: HashRecord, pair) -> list[str]:
+    """Rewrite each extracted copy (or link) beside a .gz of ``pair`` that is not the .gz's
+    content, atomically, recorded as written from it; the names rewritten."""
+    done = []
+    for remote in pair:
+        copy = extracted_target(remote, folder)
+        if copy is None or not (copy.dest.is_file() or copy.dest.is_symlink()):
+            continue
+        gz = folder / remote.name
+        if copy_problem(gz, copy.dest) is None:
+            continue
+        raw = read_gzip(gz)
+        atomic_write(copy.dest, raw, fsync=False)
+        md5, sha = hashlib.md5(raw).hexdigest(), hashlib.sha256(raw).hexdigest()
+        record.remember(copy.dest, md5, sha, from_md5=record.hashes(gz)[0])
+        done.append(copy.dest.name)
+    return done
 
 
 def _decode(root: Path, info: catalog.DatasetInfo, files: _SplitFiles, say: Say) -> int:
