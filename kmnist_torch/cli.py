@@ -187,7 +187,7 @@ def cmd_subset(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         if not args.verify:
             warnings.simplefilter("ignore")
-        sizes = write_subset(resolve_root(args.root), info.name, Path(args.out_root),
+        sizes = write_subset(resolve_root(args.root), info.name, resolve_root(args.out_root),
                              {"train": args.train, "test": args.test}, args.seed,
                              args.verify)  # fmt: skip
     print(f"wrote {args.out_root}: {info.name} subset, "

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .. import catalog
-from .._io import hash_file
+from .._io import folder_lock, hash_file
 from ..download.manifest import file_problem, manifest_path, read_manifest, write_manifest
 from ..errors import DataFilesError
 from .arrays import raw_folder
@@ -78,7 +80,21 @@ def _write_files(folder: Path, info, split, images, labels, fmt: str, extracted=
     return names
 
 
-WRITING = ".kmnist_torch-writing"  # where a derived root is written before it is moved in
+# Where a derived root is written before it is moved in: a fresh folder of this prefix per run
+# (made by mkdtemp, never a fixed name that could be a planted link), under the folder's lock.
+WRITING = ".kmnist_torch-writing"
+LOCK = ".download.lock"  # the lock downloads into the folder hold too: one writer at a time
+
+
+def _sweep_writing(folder: Path) -> None:
+    """Remove the staging folders left in ``folder`` by killed writers: real directories only
+    (judged by ``os.lstat``), never a link or what it points to. Called under the lock."""
+    with os.scandir(folder) as entries:
+        stale = [e.path for e in entries if e.name.startswith(WRITING)]
+    for path in stale:
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _taken(folder: Path, info, staged: Path, names: list[str]) -> list[str]:
@@ -119,28 +135,43 @@ def write_derived(
     Returns the raw folder written."""
     info = catalog.get(name)
     folder = raw_folder(Path(root), info)
-    staged = folder / WRITING
-    shutil.rmtree(staged, ignore_errors=True)  # left by a killed writer
-    try:
+    # Written first in a private folder elsewhere, so a root refused before any writer of ours
+    # came (no lock file: the files judged were not half-written by one) is left exactly as it
+    # was, without even a lock file; else the check under the lock decides.
+    with tempfile.TemporaryDirectory(prefix="kmnist_torch-derived-") as tmp:
         names = []
         for split, (images, labels) in splits.items():
-            names += _write_files(staged, info, split, images, labels, fmt)
+            names += _write_files(Path(tmp), info, split, images, labels, fmt)
         names = list(dict.fromkeys(names))
-        taken = _taken(folder, info, staged, names)
-        if taken:
-            raise DataFilesError(
-                f"{folder} already holds files of {info.title} that are not a root this "
-                f"package derived; nothing was written. Choose an empty --root. Files: "
-                + ", ".join(taken)
-            )
-        manifest_path(folder).unlink(missing_ok=True)  # the old manifest no longer holds
-        for n in names:
-            os.replace(staged / n, folder / n)
-        counts = {split: len(labels) for split, (_, labels) in splits.items()}
-        write_manifest(folder, info.name, origin, how, names, counts)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        taken = _taken(folder, info, Path(tmp), names) if folder.is_dir() else []
+        if taken and not os.path.lexists(folder / LOCK):
+            raise _taken_error(folder, info, taken)
+        # One writer at a time: two runs never sweep or replace each other's files.
+        with folder_lock(folder, LOCK, what="writing a derived root"):
+            _sweep_writing(folder)
+            staged = Path(tempfile.mkdtemp(prefix=WRITING + "-", dir=folder))
+            try:
+                for n in names:  # onto the root's file system: os.replace is atomic there
+                    shutil.move(Path(tmp) / n, staged / n)
+                taken = _taken(folder, info, staged, names)  # under the lock: the last word
+                if taken:
+                    raise _taken_error(folder, info, taken)
+                manifest_path(folder).unlink(missing_ok=True)  # the old one no longer holds
+                for n in names:
+                    os.replace(staged / n, folder / n)
+                counts = {split: len(labels) for split, (_, labels) in splits.items()}
+                write_manifest(folder, info.name, origin, how, names, counts)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
     return folder
+
+
+def _taken_error(folder: Path, info, taken: list[str]) -> DataFilesError:
+    """The refusal to write a derived root over the files ``taken`` (from :func:`_taken`)."""
+    return DataFilesError(
+        f"{folder} already holds files of {info.title} that are not a root this package "
+        f"derived; nothing was written. Choose an empty --root. Files: {', '.join(taken)}"
+    )
 
 
 # The real-image re-split: the real KMNIST test split cut into these many training and test

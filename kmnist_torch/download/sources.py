@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def _download_bad(
     # Read again under the lock (another process may have recorded files meanwhile), into the
     # caller's record, which goes on to record the copies it extracts.
     record.entries = HashRecord(folder).entries
-    staging = folder / STAGING
+    staging = _staging_folder(folder)
     staged: list[tuple[Path, Path, str, str]] = []
     for t in bad:
         problem = check(t, verify, record)
@@ -280,8 +281,8 @@ def _download_bad(
         _adopt_partial(t.dest, st.dest)
         try:
             md5, sha = download(st, config)
-        except DownloadError as exc:
-            failures.append(str(exc))
+        except DownloadError as exc:  # where to put the file by hand: its place, not staging
+            failures.append(str(exc).replace(st.describe(), t.describe()))
             continue
         staged.append((st.dest, t.dest, md5, sha))
     try:
@@ -295,6 +296,28 @@ def _download_bad(
             src.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             staging.rmdir()  # kept only while it holds a partial download to resume
+
+
+def _staging_folder(folder: Path) -> Path:
+    """The staging folder in ``folder``, a real directory: whatever else is at its name (a
+    symbolic link, a file) is removed first, the link itself and never what it points to, so
+    nothing is ever written, moved or deleted through it. Called under the folder's lock."""
+    staging = folder / STAGING
+    try:
+        mode = os.lstat(staging).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISDIR(mode):
+        try:
+            staging.unlink()
+        except OSError:
+            if os.name != "nt":
+                raise
+            os.rmdir(staging)  # a Windows link to a folder: removed alone, never its files
+        mode = None
+    if mode is None:
+        staging.mkdir()
+    return staging
 
 
 def _adopt_partial(dest: Path, staged: Path) -> None:
