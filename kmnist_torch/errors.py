@@ -18,6 +18,7 @@ signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 | :class:`ModelFileError` | a model file or checkpoint cannot be used | 1 |
 | :class:`ImageError` | an image given to ``predict`` cannot be read | 1 |
 | :class:`ExportError` | a model cannot be exported as asked | 1 |
+| :class:`SettingError` | a ``KMNIST_TORCH_*`` setting is outside its range | 1 |
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class ImageError(UserError, ValueError):
 
 class ExportError(UserError, RuntimeError):
     """The model cannot be exported as asked, or the export does not match the model."""
+
+
+class SettingError(UserError, ValueError):
+    """A ``KMNIST_TORCH_*`` environment variable holds a value outside its documented range."""
 
 
 class UncheckedContentWarning(UserWarning):
