@@ -34,7 +34,7 @@ from kmnist_torch.errors import FormatError, SettingError, UserError
 MAX = 64 << 10  # max_bytes given to the readers: hostile headers cannot cost more than this
 FUZZ = settings(
     derandomize=True,
-    max_examples=120,
+    max_examples=int(os.environ.get("KMNIST_FUZZ_EXAMPLES", "120")),  # benchmarks/fuzz.py: more
     deadline=5000,  # ms: generous on a shared 2-core machine; catches a hang, not a slow step
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -442,3 +442,56 @@ def test_hostile_inputs_on_the_command_line_are_one_line_each(tmp_path):
         lines = [line for line in text.splitlines() if expected in line]
         assert lines and all(line.startswith("error: ") for line in lines), text
     assert not (tmp_path / "m.png").exists() and not (tmp_path / "n.png").exists()
+
+
+# ------------------------------------------------- verify kkanji: an unrecorded tar is not OK
+
+
+@pytest.mark.parametrize("kind", ["html", "subset"])
+def test_verify_kkanji_never_says_ok_for_a_tar_it_never_checked(tmp_path, capsys, kind):
+    from fakedata import kkanji_files, kkanji_tar
+
+    from kmnist_torch.cli import main
+
+    folder = tmp_path / "KKanji"
+    folder.mkdir()
+    tar = folder / "kkanji.tar"
+    if kind == "html":
+        tar.write_bytes(b"<!DOCTYPE html><html><body>Please log in</body></html>\n")
+    else:  # 6 images where the full set has 140,424: no record says it was ever checked
+        tar.write_bytes(kkanji_tar(kkanji_files(2, 3)))
+    before = tar.read_bytes()
+    assert main(["verify", "kkanji", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "kkanji: BAD: " in out and "unrecorded and unchecked" in out and "OK" not in out
+    # --repair checks it in full by extracting it: refused, and the user's file is left as is.
+    assert main(["verify", "kkanji", "--root", str(tmp_path), "--repair"]) == 1
+    out = capsys.readouterr().out
+    why = "not a complete tar archive" if kind == "html" else "holds 2 classes and 6 images"
+    assert "repair failed" in out and why in out
+    assert tar.read_bytes() == before
+    left = sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+    assert left == ["kkanji.tar"]  # no tree, no record: nothing a later run would trust
+
+
+def test_verify_kkanji_repair_checks_and_records_an_unrecorded_full_tar(tmp_path, monkeypatch,
+                                                                         capsys):  # fmt: skip
+    import dataclasses
+
+    from fakedata import kkanji_files, kkanji_tar
+
+    from kmnist_torch import catalog
+    from kmnist_torch.cli import main
+
+    full = dataclasses.replace(catalog.KKANJI, num_classes=2, split_sizes={"all": 6})
+    monkeypatch.setattr(catalog, "KKANJI", full)  # a catalog whose full set is these 6 images
+    folder = tmp_path / "KKanji"
+    folder.mkdir()
+    (folder / "kkanji.tar").write_bytes(kkanji_tar(kkanji_files(2, 3)))
+    assert main(["verify", "kkanji", "--root", str(tmp_path)]) == 1
+    assert "unrecorded and unchecked" in capsys.readouterr().out
+    assert main(["verify", "kkanji", "--root", str(tmp_path), "--repair"]) == 0
+    assert "repaired: 6 images" in capsys.readouterr().out
+    assert (folder / "kkanji.tar.record.json").is_file()
+    assert main(["verify", "kkanji", "--root", str(tmp_path)]) == 0
+    assert "OK, 6 images in 2 classes" in capsys.readouterr().out

@@ -82,9 +82,11 @@ def _check_file_size(path, fh: BinaryIO, most: int) -> int:
     return size
 
 
-def _read_upto(fh: BinaryIO, n: int) -> bytearray:
-    """At most ``n`` bytes of ``fh``, read a chunk at a time: memory grows with what is there."""
-    out = bytearray()
+def _read_upto(fh: BinaryIO, n: int, out: bytearray | None = None) -> bytearray:
+    """``out`` (default empty) extended by at most ``n`` bytes of ``fh``, read a chunk at a
+    time: memory grows with what is there, and nothing is copied twice."""
+    out = bytearray() if out is None else out
+    n += len(out)
     while len(out) < n:
         chunk = fh.read(min(CHUNK, n - len(out)))
         if not chunk:
@@ -137,13 +139,13 @@ def _read_idx_stream(
         raise _fail(path, "an idx header", f"{len(head)} bytes in all")
     ndim = _check_magic(path, head, ndim)
     header_len = 4 + 4 * ndim
-    head += _read_upto(fh, header_len - 4)
+    head = _read_upto(fh, header_len - 4, head)
     if len(head) < header_len:
         raise _fail(path, f"an idx header of {header_len} bytes", f"{len(head)} bytes in all")
     dims = struct.unpack(f">{ndim}I", head[4:header_len])
     _check_dims(path, dims, ndim, shape)
     n_bytes = _bounded_size(path, dims, max_bytes)
-    body = head + _read_upto(fh, n_bytes)
+    body = _read_upto(fh, n_bytes, head)
     if len(body) - header_len != n_bytes or fh.read(1):
         found = f"{len(body) - header_len}"
         if len(body) - header_len == n_bytes:
@@ -176,7 +178,7 @@ def read_gzip(
                 if ndim is not None or magic in IDX_MAGICS:
                     fh.seek(0)
                     return _read_idx_stream(fh, path, ndim, None, max_bytes, True)[0]
-                head += _read_upto(fh, max_bytes + 1 - len(head))
+                head = _read_upto(fh, max_bytes + 1 - len(head), head)
         except FormatError:
             raise
         except _BROKEN as exc:
