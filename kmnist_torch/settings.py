@@ -71,8 +71,9 @@ def _num(x: float) -> str:
 
 
 def _shown(value: str) -> str:
-    """A value as given, quoted, cut to 40 characters (a setting's error stays one line)."""
-    return repr(value) if len(value) <= 40 else repr(value[:40]) + f"... ({len(value)} chars)"
+    """A value as given, quoted and escaped, cut to 60 characters (an error stays one line)."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:60] + f"... ({len(value)} characters)"
 
 
 def env_number(
