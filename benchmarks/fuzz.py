@@ -223,7 +223,7 @@ def run_hypothesis(examples: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=2000,
-                   help="Hypothesis examples per fuzz test (the suite runs 120)")  # fmt: skip
+                   help="Hypothesis examples per fuzz test (the suite runs 100)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="leave out the 1 GiB files")
     p.add_argument("--out", default="bench-out/fuzz.json")
     p.add_argument("--build-into", help=argparse.SUPPRESS)  # the files, from a subprocess
