@@ -105,7 +105,7 @@ def env_number(
             out = None
     if (
         out is None
-        or not math.isfinite(out)
+        or (isinstance(out, float) and not math.isfinite(out))  # an int of 999 digits is finite
         or (out < bound if op == ">=" else out <= bound)
         or (at_most is not None and out > at_most)
     ):
