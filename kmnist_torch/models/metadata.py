@@ -170,7 +170,9 @@ def _check(meta: Any) -> None:
     if not isinstance(meta, dict):
         raise _Bad(f"metadata is {_show(meta)}, not a mapping")
     missing = [k for k in KEYS if k not in meta]  # a dict's keys: hashed, never compared
-    unknown = [_show(k) for k in meta if type(k) is not str or k not in KEYS]
+    unknown = [
+        k if type(k) is str else _show(k) for k in meta if type(k) is not str or k not in KEYS
+    ]
     if missing or unknown:
         raise _Bad(f"metadata keys: missing {missing}, unknown {unknown}")
     if type(meta["format"]) is not str or meta["format"] != FORMAT:
