@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -34,7 +35,7 @@ from .errors import ImageError
 from .models.modelfile import load_model
 from .settings import decode_workers
 
-__all__ = ["build_parser", "load_image", "main", "predict", "run", "top_k"]
+__all__ = ["build_parser", "image_files", "load_image", "main", "predict", "run", "top_k"]
 
 
 def _border(a: np.ndarray) -> np.ndarray:
@@ -253,6 +254,24 @@ def predict(
     return results
 
 
+# What a folder given to the command line contributes: its files with these suffixes (any case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(paths: Sequence[str]) -> list[str]:
+    """``paths`` with each folder replaced by the image files in it (by name, not recursing,
+    :data:`IMAGE_SUFFIXES`), sorted. A folder without any stays, to be reported; what is not a
+    regular file among them is refused, unopened, when its turn comes."""
+    out: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            out.append(path)
+            continue
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+        out.extend([os.path.join(path, n) for n in names] or [path])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     p = Parser(
@@ -261,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         "paper is inverted automatically).",
     )
     p.add_argument("model", metavar="RUN_OR_MODEL", help="run folder, model.pt or checkpoint.pt")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument(
+        "images",
+        metavar="IMAGE",
+        nargs="+",
+        help="image files, or folders: the files in a folder whose names end in "
+        + " ".join(IMAGE_SUFFIXES),
+    )
     p.add_argument("--top-k", type=int, default=5, metavar="K")
     p.add_argument("--json", action="store_true", help="print JSON, one object per image")
     p.add_argument(
@@ -280,8 +305,11 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
+    # PIL warns about damaged tags it skips (Corrupt EXIF data ...): the image then decodes or
+    # fails with its own error line; the warnings would only be noise between the answers.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     model = load_model(args.model, args.device)
-    results = predict(model, args.images, args.top_k, args.invert)
+    results = predict(model, image_files(args.images), args.top_k, args.invert)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=1))
         return results

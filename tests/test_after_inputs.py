@@ -238,16 +238,22 @@ def test_images_are_bounded_before_decoding_and_padding(tmp_path):
 
 
 def test_a_fifo_among_the_images_does_not_block_the_others(run, tmp_path):
-    good = _png(tmp_path / "good.png", random_split(1, "kmnist", 4)[0][0])
-    fifo = tmp_path / "pipe.png"
+    """A folder of images with a FIFO named like one among them, and a note: the command
+    answers for every image, reports the FIFO without opening it, skips the note."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = _png(scans / "a.png", random_split(1, "kmnist", 4)[0][0])
+    (scans / "c.PNG").write_bytes(good.read_bytes())
+    (scans / "notes.txt").write_text("not an image")
+    fifo = scans / "b.png"
     os.mkfifo(fifo)  # nobody ever writes to it: opening it would block for ever
-    argv = [sys.executable, "-m", "kmnist_torch.predict", str(run), str(good), str(fifo),
-            str(good), "--json"]  # fmt: skip
+    argv = [sys.executable, "-m", "kmnist_torch.predict", str(run), str(scans), str(good), "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     doc = json.loads(out.stdout)
-    assert [bool(r["predictions"]) for r in doc] == [True, False, True]
+    assert [r["image"] for r in doc] == [str(good), str(fifo), str(scans / "c.PNG"), str(good)]
+    assert [bool(r["predictions"]) for r in doc] == [True, False, True, True]
     assert doc[1]["error"] == f"{fifo}: a FIFO (named pipe), not a regular file for an image"
 
 

@@ -235,6 +235,10 @@ def _read(file: Path) -> dict[str, Any]:
     return state
 
 
+def _same_text(recorded: Any, computed: str) -> bool:
+    return type(recorded) is str and recorded == computed  # never compares a tensor
+
+
 def _checked_model_file(state: dict[str, Any], file: Path) -> tuple[dict, Any]:
     """A ``model.pt``'s metadata and weights, each checked whole and against its sha256."""
     if "weights_sha256" not in state:
@@ -250,13 +254,13 @@ def _checked_model_file(state: dict[str, Any], file: Path) -> tuple[dict, Any]:
             UncheckedContentWarning,
             stacklevel=3,
         )
-    elif state["meta_sha256"] != meta_sha256(meta):
+    elif not _same_text(state["meta_sha256"], meta_sha256(meta)):
         raise ModelFileError(
             f"{file}: its metadata differs from what the run wrote (sha256 mismatch): the file "
             "is damaged or was edited; train the run again, or restore it from a copy"
         )
     check_weights(weights, meta, file)
-    if weights_sha256(weights) != state["weights_sha256"]:
+    if not _same_text(state["weights_sha256"], weights_sha256(weights)):
         raise ModelFileError(
             f"{file}: its weights differ from those the run wrote (sha256 mismatch): the "
             "file is damaged or was edited; train the run again, or restore it from a copy"
