@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's package, as the children get it
 
 
 def _child(argv: list[str], timeout: float = 600) -> dict:
@@ -115,11 +116,13 @@ def _image_cases(work: Path) -> dict[str, Path]:
     cases["good 28x28 PNG"] = work / "good.png"
     Image.new("L", (100_000, 1), 255).save(work / "strip.png")
     cases["1 x 100,000 PNG"] = work / "strip.png"
-    noise = rng.integers(0, 256, (side, side, 4), dtype=np.uint8)
-    Image.fromarray(noise, "RGBA").save(work / "rgba.png", compress_level=1)
+    # The largest images accepted, compressible (under the file-size bound) but fully decoded.
+    tile = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    Image.fromarray(np.tile(tile, (side // 64, side // 64, 1)), "RGBA").save(work / "rgba.png")
     cases[f"{side} x {side} RGBA PNG (largest accepted)"] = work / "rgba.png"
-    Image.fromarray(noise[..., 0].astype(np.float32) / 255, "F").save(work / "f.tif")
-    cases[f"{side} x {side} float TIFF"] = work / "f.tif"
+    ramp = np.tile(np.linspace(0, 1, side, dtype=np.float32), (side, 1))
+    Image.fromarray(ramp, "F").save(work / "f.tif", compression="tiff_adobe_deflate")
+    cases[f"{side} x {side} float TIFF (deflated)"] = work / "f.tif"
     Image.new("L", (3, side), 255).save(work / "tall.png")
     cases[f"3 x {side} PNG (padded to {side} x {side})"] = work / "tall.png"
     header = bytearray((work / "good.png").read_bytes())
@@ -185,28 +188,40 @@ def _prepare(work: Path) -> None:
     (work / "run" / "results.json").write_text(json.dumps({"config": config}))
 
 
+def _prepare_all(work: Path) -> list[tuple[str, str, list[str]]]:
+    """Write every case under ``work``; (kind, case, argv) for each."""
+    _prepare(work)
+    py = [sys.executable, "-m"]
+    cases = []
+    for name, path in _model_cases(work).items():
+        argv = [*py, "kmnist_torch.predict", str(path), str(work / "good.png")]
+        cases.append(("model file", name, argv))
+    for name, path in _image_cases(work).items():
+        cases.append(("image", name, [*py, "kmnist_torch.predict", str(work / "run"), str(path)]))
+    for name, path in _run_cases(work).items():
+        argv = [*py, "kmnist_torch.evaluate", str(path), "--device", "cpu", "--no-verify"]
+        cases.append(("run folder", name, argv))
+    return cases
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench-out/hostile_after.json")
     parser.add_argument("--fuzz", type=int, default=0, metavar="N", help="examples per property")
+    parser.add_argument("--prepare", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prepare:  # in a child: torch never enters the measuring process
+        print(json.dumps(_prepare_all(Path(args.prepare))))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        _prepare(work)
-        py = [sys.executable, "-m"]
-        for kind, cases in (("model file", _model_cases(work)), ("image", _image_cases(work))):
-            for name, path in cases.items():
-                argv = (
-                    [*py, "kmnist_torch.predict", str(path), str(work / "good.png")]
-                    if kind == "model file"
-                    else [*py, "kmnist_torch.predict", str(work / "run"), str(path)]
-                )
-                rows.append({"kind": kind, "case": name, **_child(argv)})
-                print(_line(rows[-1]), flush=True)
-        for name, path in _run_cases(work).items():
-            argv = [*py, "kmnist_torch.evaluate", str(path), "--device", "cpu", "--no-verify"]
-            rows.append({"kind": "run folder", "case": name, **_child(argv)})
+        # A child's peak memory starts at its parent's size (Linux keeps the high-water mark
+        # across fork and exec): this process stays small, and the cases are written by another.
+        made = subprocess.run(
+            [sys.executable, __file__, "--prepare", tmp], capture_output=True, text=True, check=True
+        )
+        for kind, name, argv in json.loads(made.stdout):
+            rows.append({"kind": kind, "case": name, **_child(argv)})
             print(_line(rows[-1]), flush=True)
     doc = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
            "cpus": os.cpu_count(), "rows": rows}  # fmt: skip

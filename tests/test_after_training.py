@@ -318,7 +318,9 @@ def test_predict_reports_each_bad_image_and_still_answers_for_the_good(run, tmp_
     data[16:24] = struct.pack(">II", 50000, 50000)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     huge.write_bytes(bytes(data))
-    paths = [good, tmp_path, cut, huge, tmp_path / "missing.png"]
+    empty = tmp_path / "empty"  # a folder with no image files in it
+    empty.mkdir()
+    paths = [good, empty, cut, huge, tmp_path / "missing.png"]
     assert predict.main([str(run["out"]), "--json", *map(str, paths)]) == 1
     out, err = capsys.readouterr()
     doc = json.loads(out)
