@@ -59,7 +59,7 @@ SUPPORTED_MODES = (*COLOUR_MODES, *ALPHA_MODES, "I;16", "I;16L", "I;16B", "I;16N
 def _scaled(a: np.ndarray, mode: str, path: Any) -> np.ndarray:
     """A 16-bit, 32-bit integer or float image as uint8, by its value range: 16-bit 0..65535;
     32-bit integers 0..255 as they are, up to 65535 as 16-bit; floats 0..1 (or up to 255)."""
-    a = a.astype(np.float64)
+    a = a.astype(np.float32)  # exact for 16-bit values; one copy, then worked on in place
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
         raise ImageError(
@@ -78,7 +78,8 @@ def _scaled(a: np.ndarray, mode: str, path: Any) -> np.ndarray:
             f"{path}: {mode} image with values up to {hi:g}, expected {expected}; save it as an "
             "8-bit grayscale PNG"
         )
-    return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    a *= scale
+    return np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8)
 
 
 def _gray(im: Image.Image, path: Any) -> np.ndarray:
