@@ -34,8 +34,8 @@ from .training.metrics import accuracy, balanced_accuracy
 
 __all__ = ["build_parser", "class_report", "main", "predict_split", "run"]
 
-# The largest batch evaluate feeds the model, whatever the recipe says (memory: about 0.5 GB of
-# activations for simple_cnn at 64x64 on a CPU); the trainer's own batch size up to it.
+# The largest batch evaluate feeds the model, whatever a model file's recipe says (a forged
+# eval_batch_size must not size the activations); the trainer's own batch size up to it.
 EVAL_BATCH_MAX = 2048
 # Above this many classes metrics.json keeps the confusion matrix as (true, predicted, count)
 # triples: KKanji's 3,832 x 3,832 as nested lists would be ~40 MB of zeros.
