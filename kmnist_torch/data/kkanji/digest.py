@@ -57,9 +57,10 @@ def class_digest(folder: Path, names: list[str]) -> str:
     return h.hexdigest()
 
 
-def load(path: Path = DIGEST_PATH) -> Digest:
+def load(path: Path | None = None) -> Digest:
     """The digest stored at ``path`` (the shipped one by default), checked against its own
     overall sha256."""
+    path = DIGEST_PATH if path is None else path
     lines = gzip.decompress(path.read_bytes()).decode("ascii").splitlines()
     classes = {}
     for line in lines[2:]:
