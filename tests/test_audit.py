@@ -118,7 +118,7 @@ def test_audit_kmnist_finds_what_the_2019_fix_removed(tmp_path, capsys):
             "--picture", str(tmp_path / "new.png")]  # fmt: skip
     assert main(argv) == 0
     stale = json.loads(out.read_text(encoding="utf-8"))["stale_release"]
-    assert stale["verdict"] == f"no black and no duplicated image: not the pre-2019-02-05 data"
+    assert stale["verdict"] == "no black and no duplicated image: not the pre-2019-02-05 data"
 
 
 def test_audit_k49_reads_whatever_split_the_root_has(tmp_path, capsys):
