@@ -24,6 +24,7 @@ from ..formats import png_problem
 from .layout import (
     CACHE_VERSION,
     MAX_MEMBER_BYTES,
+    NAME_RE,
     SIDE,
     TAR_NAME,
     TREE_NAME,
@@ -132,7 +133,10 @@ def scan_tree(tree: Path, verify: bool) -> Listing:
         stats = _png_stats(tree, folder, unexpected)
         copies = _copy_artefacts(tree / folder, [s[0] for s in stats])
         artefacts += [f"{folder}/{n}" for n in sorted(copies)]
-        stats = [s for s in stats if s[0] not in copies]
+        # The tar's name rule: any other name is no image of the set.
+        unexpected += [f"{folder}/{shown(s[0])}" for s in stats
+                       if s[0] not in copies and not NAME_RE.fullmatch(s[0])]  # fmt: skip
+        stats = [s for s in stats if s[0] not in copies and NAME_RE.fullmatch(s[0])]
         names.append([s[0] for s in stats])
         text = "".join(f"{folder}/{n}\t{size}\t{mtime}\n" for n, size, mtime in stats).encode()
         digest.update(text)
