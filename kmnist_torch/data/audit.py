@@ -83,21 +83,8 @@ def audit_images(
     blank = ink < BLANK_SHARE * int(np.prod(images.shape[1:]))
     groups = identical_groups(images)
     per_class = np.bincount(labels, minlength=len(classes))
-    dup_count = np.zeros(len(classes), np.int64)
     blank_count = np.bincount(labels[blank], minlength=len(classes))
-    out_groups = []
-    for g in groups:
-        glabels = sorted({int(labels[i]) for i in g})
-        for k in glabels:
-            dup_count[k] += int((labels[g] == k).sum())
-        out_groups.append({
-            "size": len(g),
-            "cross_class": len(glabels) > 1,
-            "blank": bool(blank[g[0]]),
-            "classes": [classes[k] for k in glabels],
-            "images": [{"index": int(i), "name": names[i], "class": classes[int(labels[i])]}
-                       for i in g],
-        })  # fmt: skip
+    out_groups, dup_count = _describe_groups(groups, labels, blank, classes, names)
     return {
         "images": int(len(images)),
         "classes": len(classes),
@@ -135,6 +122,25 @@ def audit_images(
     }
 
 
+def _describe_groups(groups, labels, blank, classes, names) -> tuple[list[dict], np.ndarray]:
+    """Each group as the report lists it, and how many images of each class are in one."""
+    dup_count = np.zeros(len(classes), np.int64)
+    out_groups = []
+    for g in groups:
+        glabels = sorted({int(labels[i]) for i in g})
+        for k in glabels:
+            dup_count[k] += int((labels[g] == k).sum())
+        out_groups.append({
+            "size": len(g),
+            "cross_class": len(glabels) > 1,
+            "blank": bool(blank[g[0]]),
+            "classes": [classes[k] for k in glabels],
+            "images": [{"index": int(i), "name": names[i], "class": classes[int(labels[i])]}
+                       for i in g],
+        })  # fmt: skip
+    return out_groups, dup_count
+
+
 def stale_files(info: catalog.DatasetInfo, folder: Path) -> list[dict[str, str]]:
     """The files of ``info`` in ``folder`` (or its ``raw/``) that are a known stale release,
     by md5, with what they are."""
@@ -154,9 +160,10 @@ def load_splits(name: str, root: Path) -> dict[str, Any]:
     """Every official split of ``name`` (KMNIST, K49) that ``root`` has files for, in the first
     format that loads, read without checksums (an audit looks at stale and altered files too).
     A :class:`DataFilesError` when none loads."""
-    from .registry import create_dataset
+    from .mnist import K49, KMNIST, MNIST
 
     info = catalog.get(name)
+    cls = {"kmnist": KMNIST, "k49": K49, "mnist": MNIST}[info.name]
     found: dict[str, Any] = {}
     errors = []
     for split in info.split_sizes:
@@ -165,7 +172,7 @@ def load_splits(name: str, root: Path) -> dict[str, Any]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     kw = {"format": fmt} if len(info.formats) > 1 else {}
-                    found[split] = create_dataset(name, root, split=split, verify=False, **kw)
+                    found[split] = cls(root, train=split == "train", verify=False, **kw)
                 break
             except (DataFilesError, FormatError) as exc:
                 errors.append(str(exc).splitlines()[0])

@@ -127,6 +127,22 @@ def _fill_test(order: list[int], n_test: int, unit_of: dict, train_only: set) ->
     return chosen
 
 
+def _source(folder: Path, listing: Listing, paths: list[str]) -> dict:
+    """What the split was made from, for the split file."""
+    rec = read_record(folder)
+    n_classes, n_images = expected()
+    return {
+        "classes": len(listing.codepoints),
+        "images": listing.total,
+        "complete": (len(listing.codepoints), listing.total) == (n_classes, n_images),
+        # Of the sorted file list: the same on any machine that has the same files.
+        "files_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+        "tar_sha256": rec["sha256"] if rec else None,
+        "checked_against_shipped_digest": listing.digest_checked,
+        "copy_artefacts_set_aside": len(listing.artefacts),
+    }
+
+
 def write_split_file(
     out_path: str | os.PathLike,
     root: str | os.PathLike | None = None,
@@ -148,8 +164,6 @@ def write_split_file(
     paths = listing.relpaths()
     train_counts = np.bincount(parts.labels[parts.train], minlength=len(parts.classes))
     test_counts = np.bincount(parts.labels[parts.test], minlength=len(parts.classes))
-    rec = read_record(folder)
-    n_classes, n_images = expected()
     doc = {
         "dataset": "Kuzushiji-Kanji",
         "split_version": SPLIT_VERSION,
@@ -159,16 +173,7 @@ def write_split_file(
             "min_per_class": int(min_per_class),
             "shots": None if shots is None else int(shots),
         },
-        "source": {
-            "classes": len(listing.codepoints),
-            "images": listing.total,
-            "complete": (len(listing.codepoints), listing.total) == (n_classes, n_images),
-            # Of the sorted file list: the same on any machine that has the same files.
-            "files_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
-            "tar_sha256": rec["sha256"] if rec else None,
-            "checked_against_shipped_digest": listing.digest_checked,
-            "copy_artefacts_set_aside": len(listing.artefacts),
-        },
+        "source": _source(folder, listing, paths),
         "audit": {
             **found.summary(np.repeat(np.arange(len(listing.counts)), listing.counts)),
             "rule": SPLIT_RULE,
