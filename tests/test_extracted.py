@@ -259,11 +259,15 @@ def test_a_hostile_tree_is_read_like_tar_members(tmp_path, capfd):
     # In a real process (a FIFO opened for reading would block it for ever; the timeout says
     # so): nothing hostile is opened, followed or read whole, and the names print safely.
     root, _ = _hostile_tree(tmp_path)
-    code = (
-        "import resource, warnings\n"
-        "from kmnist_torch.data.kkanji.dataset import KKanji\n"
-        f"ds = KKanji({str(root)!r}, split='all', verify=False)\n"
-        "print(len(ds), ds.codepoints, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    code = (  # the dataset's own steps, without its torch import: list, check, decode
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from kmnist_torch.data.kkanji.cache import images, open_source\n"
+        f"folder = Path({str(root)!r}) / 'KKanji'\n"
+        "listing = open_source(folder, False, False)\n"
+        "arr = images(folder, listing)\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(len(arr), listing.folders, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     proc, err = _run(code, tmp_path)
     assert proc.returncode == 0, err
