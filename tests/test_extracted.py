@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import re
 import subprocess
@@ -289,7 +290,8 @@ def test_a_hostile_tree_is_read_like_tar_members(tmp_path, capfd):
     assert not (tmp_path / "a.json").exists()
 
 
-def test_the_bounded_reader_refuses_before_reading(tmp_path):
+def test_the_bounded_reader_refuses_before_reading(tmp_path, monkeypatch):
+    from kmnist_torch.data.kkanji import tree as tree_module
     from kmnist_torch.data.kkanji.tree import read_member
     from kmnist_torch.errors import FormatError
 
@@ -303,7 +305,17 @@ def test_the_bounded_reader_refuses_before_reading(tmp_path):
     for path, why in cases.items():
         with pytest.raises(FormatError, match=re.escape(why)):
             read_member(path)
-    # Under the size cap but not a PNG: refused from its first 33 bytes.
+    # Under the size cap but not a PNG: refused from its first 33 bytes, the rest never read.
     (outside / "big.png").write_bytes(b"GIF89a" + bytes(900_000))
+    read_sizes: list[int] = []
+
+    class Counted(io.BufferedReader):
+        def read(self, n=-1):
+            data = super().read(n)
+            read_sizes.append(len(data))
+            return data
+
+    monkeypatch.setattr(tree_module.os, "fdopen", lambda fd, mode: Counted(io.FileIO(fd, "r")))
     with pytest.raises(FormatError, match="not a PNG file"):
         read_member(outside / "big.png")
+    assert read_sizes == [33]
