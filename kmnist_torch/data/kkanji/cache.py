@@ -17,8 +17,8 @@ import numpy as np
 from ... import catalog
 from ..._io import folder_lock_if_writable, hash_file, write_json
 from ...download.sources import resolve_root
+from ...errors import FormatError
 from ...settings import Progress, decode_workers
-from ..formats import read_gray_png
 from . import digest
 from .archive import ensure_tree
 from .layout import (
@@ -228,8 +228,11 @@ def check_cache(folder: Path, listing: Listing) -> list[str]:
     bad_images = 0
     for i, rel in enumerate(listing.relpaths()):
         png = listing.tree.parent / rel
-        try:
-            img = read_gray_png(png, (SIDE, SIDE))
+        try:  # read as at loading: a regular file, bounded, its header first
+            img = decode_member(png)
+        except FormatError as exc:  # it names the file
+            problems.append(str(exc))
+            continue
         except Exception as exc:  # noqa: BLE001 - every unreadable PNG is reported by name
             problems.append(f"{png}: {exc}")
             continue
