@@ -24,11 +24,12 @@ from ..data.loader import TensorLoader
 from ..settings import Progress
 from . import mixup
 from .augment import random_translate
+from .checkpoint import Saver, epoch_record
 from .distributed import Dist
 from .metrics import evaluate
 from .optim import build_optimizer, lr_factor
 from .recipes import Recipe
-from .runtime import CpuEstimate, RunDir, StopRequest, device_name, git_commit, sync
+from .runtime import CpuEstimate, RunDir, StopRequest, sync
 
 # --------------------------------------------------------------------- what a run is made of
 
@@ -284,101 +285,6 @@ def _account_epoch(
 # ------------------------------------------------------------------------------- the loop
 
 
-def summarize(
-    info: dict[str, Any], job: Job, state: RunState, finished: bool, interrupted: bool
-) -> dict[str, Any]:
-    """The results of a run as it stands (the ``results.json`` document).
-
-    Args:
-        info: what was run (config, dataset, sizes ...), copied in first.
-        job: the model (for its parameter count) and device.
-        state: the history and time spent.
-        finished: every epoch is done.
-        interrupted: the run stopped early (Ctrl-C or ``--stop-after``).
-
-    Returns:
-        ``info`` plus the per-epoch history, the last and best scores, images/s, wall and
-        device seconds, device, torch version and git commit.
-    """
-    history, spent = state.history, state.spent
-    last = history[-1] if history else {}
-    best = max(history, key=lambda e: e["test_accuracy"], default={})
-    best_bal = max(history, key=lambda e: e["test_balanced_accuracy"], default={})
-    return {
-        **info,
-        "parameters": sum(p.numel() for p in job.model.parameters()),
-        "epochs": history,
-        "epochs_done": len(history),
-        "test_accuracy": last.get("test_accuracy"),
-        "test_balanced_accuracy": last.get("test_balanced_accuracy"),
-        "test_loss": last.get("test_loss"),
-        "best_test_accuracy": best.get("test_accuracy"),
-        "best_test_accuracy_epoch": best.get("epoch"),
-        "best_test_balanced_accuracy": best_bal.get("test_balanced_accuracy"),
-        "best_test_balanced_accuracy_epoch": best_bal.get("epoch"),
-        "images_per_second": spent["train_images"] / max(spent["train_seconds"], 1e-9),
-        "wall_seconds": spent["wall_seconds"],
-        "device_seconds": spent["device_seconds"],
-        "device": device_name(job.device),
-        "device_type": job.device.type,
-        "world_size": job.dist.world_size,
-        "torch_version": torch.__version__,
-        **git_commit(),
-        "finished": finished,
-        "interrupted": interrupted,
-    }
-
-
-def _epoch_record(job: Job, state: RunState, metrics: dict[str, float], test_s: float) -> dict:
-    r, steps, carry = job.recipe, job.steps_per_epoch, state.carry
-    return {
-        "epoch": state.epoch + 1,
-        "lr": r.lr * lr_factor((state.epoch + 1) * steps - 1, steps, r),
-        "train_loss": carry["loss_sum"] / max(carry["seen"], 1),
-        "train_objective": r.objective(),
-        **metrics,
-        "images_per_second": carry["seen"] / max(carry["train_seconds"], 1e-9),
-        "train_seconds": carry["train_seconds"],
-        "test_seconds": test_s,
-    }
-
-
-class _Saver:
-    """Writes what a run has to show at each point: its checkpoint and its results, with the
-    wall-clock time of this session added to ``spent`` first."""
-
-    def __init__(
-        self, job: Job, state: RunState, run_dir: RunDir, config: dict, info: dict, start: float
-    ) -> None:
-        self.job, self.state, self.run_dir, self.config = job, state, run_dir, config
-        self.info = {**info, "config": config, "checkpoint": str(run_dir.checkpoint)}
-        self.mark = start
-
-    def account(self) -> None:
-        now = time.perf_counter()
-        self.state.spent["wall_seconds"] += now - self.mark
-        self.mark = now
-
-    def checkpoint(self) -> None:
-        self.account()
-        self.run_dir.save_checkpoint(self.config, self.state.state_dict(), self.job.model_meta)
-
-    def results(self, finished: bool, interrupted: bool, epoch_end: bool = True) -> dict:
-        # model.pt only at the end of an epoch: its weights then match its test scores.
-        job = self.job
-        res = summarize(self.info, job, self.state, finished, interrupted)
-        self.run_dir.write_results(res, job.model if epoch_end else None, job.model_meta)
-        return res
-
-    def stopped(self, where: str, epoch_end: bool) -> dict:
-        """Say where the run stopped and how to go on; the results of the interrupted run."""
-        print(
-            f"stopped {where}; checkpoint in {self.run_dir.checkpoint}; continue with --resume",
-            file=sys.stderr,
-        )
-        return self.results(finished=False, interrupted=True, epoch_end=epoch_end)
-
-
 def fit(
     job: Job,
     state: RunState,
@@ -410,7 +316,7 @@ def fit(
     """
     r = job.recipe
     start = time.perf_counter() if wall_start is None else wall_start
-    saver = _Saver(job, state, run_dir, config, info, start)
+    saver = Saver(job, state, run_dir, config, info, start)
     if state.epoch >= r.epochs:
         print(f"{run_dir.out}: all {r.epochs} epochs are done already", file=sys.stderr)
         saver.account()
@@ -480,7 +386,7 @@ def _test(
 def _close_epoch(job: Job, state: RunState, metrics: dict[str, float], test_s: float) -> None:
     """Record the finished epoch in the history, move ``state`` to the next one, and print
     the epoch's line."""
-    record = _epoch_record(job, state, metrics, test_s)
+    record = epoch_record(job, state, metrics, test_s)
     state.history.append(record)
     state.carry = {"loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
     state.epoch, state.step = state.epoch + 1, 0
