@@ -24,7 +24,7 @@ from ..data.loader import TensorLoader
 from ..settings import Progress
 from . import mixup
 from .augment import random_translate
-from .checkpoint import Saver, epoch_record
+from .checkpoint import Cadence, Saver, epoch_record
 from .distributed import Dist
 from .metrics import evaluate
 from .optim import build_optimizer, lr_factor
@@ -200,10 +200,11 @@ def train_one_epoch(
     stop: StopRequest | None = None,
     progress: bool | None = None,
     estimate: CpuEstimate | None = None,
+    saver: Saver | None = None,
 ) -> None:
     """Train epoch ``state.epoch`` from batch ``state.step`` to its end, or until ``stop`` is
-    requested; ``state.step``, ``state.carry`` (loss and time of the epoch so far) and
-    ``state.spent`` follow along.
+    requested, or until ``saver``'s checkpoint cadence says one is due; ``state.step``,
+    ``state.carry`` (loss and time of the epoch so far) and ``state.spent`` follow along.
 
     Args:
         job: what is trained.
@@ -212,6 +213,8 @@ def train_one_epoch(
         progress: False: nothing; else a bar on a terminal, plain lines elsewhere
             (:class:`~kmnist_torch.settings.Progress`).
         estimate: told the time of each step, to warn how long a CPU run will take.
+        saver: its guard sees each step's loss (a non-finite one stops the run); its
+            cadence may end the stretch early for a checkpoint.
     """
     skip = state.step
     job.model.train()
@@ -238,7 +241,7 @@ def train_one_epoch(
             # .item() waits for the device: only now and then, and only when shown.
             note = f"loss {loss.item():.4f}" if shown.enabled and state.step % 25 == 0 else None
             shown.update(1, len(y) * job.dist.world_size, note)
-            if stop is not None and stop.requested:
+            if _pause(job, state, loss, stop, saver):
                 break
     if ddp:
         job.dist.all_sum(loss_sum)
@@ -246,6 +249,18 @@ def train_one_epoch(
         seen = state.carry["seen"] + seen * job.dist.world_size  # equal parts on every rank
         job.dist.broadcast_buffers(job.model)
     _account_epoch(job, state, loss_sum.item(), seen, sync(job.device) - t0, skip)
+
+
+def _pause(
+    job: Job, state: RunState, loss: torch.Tensor, stop: StopRequest | None, saver: Saver | None
+) -> bool:
+    """After a step: whether to end this stretch of the epoch, for a stop asked for or a
+    checkpoint due (every rank asks at every step: both may be collectives)."""
+    if saver is not None:
+        saver.guard.see(loss)  # a non-finite loss raises here
+    if stop is not None and stop.requested:
+        return True
+    return saver is not None and saver.cadence.due(state.epoch * job.steps_per_epoch + state.step)
 
 
 TRAIN_SAMPLE = 1000  # training images scored like the test set after each epoch
@@ -294,12 +309,14 @@ def fit(
     stop_after: int | None = None,
     progress: bool | None = None,
     wall_start: float | None = None,
+    every: tuple[int | None, float | None] = (None, None),
 ) -> dict[str, Any]:
     """Train from where ``state`` stands to the recipe's last epoch, testing after each epoch,
     with a checkpoint and ``results.json`` in ``run_dir`` after each.
 
     A first Ctrl-C stops after the current step with a checkpoint (``"interrupted": True``);
-    so does the end of epoch ``stop_after``.
+    so does the end of epoch ``stop_after``. A non-finite loss or weights stop the run with
+    :class:`~kmnist_torch.errors.DivergedError`, writing nothing more.
 
     Args:
         job: what is trained.
@@ -310,6 +327,8 @@ def fit(
         stop_after: checkpoint and stop once this many epochs are done.
         progress: False: no progress shown; else a bar on a terminal, plain lines elsewhere.
         wall_start: when the session began (wall-clock time includes loading the data).
+        every: ``(steps, seconds)``: a checkpoint inside an epoch every so many steps of the
+            run, or once so many seconds passed since the last (``--checkpoint-every``).
 
     Returns:
         The results dict, as written to ``results.json``.
@@ -317,6 +336,7 @@ def fit(
     r = job.recipe
     start = time.perf_counter() if wall_start is None else wall_start
     saver = Saver(job, state, run_dir, config, info, start)
+    saver.cadence = Cadence(*every, job.dist)
     if state.epoch >= r.epochs:
         print(f"{run_dir.out}: all {r.epochs} epochs are done already", file=sys.stderr)
         saver.account()
@@ -326,7 +346,7 @@ def fit(
         estimate = CpuEstimate(r.epochs * job.steps_per_epoch, r.batch_size)
     with job.dist.stop_request() as stop:
         while state.epoch < r.epochs:
-            metrics, test_s = _train_and_test(job, state, stop, progress, estimate)
+            metrics, test_s = _train_and_test(job, state, stop, progress, estimate, saver)
             if metrics is None:  # Ctrl-C: checkpoint mid-epoch, resume at the next step
                 saver.checkpoint()
                 where = f"in epoch {state.epoch + 1} at step {state.step}/{job.steps_per_epoch}"
@@ -346,11 +366,18 @@ def _train_and_test(
     stop: StopRequest,
     progress: bool | None,
     estimate: CpuEstimate | None,
+    saver: Saver,
 ) -> tuple[dict[str, float] | None, float]:
-    """Train the rest of the epoch and test it: (the test metrics, or None when a stop was
-    requested first; the seconds testing took)."""
+    """Train the rest of the epoch, with the checkpoints its cadence asks for, and test it:
+    (the test metrics, or None when a stop was requested first; the seconds testing took)."""
     state.loader_state = job.train_loader.state_dict()  # the epoch's order comes from it
-    train_one_epoch(job, state, stop, progress, estimate)
+    while True:
+        train_one_epoch(job, state, stop, progress, estimate, saver)
+        if stop.requested or state.step >= job.steps_per_epoch:
+            break
+        saver.checkpoint()  # due by the cadence; then on, as a resumed run would
+        job.train_loader.load_state_dict(state.loader_state)
+    saver.guard.check()
     t1 = sync(job.device)
     metrics = None if stop.requested else _test(job, state, stop, progress)
     test_s = sync(job.device) - t1
