@@ -195,9 +195,10 @@ class Saver:
 
     def stopped(self, where: str, epoch_end: bool) -> dict:
         """Say where the run stopped and how to go on; the results of the interrupted run."""
-        print(
-            f"stopped {where}; checkpoint in {self.run_dir.checkpoint}; the same command "
-            "continues it",
-            file=sys.stderr,
-        )
+        if self.job.dist.is_main:
+            print(
+                f"stopped {where}; checkpoint in {self.run_dir.checkpoint}; the same command "
+                "continues it",
+                file=sys.stderr,
+            )
         return self.results(finished=False, interrupted=True, epoch_end=epoch_end)

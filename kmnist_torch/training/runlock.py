@@ -6,7 +6,8 @@ The lock is a file ``.kmnist_torch-run.lock`` holding ``pid host`` of its holder
 ``flock``: the kernel releases it when the holder dies, however it dies, so a folder left by a
 dead run is taken over at once, while a live run (on this machine, or on another one sharing
 the folder where the filesystem supports ``flock``) keeps it. Where ``flock`` is not available
-the pid and host in the file decide: a holder on this machine whose process is gone is dead.
+the pid and host in the file decide: a holder on this machine whose process is gone is dead; one
+on another machine counts as live.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class RunLock:
         who = "another process" if holder is None else f"pid {holder[0]} on {holder[1]}"
         return TrainError(
             f"{self.path.parent} is in use by a live run ({who} holds {self.path}): wait for it "
-            "to end, stop it (Ctrl-C or SIGTERM: it checkpoints), or pick another --out"
+            "to end, stop it (Ctrl-C or SIGTERM: it checkpoints), or pick another --out (a "
+            "holder on another host that is gone: remove the lock file)"
         )
 
     def acquire(self) -> None:
@@ -94,7 +96,8 @@ class RunLock:
         holder = self._read(fd)
         if holder is None or holder[0] == os.getpid():
             return True
-        return holder[1] != socket.gethostname() or not _alive(holder[0])
+        # Another host's holder cannot be checked from here: it counts as live.
+        return holder[1] == socket.gethostname() and not _alive(holder[0])
 
     def _take(self, fd: int) -> None:
         before = self._read(fd)
