@@ -289,7 +289,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     A first Ctrl-C or SIGTERM stops after the current step with a checkpoint
     (``"interrupted": True`` in the results;
-    :func:`~kmnist_torch.training.runtime.stop_signal` says which); ``--resume`` continues.
+    :func:`~kmnist_torch.training.runtime.stop_signal` says which); the same call continues
+    it (an unfinished run in the folder is continued; see
+    :meth:`~kmnist_torch.training.runtime.RunDir.open`). Where the caller left SIGTERM to its
+    default, a SIGTERM ends the process once the checkpoint is written, as it would have
+    without the trainer: a script looping over runs does not start the next one.
 
     Started by ``torchrun`` with several processes, it trains data-parallel: every rank runs
     this function, rank 0 alone writes and prints the epoch lines, and each rank returns the
