@@ -176,3 +176,26 @@ def test_the_rendezvous_gives_up_naming_who_is_missing(
     err = capsys.readouterr().err
     assert missing in err and "within 2 s ($KMNIST_TORCH_RENDEZVOUS_TIMEOUT)" in err, err
     assert "Traceback" not in err
+
+
+def test_a_rank_claimed_twice_is_refused(root, tmp_path, monkeypatch, capsys):
+    # Rank 0's store is up and another process has already joined as rank 1.
+    import datetime
+
+    import torch.distributed as dist
+
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=5))  # fmt: skip
+    store.add("kmnist_torch/run/0/rank1", 1)
+    for key, value in {**ENV, "RANK": "1", "LOCAL_RANK": "0", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    assert train.main(_argv(root, tmp_path / "run", *TINY)) == 1
+    assert "error: $RANK=1 is claimed by two processes" in capsys.readouterr().err
+
+
+def test_checkpoint_every_takes_steps_or_a_time():
+    parse = train.build_parser().parse_args
+    assert parse(["--checkpoint-every", "200"]).checkpoint_every == (200, None)
+    assert parse(["--checkpoint-every", "10min"]).checkpoint_every == (None, 600.0)
+    assert parse(["--checkpoint-every", "90s"]).checkpoint_every == (None, 90.0)
