@@ -15,6 +15,7 @@ signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 | :class:`LockTimeout` | another process held a folder's lock too long | 1 |
 | :class:`RecipeError` | bad values in a recipe | 1 |
 | :class:`TrainError` | a run cannot start or continue as asked | 1 |
+| :class:`DivergedError` | a run's loss or weights stopped being finite | 1 |
 | :class:`ModelFileError` | a model file or checkpoint cannot be used | 1 |
 | :class:`ImageError` | an image given to ``predict`` cannot be read | 1 |
 | :class:`ExportError` | a model cannot be exported as asked | 1 |
@@ -66,6 +67,11 @@ class RecipeError(UserError, ValueError):
 
 class TrainError(UserError, RuntimeError):
     """A run cannot start or continue as asked (for example, its output folder is taken)."""
+
+
+class DivergedError(TrainError):
+    """A run's loss or weights stopped being finite (NaN or infinity): it stops at that step,
+    keeping its last good checkpoint, and writes nothing from the non-finite weights."""
 
 
 class ModelFileError(UserError, ValueError):
