@@ -86,7 +86,7 @@ def test_fuzz_metadata_is_accepted_bounded_or_refused(good, edits):
     assert sum(int(np.prod(shape)) for shape, _ in shapes.values()) <= MAX_PARAMETERS
 
 
-@FUZZ
+@settings(FUZZ, max_examples=max(10, EXAMPLES // 2))  # the slowest to draw; half as many
 @given(
     nested=st.dictionaries(
         st.sampled_from(["model_args", "data", "recipe", "metrics", "versions"]),
@@ -159,7 +159,7 @@ def _read(folder: Path, payload: bytes) -> None:
         pass
 
 
-@FUZZ
+@settings(FUZZ, max_examples=max(10, EXAMPLES // 2))
 @given(doc=values, config=st.dictionaries(st.text(max_size=12), values, max_size=6))
 def test_fuzz_results_json_documents(good, doc, config):
     _read(good["folder"], json.dumps(doc).encode())
