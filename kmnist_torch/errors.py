@@ -19,6 +19,7 @@ signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 | :class:`ModelFileError` | a model file or checkpoint cannot be used | 1 |
 | :class:`ImageError` | an image given to ``predict`` cannot be read | 1 |
 | :class:`ExportError` | a model cannot be exported as asked | 1 |
+| :class:`RunFolderError` | a run folder's files are malformed or not where they belong | 1 |
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ class ImageError(UserError, ValueError):
 
 class ExportError(UserError, RuntimeError):
     """The model cannot be exported as asked, or the export does not match the model."""
+
+
+class RunFolderError(UserError, ValueError):
+    """A run folder cannot be used as it is: its ``results.json`` is malformed, too large or
+    not a regular file, or a link stands where ``evaluate`` writes."""
 
 
 class UncheckedContentWarning(UserWarning):
