@@ -24,6 +24,7 @@ from .data.loader import TensorLoader
 from .data.splits import load_run_split
 from .models.modelfile import find_model_file, load_model
 from .reporting import plots
+from .training import cpu
 from .training.metrics import accuracy, balanced_accuracy
 
 __all__ = ["build_parser", "class_report", "main", "predict_split", "run"]
@@ -64,7 +65,7 @@ def predict_split(
     for x, _ in loader:
         if recipe.get("channels_last") and cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bool(recipe.get("amp")) and cuda):
+        with cpu.autocast(device, bool(recipe.get("amp"))):
             logits = model(x)
         preds.append(logits.argmax(1).cpu())
         probs.append(torch.softmax(logits.float(), dim=1).cpu())

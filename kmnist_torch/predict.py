@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ._args import Parser, run_main
 from .errors import ImageError
 from .models.modelfile import load_model
+from .training import cpu
 
 __all__ = ["build_parser", "load_image", "main", "predict", "run", "top_k"]
 
@@ -142,7 +143,8 @@ def predict(
         except ImageError as exc:
             results.append({"image": str(p), "predictions": [], "error": str(exc)})
     if images:
-        probs = torch.softmax(model(torch.stack(images).to(device)).float(), dim=1).cpu()
+        with cpu.inference(device):  # the CPU path evaluation and training use
+            probs = torch.softmax(model(torch.stack(images).to(device)).float(), dim=1).cpu()
         good = [r for r in results if "error" not in r]
         for r, t in zip(good, top_k(probs, meta, k)):
             r["predictions"] = t
