@@ -111,6 +111,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpu.configure(device=device)  # threads from the load, as in training
     model_file = find_model_file(args.run)
     model = load_model(model_file, device)
     meta = model.meta

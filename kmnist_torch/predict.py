@@ -178,6 +178,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
+    cpu.configure(device=args.device)  # threads from the load, as in training
     model = load_model(args.model, args.device)
     results = predict(model, args.images, args.top_k, args.invert)
     if args.json:

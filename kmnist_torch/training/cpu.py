@@ -97,8 +97,12 @@ def configure(
     if bf16 not in BF16_MODES:
         raise ValueError(f"bf16 must be one of {BF16_MODES}, got {bf16!r}")
     POLICY.bf16, POLICY.threads = bf16, threads
+    try:
+        on_cpu = torch.device(device).type == "cpu"
+    except (RuntimeError, ValueError):  # not a device: the caller's own checks say so
+        return POLICY
     decided = keep_threads or "OMP_NUM_THREADS" in os.environ
-    if torch.device(device).type == "cpu" and (threads is not None or not decided):
+    if on_cpu and (threads is not None or not decided):
         torch.set_num_threads(choose_threads(threads))
     return POLICY
 
