@@ -59,14 +59,22 @@ def test_threads_follow_the_load_unless_set(monkeypatch):
     assert cpu.choose_threads(cpus=16, load=3.4) == 13
     assert cpu.choose_threads(3, cpus=2, load=9.0) == 3
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cpu.configure("auto", 1)
-    assert torch.get_num_threads() == 1
+    monkeypatch.setattr(cpu, "START_THREADS", 2)
+    monkeypatch.setattr(cpu, "choose_threads", lambda n=None: n or 1)  # as under load
+    cpu.configure("auto", 3)
+    assert torch.get_num_threads() == 3
     torch.set_num_threads(2)
     cpu.configure("auto", None, keep_threads=True)  # a deterministic run keeps torch's
     assert torch.get_num_threads() == 2
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's ranks, the harness's fan-out
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's ranks
     cpu.configure("auto", None)
     assert torch.get_num_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpu.configure("auto", None)  # nobody decided: chosen from the load
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(3)  # the harness's workers set theirs first
+    cpu.configure("auto", None)
+    assert torch.get_num_threads() == 3
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])

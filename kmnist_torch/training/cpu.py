@@ -40,6 +40,9 @@ class CpuPolicy:
 
 
 POLICY = CpuPolicy()
+# torch's intra-op threads when this module was imported: a different number later means the
+# process was told how many to use (the reproduction harness's workers, a test's one core).
+START_THREADS = torch.get_num_threads()
 
 
 def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
@@ -92,8 +95,8 @@ def configure(
 ) -> CpuPolicy:
     """Set the process's policy; on a CPU device also torch's intra-op threads: ``threads``,
     else chosen by :func:`choose_threads` unless ``keep_threads`` (a deterministic run, whose
-    numbers must not depend on the load) or ``$OMP_NUM_THREADS`` (torchrun's ranks, the
-    reproduction harness's fan-out) already decided."""
+    numbers must not depend on the load), ``$OMP_NUM_THREADS`` (torchrun's ranks) or an
+    earlier ``torch.set_num_threads`` (the reproduction harness's workers) already decided."""
     if bf16 not in BF16_MODES:
         raise ValueError(f"bf16 must be one of {BF16_MODES}, got {bf16!r}")
     POLICY.bf16, POLICY.threads = bf16, threads
@@ -101,7 +104,8 @@ def configure(
         on_cpu = torch.device(device).type == "cpu"
     except (RuntimeError, ValueError):  # not a device: the caller's own checks say so
         return POLICY
-    decided = keep_threads or "OMP_NUM_THREADS" in os.environ
+    told = torch.get_num_threads() != START_THREADS
+    decided = keep_threads or told or "OMP_NUM_THREADS" in os.environ
     if on_cpu and (threads is not None or not decided):
         torch.set_num_threads(choose_threads(threads))
     return POLICY
