@@ -42,7 +42,7 @@ _AUTO_ELEMENTS = {"cuda": 2**27, "cpu": 2**24}
 # Training images per test image given an exact distance after the screen (kneighbors). 0: no
 # screen. On the 2-core AVX2 development machine the screen (one 245-feature product, a top-k,
 # then gathered rows) measured slower than the one 784-feature product it replaces: under load
-# gathering a row cost about 100 times its share of the product (docs/benchmarks.md).
+# the gathered rows cost far more than their share of the product.
 DEFAULT_CANDIDATES = 0
 
 

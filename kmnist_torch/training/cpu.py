@@ -2,14 +2,14 @@
 
 - **bf16**: autocast to bfloat16 on a CPU only where it has bf16 units (``amx_bf16`` or
   ``avx512_bf16`` in ``/proc/cpuinfo``); elsewhere a bf16 matrix product is emulated and slower
-  than float32 (measured on the 2-core AMD EPYC development machine, AVX2 only: 4.9 against
-  22 GFLOP/s, see docs/benchmarks.md). ``--bf16 on|off`` forces either way; on CUDA the
+  than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 2.5 against 15.2
+  GFLOP/s in the run of docs/benchmarks.md). ``--bf16 on|off`` forces either way; on CUDA the
   recipe's ``amp`` decides, as before.
 - **channels_last**: on CUDA as the recipe says; on a CPU only together with bf16 (oneDNN's
   bf16 convolutions want it; in float32 it measured no faster).
 - **threads**: intra-op threads for the CPUs not already busy, ``cpus - load average``
-  rounded, at least 1: on the loaded 2-core machine the simple CNN trained twice as fast on
-  1 thread as on 2 (117 against 58 images/s). ``--threads N`` sets it.
+  rounded, at least 1: on the loaded 2-core machine the simple CNN's training steps on 1
+  thread ran 1.94x a plain loop's on 2 (docs/benchmarks.md). ``--threads N`` sets it.
 - **torch.compile** on a CPU needs a C++ compiler for the generated kernels:
   :func:`compile_available` says whether there is one.
 """
