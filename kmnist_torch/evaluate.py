@@ -30,6 +30,7 @@ from .data.splits import load_run_split
 from .errors import DataFilesError, RunFolderError
 from .models.modelfile import find_model_file, load_model
 from .reporting import plots
+from .training import cpu
 from .training.metrics import accuracy, balanced_accuracy
 
 __all__ = ["build_parser", "class_report", "main", "predict_split", "run"]
@@ -74,7 +75,7 @@ def predict_split(
     for x, _ in loader:
         if recipe.get("channels_last") and cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bool(recipe.get("amp")) and cuda):
+        with cpu.autocast(device, bool(recipe.get("amp"))):
             logits = model(x)
         preds.append(logits.argmax(1).cpu())
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -120,6 +121,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpu.configure(device=device)  # threads from the load, as in training
     model_file = find_model_file(args.run)
     out = _out_folder(args.out, model_file, args.split)
     model = load_model(model_file, device)

@@ -34,6 +34,7 @@ from ._io import input_problem, open_regular
 from .errors import ImageError
 from .models.modelfile import load_model
 from .settings import decode_workers
+from .training import cpu
 
 __all__ = ["build_parser", "image_files", "load_image", "main", "predict", "run", "top_k"]
 
@@ -247,7 +248,8 @@ def predict(
                 row["error"] = str(x)
         images = [x for x in decoded if not isinstance(x, ImageError)]
         if images:
-            probs = torch.softmax(model(torch.stack(images).to(device)).float(), dim=1).cpu()
+            with cpu.inference(device):  # the CPU path evaluation and training use
+                probs = torch.softmax(model(torch.stack(images).to(device)).float(), dim=1).cpu()
             good = [r for r in rows if "error" not in r]
             for r, t in zip(good, top_k(probs, meta, k)):
                 r["predictions"] = t
@@ -309,6 +311,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # PIL warns about damaged tags it skips (Corrupt EXIF data ...): the image then decodes or
     # fails with its own error line; the warnings would only be noise between the answers.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    cpu.configure(device=args.device)  # threads from the load, as in training
     model = load_model(args.model, args.device)
     results = predict(model, image_files(args.images), args.top_k, args.invert)
     if args.json:

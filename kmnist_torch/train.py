@@ -38,7 +38,7 @@ from .download.sources import resolve_root
 from .errors import RecipeError
 from .models import modelfile
 from .models.registry import create_model, list_models
-from .training import distributed, mixup
+from .training import cpu, distributed, mixup
 from .training.engine import RunState, fit
 from .training.jobs import build_job
 from .training.recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, default_recipe_name
@@ -102,6 +102,20 @@ def _add_run_options(run: argparse._ArgumentGroup) -> None:
         "the global batch)",
     )
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--bf16",
+        choices=cpu.BF16_MODES,
+        default="auto",
+        help="bf16 autocast: auto (CUDA: the recipe's --amp; CPU: where it has bf16 units, "
+        "amx_bf16 or avx512_bf16), on, off",
+    )
+    run.add_argument(
+        "--threads",
+        type=cpu.thread_count,
+        default=None,
+        metavar="N",
+        help="CPU intra-op threads (default: the CPUs the load average leaves free)",
+    )
     run.add_argument(
         "--deterministic",
         action="store_true",
@@ -269,7 +283,7 @@ def _model(
     # preact18 has no dropout layers: --no-dropout changes nothing there.
     options = {"dropout": False} if not r.dropout and r.model == "simple_cnn" else {}
     model = create_model(r.model, **args, **options).to(device)
-    if r.channels_last and device.type == "cuda":
+    if cpu.channels_last_enabled(device, r.channels_last, r.amp):
         model = model.to(memory_format=torch.channels_last)
     model_meta = modelfile.model_meta(
         r.model,
@@ -378,6 +392,7 @@ def _train(
     wall_start: float,
 ) -> dict[str, Any]:
     device = _device(args, parser, r, ctx, ddp_device)
+    cpu.configure(args.bf16, args.threads, device, keep_threads=args.deterministic)
     out = Path(args.out or f"runs/{args.dataset}-{recipe_name}-{r.model}-{r.mixup}-seed{args.seed}")
     config = _config(recipe_name, r, args, out, device.type == "cuda")
     config["world_size"] = ctx.world_size

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.loader import TensorLoader
 from ..settings import Progress
-from . import mixup
+from . import cpu, mixup
 from .augment import random_translate
 from .checkpoint import Cadence, Saver, epoch_record
 from .distributed import Dist
@@ -172,7 +172,7 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
     """
     r = job.recipe
     x = random_translate(x, r.translate, state.gen, shard=job.dist.shard)
-    if r.channels_last and job.on_cuda:
+    if cpu.channels_last_enabled(job.device, r.channels_last, r.amp):
         x = x.contiguous(memory_format=torch.channels_last)
     plan = mixup.draw(
         r.mixup,
@@ -184,7 +184,7 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
         job.device,
         job.dist.shard,
     )
-    with torch.autocast(job.device.type, torch.bfloat16, enabled=r.amp and job.on_cuda):
+    with cpu.autocast(job.device, r.amp):
         logits, soft = mixup.mixed_forward(job.forward, x, y, job.num_classes, plan)
     loss = mixup.loss_fn(logits, soft, r.loss)
     state.optimizer.zero_grad(set_to_none=True)
