@@ -32,10 +32,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, remembe
 if [ "${GPU_SESSION_SMOKE:-0}" = 1 ]; then
     tt=(--device cpu --steps 2 --warmup 1 --batch-size 16 --images 256)
     rs=(--device cpu --epochs 1 --limit-train 600 --limit-test 64)
+    kn=(--device cpu --train 2000 --test 200 --synthetic)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/log.txt"
     tt=()
     rs=()
+    kn=(--train 60000 --test 10000 --synthetic)
 fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     | tee -a "$out/log.txt"
@@ -44,6 +46,12 @@ step "throughput" 90 python benchmarks/train_throughput.py "${tt[@]}" \
     --out "$out/train_throughput.json"
 step "throughput, compiled" 150 python benchmarks/train_throughput.py "${tt[@]}" --compile \
     --out "$out/train_throughput_compile.json"
+# 4-NN on CUDA at KMNIST size, the exact product alone and with the screen (shortlist 256):
+# identical predictions to scikit-learn's (on the machine's CPUs) or the step fails.
+step "4-NN on CUDA" 150 python benchmarks/knn_speed.py "${kn[@]}" \
+    --out "$out/knn_cuda.json"
+step "4-NN on CUDA, screened" 150 python benchmarks/knn_speed.py "${kn[@]}" --candidates 256 \
+    --out "$out/knn_cuda_screen.json"
 # The same rows, data and seed under both recipes: accuracy and device seconds side by side.
 step "fast recipe" 100 python -m kmnist_torch.reproduce --resplit --root .gpu-data \
     --rows knn preact18 preact18-manifold --recipe fast --out "$work/fast" "${rs[@]}"

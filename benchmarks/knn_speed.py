@@ -65,7 +65,7 @@ def load_data(
     )
 
 
-def time_ours(train, labels, test, device, batch_size, repeats):
+def time_ours(train, labels, test, device, batch_size, repeats, candidates=None):
     """Best wall time over ``repeats`` runs (after one warm-up on CUDA) and the predictions."""
     if device.type == "cuda":
         knn_predict(train[:1000], labels[:1000], test[:100], device=device)
@@ -74,7 +74,9 @@ def time_ours(train, labels, test, device, batch_size, repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        pred = knn_predict(train, labels, test, batch_size=batch_size, device=device)
+        pred = knn_predict(
+            train, labels, test, batch_size=batch_size, device=device, candidates=candidates
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", action="store_true", help="synthetic images even if real exist")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=None, help="test images per batch (auto)")
+    p.add_argument("--candidates", type=int, default=None, help="the screen's shortlist (0: off)")
     p.add_argument("--repeats", type=int, default=1, help="best of N runs (default 1)")
     p.add_argument("--sklearn-jobs", type=int, default=-1, help="n_jobs (upstream: -1)")
     p.add_argument("--seed", type=int, default=0)
@@ -113,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device) if args.device else default_device()
     train, labels, test, truth, source = load_data(args.train, args.test, args.synthetic, args.seed)
-    ours_s, ours = time_ours(train, labels, test, device, args.batch_size, args.repeats)
+    ours_s, ours = time_ours(
+        train, labels, test, device, args.batch_size, args.repeats, args.candidates
+    )
     sk_s, ref = time_sklearn(train, labels, test, args.sklearn_jobs, args.repeats)
     mismatches = int((ours != ref).sum())
     name = device_name(device)
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "sklearn": sklearn.__version__,
         "sklearn_jobs": args.sklearn_jobs,
         "repeats": args.repeats,
+        "candidates": args.candidates,
     }
     print(f"4-NN (k=4, distance weights) on {source}")
     print(

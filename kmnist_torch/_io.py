@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,75 @@ def _is_link(path: Path) -> bool:
         return os.path.islink(path)
     except OSError:
         return False
+
+
+# --------------------------------------------- reading what came from outside: regular files only
+
+
+def _kind(mode: int) -> str | None:
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def input_problem(path: str | os.PathLike, max_bytes: int | None = None) -> str | None:
+    """Why ``path`` cannot be read as an input file, or None: learnt from ``stat`` alone, so a
+    FIFO, a device or a socket is refused without being opened (opening one can block for
+    ever). A link to a regular file is read like the file."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    kind = _kind(st.st_mode)
+    if kind is not None:
+        return f"{kind}, not a regular file"
+    if max_bytes is not None and st.st_size > max_bytes:
+        return f"{st.st_size:,} bytes, more than the {max_bytes:,} accepted"
+    return None
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """``path`` open for reading, checked again on the open file: opened without blocking (a
+    FIFO put there after :func:`input_problem` looked does not hang the reader) and refused
+    unless it is a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = _kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise OSError(f"{path}: {kind}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(
+    path: str | os.PathLike, max_bytes: int, error: Callable[[str], Exception] = ValueError
+) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``max_bytes`` (checked before it is
+    opened, and again while reading, for a file that grows); anything else raises ``error``
+    with one line naming the file and the problem."""
+    problem = input_problem(path, max_bytes)
+    if problem is None:
+        try:
+            with open_regular(path) as fh:
+                data = fh.read(max_bytes + 1)
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or exc})"
+        else:
+            if len(data) <= max_bytes:
+                return data
+            problem = f"more than the {max_bytes:,} bytes accepted"
+    raise error(f"{path}: {problem}")
 
 
 @contextlib.contextmanager

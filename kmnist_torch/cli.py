@@ -1,5 +1,5 @@
 """Command line: ``python -m kmnist_torch available | info | download | verify | resplit | subset
-| montage | kkanji-split``. Every command reads the catalog; nothing here repeats it."""
+| montage | kkanji-split | audit``. Every command reads the catalog; nothing here repeats it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 from . import catalog
 from ._args import ROOT_HELP, Parser, add_data_options, run_main
+from ._audit import add_parser as add_audit_parser
 from .download.fetch import Target
 from .download.sources import NO_SOURCE, default_root, mirrors, resolve_root
 from .errors import USAGE, DataFilesError, FormatError
@@ -397,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shots", type=int, default=None)
     add_data_options(s, download=False, device_help=None)
     s.set_defaults(func=cmd_kkanji_split)
+    add_audit_parser(sub)
     return p
 
 

@@ -15,9 +15,11 @@ signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 | :class:`LockTimeout` | another process held a folder's lock too long | 1 |
 | :class:`RecipeError` | bad values in a recipe | 1 |
 | :class:`TrainError` | a run cannot start or continue as asked | 1 |
+| :class:`DivergedError` | a run's loss or weights stopped being finite | 1 |
 | :class:`ModelFileError` | a model file or checkpoint cannot be used | 1 |
 | :class:`ImageError` | an image given to ``predict`` cannot be read | 1 |
 | :class:`ExportError` | a model cannot be exported as asked | 1 |
+| :class:`RunFolderError` | a run folder's files are malformed or not where they belong | 1 |
 | :class:`SettingError` | a ``KMNIST_TORCH_*`` setting is outside its range | 1 |
 """
 
@@ -68,6 +70,11 @@ class TrainError(UserError, RuntimeError):
     """A run cannot start or continue as asked (for example, its output folder is taken)."""
 
 
+class DivergedError(TrainError):
+    """A run's loss or weights stopped being finite (NaN or infinity): it stops at that step,
+    keeping its last good checkpoint, and writes nothing from the non-finite weights."""
+
+
 class ModelFileError(UserError, ValueError):
     """A model file or checkpoint cannot be used: damaged, foreign, or with metadata that does
     not describe its weights."""
@@ -79,6 +86,11 @@ class ImageError(UserError, ValueError):
 
 class ExportError(UserError, RuntimeError):
     """The model cannot be exported as asked, or the export does not match the model."""
+
+
+class RunFolderError(UserError, ValueError):
+    """A run folder cannot be used as it is: its ``results.json`` is malformed, too large or
+    not a regular file, or a link stands where ``evaluate`` writes."""
 
 
 class SettingError(UserError, ValueError):

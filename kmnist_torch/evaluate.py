@@ -3,14 +3,18 @@
     python -m kmnist_torch.evaluate runs/kmnist-cnn-simple_cnn-none-seed0
 
 Writes ``metrics.json``, ``confusion.png`` and ``errors.png`` to ``RUN/eval-<split>`` (or
-``--out``) and prints a summary. The images are chosen as the run chose them (dataset, root,
-``--limit-test``, KKanji's split options, all read from the run's ``results.json``), so the
-accuracy equals the run's ``test_accuracy``.
+``--out``) and prints a summary. The images are chosen as the run chose them (dataset,
+``--limit-test``, KKanji's split options, from the model file and the run's ``results.json``),
+so the accuracy equals the run's ``test_accuracy``. The run folder is untrusted input: its
+``results.json`` never turns a check off nor sends a download to a folder the user did not
+name (:func:`kmnist_torch.data.runinfo.data_root`), and ``RUN/eval-<split>`` is written only
+when it is a real folder inside the run folder (a link there is refused).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,13 +25,19 @@ import torch
 from ._args import Parser, add_data_options, run_main
 from ._io import write_json
 from .data.loader import TensorLoader
+from .data.runinfo import read_results, split_limit
 from .data.splits import load_run_split
+from .errors import DataFilesError, RunFolderError
 from .models.modelfile import find_model_file, load_model
 from .reporting import plots
+from .training import cpu
 from .training.metrics import accuracy, balanced_accuracy
 
 __all__ = ["build_parser", "class_report", "main", "predict_split", "run"]
 
+# The largest batch evaluate feeds the model, whatever a model file's recipe says (a forged
+# eval_batch_size must not size the activations); the trainer's own batch size up to it.
+EVAL_BATCH_MAX = 2048
 # Above this many classes metrics.json keeps the confusion matrix as (true, predicted, count)
 # triples: KKanji's 3,832 x 3,832 as nested lists would be ~40 MB of zeros.
 DENSE_MAX_CLASSES = 1000
@@ -58,13 +68,14 @@ def predict_split(
         ``(probs, pred)``: float32 N x K and int64 N, on the CPU.
     """
     recipe = recipe or {}
-    loader = TensorLoader(split, recipe.get("eval_batch_size", 1000), shuffle=False, device=device)
+    batch = min(recipe.get("eval_batch_size", 1000), EVAL_BATCH_MAX)
+    loader = TensorLoader(split, batch, shuffle=False, device=device)
     cuda = device.type == "cuda"
     probs, preds = [], []
     for x, _ in loader:
         if recipe.get("channels_last") and cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bool(recipe.get("amp")) and cuda):
+        with cpu.autocast(device, bool(recipe.get("amp"))):
             logits = model(x)
         preds.append(logits.argmax(1).cpu())
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -110,15 +121,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpu.configure(device=device)  # threads from the load, as in training
     model_file = find_model_file(args.run)
+    out = _out_folder(args.out, model_file, args.split)
     model = load_model(model_file, device)
     meta = model.meta
     if not args.verify:
         print("warning: --no-verify: checksums are not checked", file=sys.stderr)
-    split, results = load_run_split(
-        model_file, meta, args.split, args.root, args.verify, args.download
-    )
-    limit = results.get("config", {}).get("limit_test" if args.split == "test" else "limit_train")
+    split, results = _run_split(model_file, meta, args)
+    limit = split_limit(meta, results.get("config", {}), args.split)
     probs, pred = predict_split(model, split, device, meta.get("recipe"))
     target = split.targets.cpu()
     k = len(meta["classes"])
@@ -136,8 +147,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "per_class": class_report(matrix, classes, codepoints),
         **_confusion(matrix),
     }
-    out = Path(args.out) if args.out else model_file.parent / f"eval-{args.split}"
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(_out_folder(args.out, model_file, args.split))  # checked again, then made
     write_json(out / "metrics.json", doc, indent=1)
     title = f"{meta['dataset']} {args.split}: {len(target):,} images, {100 * doc['accuracy']:.2f}%"
     plots.plot_confusion(matrix, classes, codepoints, out / "confusion.png", title)
@@ -157,6 +167,46 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     _print_summary(doc, matrix, classes, out)
     return doc
+
+
+def _run_split(model_file: Path, meta: dict[str, Any], args: argparse.Namespace) -> tuple:
+    """The images the run was tested on; a failed check explains what the run had done."""
+    try:
+        return load_run_split(model_file, meta, args.split, args.root, args.verify, args.download)
+    except DataFilesError as exc:
+        results = model_file.parent / "results.json"
+        hint = (
+            f". The run was trained with --no-verify ({results}): pass --no-verify to evaluate "
+            "on the same files (results.json never turns a check off by itself)"
+        )
+        try:
+            unverified = read_results(model_file.parent).get("config", {}).get("verify") is False
+        except RunFolderError:
+            unverified = False
+        if args.verify and unverified:
+            raise DataFilesError(f"{exc}{hint}") from exc
+        raise
+
+
+def _out_folder(out: str | None, model_file: Path, split: str) -> Path:
+    """``--out``, or ``RUN/eval-<split>``: there only a real folder (or nothing yet), never a
+    link that would send the files outside the run folder. Checked before any work is done."""
+    if out is not None:
+        return Path(out)
+    folder = model_file.parent / f"eval-{split}"
+    if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+        what = f"a link to {os.readlink(folder)}" if folder.is_symlink() else "not a folder"
+        raise RunFolderError(
+            f"{folder} is {what}: evaluate writes only inside the run folder; remove it, or "
+            "name a folder with --out"
+        )
+    return folder
+
+
+def _make_folder(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        raise RunFolderError(f"{out} is not a folder: name a folder with --out")
 
 
 def _print_summary(doc: dict[str, Any], matrix: np.ndarray, classes: list[str], out: Path) -> None:

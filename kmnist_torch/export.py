@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
 
 from ._args import Parser, add_data_options, run_main
+from ._io import atomic_write
 from .data.splits import load_run_split
-from .errors import DataFilesError, ExportError, FormatError
+from .errors import DataFilesError, ExportError, FormatError, UserError
 from .models.modelfile import find_model_file, load_model
 
 __all__ = ["FORMATS", "TOLERANCE", "Format", "build_parser", "export", "main", "run"]
@@ -57,7 +59,7 @@ def _batch_dim() -> Any:
     return torch.export.Dim("batch", min=1, max=1 << 16)
 
 
-def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
+def _write_onnx(net: nn.Module, example: torch.Tensor, out: BinaryIO, meta: dict) -> None:
     import onnx
 
     program = torch.onnx.export(
@@ -73,7 +75,7 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) ->
     for key, value in (("kmnist_torch", _meta_json(meta)), ("classes", "".join(meta["classes"]))):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(out))
+    onnx.save(proto, out)
 
 
 def _load_onnx(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -87,13 +89,13 @@ def _load_onnx(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def _write_torchscript(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
+def _write_torchscript(net: nn.Module, example: torch.Tensor, out: BinaryIO, meta: dict) -> None:
     # Asked for by name; torch's deprecation notice (pt2 is its successor) is in the --help.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(net, example, check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={"meta.json": _meta_json(meta)})
+        torch.jit.save(traced, out, _extra_files={"meta.json": _meta_json(meta)})
 
 
 def _load_torchscript(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -103,9 +105,9 @@ def _load_torchscript(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.jit.load(str(out), map_location="cpu")
 
 
-def _write_pt2(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
+def _write_pt2(net: nn.Module, example: torch.Tensor, out: BinaryIO, meta: dict) -> None:
     program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: _batch_dim()}})
-    torch.export.save(program, str(out), extra_files={"meta.json": _meta_json(meta)})
+    torch.export.save(program, out, extra_files={"meta.json": _meta_json(meta)})
 
 
 def _load_pt2(out: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -119,7 +121,7 @@ class Format:
 
     title: str
     suffixes: tuple[str, ...]
-    write: Callable[[nn.Module, torch.Tensor, Path, dict], None]
+    write: Callable[[nn.Module, torch.Tensor, BinaryIO, dict], None]  # into memory
     load: Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]
     help: str
     needs: tuple[str, ...] = ()  # modules beyond torch (installed by the export extra)
@@ -177,7 +179,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> 
     net = Logits(model.cpu().eval()).eval()
     try:
         with torch.no_grad():
-            form.write(net, batch[:2].clone(), tmp, model.meta)
+            _write(form, net, batch[:2].clone(), tmp, out, model.meta)
             exported = form.load(tmp)
             want = net(batch)
             got = exported(batch)
@@ -193,6 +195,23 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch: torch.Tensor) -> 
     return diff
 
 
+def _write(form: Format, net: nn.Module, example: torch.Tensor, tmp: Path, out: Path, meta: dict):
+    """The export made in memory, then written to ``tmp`` through ``_io.atomic_write``: torch's
+    own file writers abort the process on a full disk (``unexpected pos``); a failed write here
+    is one error naming ``out``."""
+    buffer = io.BytesIO()
+    form.write(net, example, buffer, meta)
+    try:
+        atomic_write(tmp, buffer.getbuffer())
+    except UserError:
+        raise
+    except OSError as exc:
+        raise ExportError(
+            f"{out}: writing the {form.title} file failed ({exc.strerror or exc}); nothing was "
+            "written there: free some space and run the same command again"
+        ) from exc
+
+
 def _check_batch(model_file: Path, meta: dict, root: str | None, verify: bool) -> tuple:
     """Up to :data:`CHECK_BATCH` of the run's test images, or random ones where they cannot
     be loaded; and where they came from."""
@@ -203,7 +222,8 @@ def _check_batch(model_file: Path, meta: dict, root: str | None, verify: bool) -
             data = data.unsqueeze(1)
         return data.float().div(255.0), f"{len(data)} test images"
     except (DataFilesError, FormatError, ValueError, OSError) as exc:
-        print(f"note: the run's test images cannot be loaded ({exc})", file=sys.stderr)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"note: the run's test images cannot be loaded ({first})", file=sys.stderr)
         generator = torch.Generator().manual_seed(0)
         c, size = meta["channels"], meta["image_size"]
         x = torch.rand(16, c, size, size, generator=generator)

@@ -19,26 +19,28 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ._args import Parser, add_data_options, run_main
 from .data import registry
-from .data.loader import TensorLoader
 from .data.registry import dataset_options, list_datasets
 from .data.splits import load_split
 from .download.sources import resolve_root
-from .errors import INTERRUPTED, RecipeError, TrainError
+from .errors import RecipeError
 from .models import modelfile
 from .models.registry import create_model, list_models
-from .training import distributed, mixup
-from .training.engine import Job, RunState, fit
+from .training import cpu, distributed, mixup
+from .training.engine import RunState, fit
+from .training.jobs import build_job
 from .training.recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe, default_recipe_name
 from .training.runtime import RunDir, determinism, stop_signal
 
@@ -64,6 +66,7 @@ _RESUMABLE_CHANGES = {
     "device",
     "compile",
     "deterministic",
+    "checkpoint_every",
 }
 _CHOICES = {
     "model": list_models(),
@@ -100,6 +103,20 @@ def _add_run_options(run: argparse._ArgumentGroup) -> None:
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
+        "--bf16",
+        choices=cpu.BF16_MODES,
+        default="auto",
+        help="bf16 autocast: auto (CUDA: the recipe's --amp; CPU: where it has bf16 units, "
+        "amx_bf16 or avx512_bf16), on, off",
+    )
+    run.add_argument(
+        "--threads",
+        type=cpu.thread_count,
+        default=None,
+        metavar="N",
+        help="CPU intra-op threads (default: the CPUs the load average leaves free)",
+    )
+    run.add_argument(
         "--deterministic",
         action="store_true",
         help="deterministic kernels: a resumed run ends with the same numbers",
@@ -115,6 +132,20 @@ def _add_run_options(run: argparse._ArgumentGroup) -> None:
     _add_output_options(run)
 
 
+def _cadence(text: str) -> tuple[int | None, float | None]:
+    """``--checkpoint-every``: ``(steps, None)`` from ``N``, ``(None, seconds)`` from ``Tmin``
+    or ``Ts`` (T > 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(min|s|h)?\s*", text)
+    unit = {"s": 1, "min": 60, "h": 3600}.get(match[2] if match else None)
+    if match and unit is None and "." not in match[1] and int(match[1]) > 0:
+        return int(match[1]), None
+    if match and unit is not None and 0 < float(match[1]) <= 1e6:
+        return None, float(match[1]) * unit
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: give a number of steps (200) or a time (10min, 90s, 1h)"
+    )
+
+
 def _add_output_options(run: argparse._ArgumentGroup) -> None:
     """Where results go, and resuming and stopping a run."""
     run.add_argument(
@@ -127,7 +158,9 @@ def _add_output_options(run: argparse._ArgumentGroup) -> None:
     run.add_argument(
         "--resume",
         action="store_true",
-        help="continue from DIR's checkpoint (start afresh if there is none)",
+        help="continue from DIR's checkpoint, even a finished run's (start afresh if there is "
+        "none). Without it an unfinished run in DIR is continued too: the same command line "
+        "goes on after a preemption",
     )
     run.add_argument(
         "--overwrite", action="store_true", help="start afresh even if DIR holds a checkpoint"
@@ -138,7 +171,15 @@ def _add_output_options(run: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="EPOCHS",
         help="checkpoint and stop once this many epochs are done (time-limited "
-        "jobs); --resume continues",
+        "jobs; exits 0); the same command without it continues",
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=_cadence,
+        default=None,
+        metavar="N|Tmin",
+        help="also checkpoint inside an epoch: every N steps, or every T minutes (e.g. 10min, "
+        "90s): what a kill -9 or a lost worker can lose at most (default: each epoch's end)",
     )
     run.add_argument(
         "--progress",
@@ -227,32 +268,6 @@ def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: 
     return config
 
 
-def _loaders(
-    r: Recipe, train_set: Any, test_set: Any, device: torch.device, seed: int, ctx: distributed.Dist
-) -> tuple[TensorLoader, TensorLoader]:
-    """Loaders over the device-resident splits, each yielding this rank's part of a batch."""
-    rank, world = ctx.shard
-    train_loader = TensorLoader(
-        train_set,
-        r.batch_size,
-        shuffle=True,
-        device=device,
-        drop_last=True,
-        seed=seed,
-        rank=rank,
-        world_size=world,
-    )
-    if len(train_loader) == 0:
-        raise TrainError(
-            f"{len(train_set.data)} training images make no full batch of {r.batch_size}; "
-            "lower --batch-size or raise --limit-train"
-        )
-    test_loader = TensorLoader(
-        test_set, r.eval_batch_size, shuffle=False, device=device, rank=rank, world_size=world
-    )
-    return train_loader, test_loader
-
-
 def _model(
     r: Recipe, train_set: Any, device: torch.device, seed: int, meta: dict
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -268,7 +283,7 @@ def _model(
     # preact18 has no dropout layers: --no-dropout changes nothing there.
     options = {"dropout": False} if not r.dropout and r.model == "simple_cnn" else {}
     model = create_model(r.model, **args, **options).to(device)
-    if r.channels_last and device.type == "cuda":
+    if cpu.channels_last_enabled(device, r.channels_last, r.amp):
         model = model.to(memory_format=torch.channels_last)
     model_meta = modelfile.model_meta(
         r.model,
@@ -282,59 +297,17 @@ def _model(
     return model, model_meta
 
 
-def _build_job(
-    r: Recipe,
-    train_set: Any,
-    test_set: Any,
-    device: torch.device,
-    seed: int,
-    meta: dict,
-    ctx: distributed.Dist | None = None,
-    sync_bn: bool = False,
-) -> Job:
-    """Loaders over the device-resident splits and the model, initialised from ``seed``;
-    ``meta`` (:func:`kmnist_torch.models.modelfile.model_meta` less the model) completes model.pt.
-    With several ranks (``ctx``), loaders yielding this rank's part of every batch and the
-    model wrapped in ``DistributedDataParallel``."""
-    ctx = ctx or distributed.Dist()
-    train_loader, test_loader = _loaders(r, train_set, test_set, device, seed, ctx)
-    model, model_meta = _model(r, train_set, device, seed, meta)
-    num_classes = len(train_set.classes)
-    if not ctx.active:
-        return Job(r, model, train_loader, test_loader, device, num_classes, model_meta=model_meta)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
-    )
-    # Every rank starts from the same weights (DDP also broadcasts rank 0's); dropout then
-    # draws from the rank's own stream, or every rank would drop the same units of its rows.
-    torch.manual_seed(distributed.rank_seed(seed, ctx.rank))
-    # Evaluation calls the bare model: each rank tests its own rows, with no collective.
-    forward, eval_forward = ddp, model
-    if r.compile:
-        forward, eval_forward = torch.compile(ddp), torch.compile(model)
-    return Job(
-        r,
-        model,
-        train_loader,
-        test_loader,
-        device,
-        num_classes,
-        forward=forward,
-        eval_forward=eval_forward,
-        dist=ctx,
-        model_meta=model_meta,
-    )
-
-
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, train, evaluate after every epoch, write ``results.json`` and a
     checkpoint to the output folder each epoch, and return the results dict.
 
     A first Ctrl-C or SIGTERM stops after the current step with a checkpoint
     (``"interrupted": True`` in the results;
-    :func:`~kmnist_torch.training.runtime.stop_signal` says which); ``--resume`` continues.
+    :func:`~kmnist_torch.training.runtime.stop_signal` says which); the same call continues
+    it (an unfinished run in the folder is continued; see
+    :meth:`~kmnist_torch.training.runtime.RunDir.open`). Where the caller left SIGTERM to its
+    default, a SIGTERM ends the process once the checkpoint is written, as it would have
+    without the trainer: a script looping over runs does not start the next one.
 
     Started by ``torchrun`` with several processes, it trains data-parallel: every rank runs
     this function, rank 0 alone writes and prints the epoch lines, and each rank returns the
@@ -344,14 +317,27 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     recipe_name, r = resolve_recipe(args, parser)
+    main_thread = threading.current_thread() is threading.main_thread()
+    term_kills = main_thread and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
     ctx, ddp_device = distributed.setup(args.device)
     try:
         if not ctx.is_main:  # rank 0 prints the epoch lines; warnings and errors stay
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                return _train(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
-        return _train(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
+                res = _train(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
+        else:
+            res = _train(args, parser, recipe_name, r, ctx, ddp_device, wall_start)
+    except RuntimeError as exc:
+        lost = distributed.lost_peer(ctx, exc)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         distributed.teardown(ctx)
+    if term_kills and stop_signal() == signal.SIGTERM:
+        # A caller that left SIGTERM alone (a script looping over runs) expects it to end the
+        # process: it does, now that the checkpoint is written.
+        signal.raise_signal(signal.SIGTERM)
+    return res
 
 
 def _device(
@@ -406,6 +392,7 @@ def _train(
     wall_start: float,
 ) -> dict[str, Any]:
     device = _device(args, parser, r, ctx, ddp_device)
+    cpu.configure(args.bf16, args.threads, device, keep_threads=args.deterministic)
     out = Path(args.out or f"runs/{args.dataset}-{recipe_name}-{r.model}-{r.mixup}-seed{args.seed}")
     config = _config(recipe_name, r, args, out, device.type == "cuda")
     config["world_size"] = ctx.world_size
@@ -413,6 +400,28 @@ def _train(
     saved = ctx.from_main(
         lambda: run_dir.open(config, args.resume, args.overwrite, _RESUMABLE_CHANGES)
     )
+    try:
+        res = _fit(args, recipe_name, r, ctx, device, run_dir, config, saved, wall_start)
+    finally:
+        run_dir.close()
+    if ctx.is_main:
+        print(f"run folder {out}: {run_dir.contents()}", flush=True)
+    return res
+
+
+def _fit(
+    args: argparse.Namespace,
+    recipe_name: str,
+    r: Recipe,
+    ctx: distributed.Dist,
+    device: torch.device,
+    run_dir: RunDir,
+    config: dict[str, Any],
+    saved: dict[str, Any] | None,
+    wall_start: float,
+) -> dict[str, Any]:
+    """Load the data, build the job, restore ``saved`` (a checkpoint) and train."""
+    out = run_dir.out
     with determinism(args.deterministic, device):
         if not args.verify:
             print("warning: --no-verify: checksums are not checked", file=sys.stderr)
@@ -423,7 +432,9 @@ def _train(
             "options": dataset_options(args.dataset, vars(args)),
         }
         meta = {"dataset": args.dataset, "recipe_name": recipe_name, "data": data}
-        job = _build_job(r, train_set, test_set, device, args.seed, meta, ctx, args.sync_bn)
+        model, model_meta = _model(r, train_set, device, args.seed, meta)
+        job = build_job(r, train_set, test_set, device, args.seed, (model, model_meta), ctx,
+                        args.sync_bn)  # fmt: skip
         state = RunState(job, args.seed)
         if saved is not None:
             state.load_state_dict(saved)
@@ -438,24 +449,26 @@ def _train(
             "image_size": int(train_set.data.shape[-1]),
             "seed": args.seed,
         }
-        res = fit(job, state, run_dir, config, info, args.stop_after, args.progress, wall_start)
-    if ctx.is_main:
-        print(f"run folder {out}: {run_dir.contents()}", flush=True)
-    return res
+        every = args.checkpoint_every or (None, None)
+        return fit(
+            job, state, run_dir, config, info, args.stop_after, args.progress, wall_start, every
+        )
 
 
 def exit_status(res: dict[str, Any]) -> int:
-    """A run's exit status: 0 finished; 128 + the signal that stopped it (130 Ctrl-C, 143
-    SIGTERM); 130 after ``--stop-after`` (unfinished, resumable)."""
-    if not res["interrupted"]:
-        return 0
+    """A run's exit status: 0 finished, or stopped where ``--stop-after`` asked (a stop asked
+    for is a success: a job chain's ``afterok`` goes on, and ``"finished": false`` in
+    ``results.json`` tells it apart); 128 + the signal that stopped it (130 Ctrl-C, 143
+    SIGTERM)."""
     signum = stop_signal()
-    return INTERRUPTED if signum is None else 128 + signum
+    return 0 if not res["interrupted"] or signum is None else 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: train (see :func:`run`); errors as one line; a first Ctrl-C or
-    SIGTERM checkpoints and stops after the step, a second aborts (exit 128 + the signal)."""
+    SIGTERM checkpoints and stops after the step (exit 128 + the signal); a Ctrl-C pressed
+    again a second or more later aborts (see
+    :class:`~kmnist_torch.training.runtime.StopRequest`)."""
     return run_main(
         run, argv, status=exit_status, interrupted="aborted; the last checkpoint is kept"
     )

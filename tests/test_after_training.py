@@ -22,6 +22,7 @@ from kmnist_torch import catalog, evaluate, export, predict, train
 from kmnist_torch.cli import main as cli_main
 from kmnist_torch.data.resplit import write_split
 from kmnist_torch.models import modelfile
+from kmnist_torch.models.metadata import meta_sha256
 from kmnist_torch.models.modelfile import INPUT_CONVENTION
 from kmnist_torch.reporting import fonts, plots
 from kmnist_torch.reporting.montage import montage_size
@@ -83,8 +84,10 @@ def _test_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_model_file_holds_weights_and_metadata_loadable_weights_only(run):
     state = torch.load(run["out"] / "model.pt", map_location="cpu", weights_only=True)
-    assert set(state) == {"format", "meta", "state_dict", "weights_sha256"}  # no optimiser state
+    # No optimiser state; the metadata and the weights each with their sha256.
+    assert set(state) == {"format", "meta", "meta_sha256", "state_dict", "weights_sha256"}
     meta = state["meta"]
+    assert state["meta_sha256"] == meta_sha256(meta)
     assert meta["arch"] == "simple_cnn"
     assert meta["model_args"] == {"num_classes": 10, "in_chans": 1, "img_size": 28}
     assert meta["dataset"] == "kmnist"
@@ -315,7 +318,9 @@ def test_predict_reports_each_bad_image_and_still_answers_for_the_good(run, tmp_
     data[16:24] = struct.pack(">II", 50000, 50000)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     huge.write_bytes(bytes(data))
-    paths = [good, tmp_path, cut, huge, tmp_path / "missing.png"]
+    empty = tmp_path / "empty"  # a folder with no image files in it
+    empty.mkdir()
+    paths = [good, empty, cut, huge, tmp_path / "missing.png"]
     assert predict.main([str(run["out"]), "--json", *map(str, paths)]) == 1
     out, err = capsys.readouterr()
     doc = json.loads(out)

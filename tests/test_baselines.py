@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmnist_torch.data import formats
 from kmnist_torch.models.knn import kneighbors, knn_predict
@@ -30,14 +32,16 @@ def kmnist_subset(real_dir):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_equals_sklearn_on_real_kmnist(kmnist_subset, device):
+@pytest.mark.parametrize("candidates", [0, 32])
+def test_equals_sklearn_on_real_kmnist(kmnist_subset, device, candidates):
     train, labels, test, truth = kmnist_subset
     clf = _sklearn_knn(train, labels, test)
     flat = test.reshape(len(test), -1)
-    # 64 does not divide 500: the last batch is a short one.
-    ours = knn_predict(train, labels, test, batch_size=64, device=device)
+    # 64 does not divide 500: the last batch is a short one. candidates=32: the screen, whose
+    # bound settles most test images and sends the rest to the exact scan.
+    ours = knn_predict(train, labels, test, batch_size=64, device=device, candidates=candidates)
     np.testing.assert_array_equal(ours.numpy(), clf.predict(flat))
-    dist, ind = kneighbors(train, test, k=4, batch_size=64, device=device)
+    dist, ind = kneighbors(train, test, k=4, batch_size=64, device=device, candidates=candidates)
     ref_dist, ref_ind = clf.kneighbors(flat)
     np.testing.assert_array_equal(ind.numpy(), ref_ind)
     np.testing.assert_array_equal(dist.numpy(), ref_dist)  # bit for bit
@@ -226,3 +230,94 @@ def test_bad_inputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="train_images is empty"):
         knn_predict(train[:0], labels[:0], test)
     assert knn_predict(train, labels, test[:0]).shape == (0,)
+
+
+# --------------------------------------------------------------------------- the screen
+
+
+def _block_shuffles(base: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndarray:
+    """``copies`` images that each permute the pixels inside every 2 x 2 block of ``base``:
+    the screen's features (block sums, the spread inside each 4 x 4 region) are identical for
+    all of them, their exact distances to a query are not."""
+    h, w = base.shape
+    blocks = base.reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(-1, 4)
+    out = []
+    for _ in range(copies):
+        perm = rng.permuted(np.broadcast_to(np.arange(4), blocks.shape), axis=1)
+        shuffled = np.take_along_axis(blocks, perm, axis=1)
+        out.append(shuffled.reshape(h // 2, w // 2, 2, 2).transpose(0, 2, 1, 3).reshape(h, w))
+    return np.stack(out)
+
+
+def test_screen_features_bound_every_distance_and_keep_the_norm():
+    from kmnist_torch.models import knn_screen
+
+    rng = np.random.default_rng(3)
+    for shape in [(28, 28), (10, 6), (37,)]:  # padded image, padded rows, a flat vector
+        x = rng.integers(0, 256, (40, *shape), dtype=np.uint8)
+        x[:20] = np.where(rng.random(x[:20].shape) < 0.7, 0, x[:20])  # sparse strokes too
+        flat = torch.from_numpy(x.reshape(40, -1))
+        layout = knn_screen.image_layout(shape)
+        phi = knn_screen.features(flat, layout, torch.device("cpu")).double()
+        v = flat.double() - 128
+        np.testing.assert_allclose(phi.norm(dim=1), v.norm(dim=1), rtol=1e-6)
+        lower = torch.cdist(phi, phi)
+        exact = torch.cdist(v, v)
+        assert bool((lower <= exact * (1 + 1e-6) + 1e-3).all())
+        assert float((lower / exact.clamp(min=1)).mean()) > 0.3  # a bound that screens
+
+
+@pytest.mark.parametrize("candidates", [4, 9, 64])
+def test_screen_finds_the_exact_neighbours_when_decoys_fill_the_shortlist(candidates):
+    # The query: one block holding [60, 0, 0, 0]. 70 decoys shuffle that block to
+    # [0, 60, 0, 0] (invisible to the screen, 7,200 to the exact distance) and light one pixel
+    # elsewhere at 101..119: screen 10,201..14,161, exact 17,401..21,361 (squared). Four near
+    # images light one far pixel at 120..123: screen = exact = 14,400..15,129. Every
+    # shortlist is all decoys, yet the true neighbours are the near ones, outside it: only a
+    # correct bound sends this query to the exact scan (a bound half as large would not).
+    q = np.zeros((28, 28), np.uint8)
+    q[0, 0] = 60
+    rng = np.random.default_rng(4)
+    spots = [(r, c) for r in range(4, 28, 2) for c in range(0, 28, 2)]
+    decoys = np.repeat(q[None], 70, 0)
+    decoys[:, 0, 0], decoys[:, 0, 1] = 0, 60
+    for i, (r, c) in enumerate(spots[:70]):
+        decoys[i, r, c] = 101 + rng.integers(0, 19)
+    near = np.repeat(q[None], 4, 0)
+    for i, (r, c) in enumerate(spots[70:74]):
+        near[i, r, c] = 120 + i
+    train = np.concatenate([decoys[:35], near, decoys[35:]])
+    labels = np.r_[np.zeros(35, int), np.ones(4, int), np.zeros(35, int)]
+    dist, ind = kneighbors(train, q[None], k=4, candidates=candidates)
+    np.testing.assert_array_equal(ind.numpy(), [[35, 36, 37, 38]])
+    np.testing.assert_array_equal(dist.numpy() ** 2, [[120**2, 121**2, 122**2, 123**2]])
+    assert knn_predict(train, labels, q[None], candidates=candidates).tolist() == [1]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    levels=st.sampled_from([2, 3, 256]),
+    candidates=st.integers(4, 40),
+    k=st.integers(1, 5),
+)
+def test_screen_equals_the_exact_scan_on_random_images(seed, levels, candidates, k):
+    # Few grey levels: many exact ties at the k-th distance, which go to the lowest indices.
+    rng = np.random.default_rng(seed)
+    values = np.linspace(0, 255, levels).astype(np.uint8)
+    train = values[rng.integers(0, levels, (120, 8, 8))]
+    test = values[rng.integers(0, levels, (9, 8, 8))]
+    exact = kneighbors(train, test, k=k, candidates=0)
+    screened = kneighbors(train, test, k=k, candidates=candidates, batch_size=4)
+    assert torch.equal(screened[0], exact[0]) and torch.equal(screened[1], exact[1])
+
+
+def test_progress_is_shown_on_request(capsys, monkeypatch):
+    monkeypatch.setenv("KMNIST_TORCH_PROGRESS_EVERY", "0")
+    rng = np.random.default_rng(5)
+    train = rng.integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    kneighbors(train, train[:7], k=2, batch_size=3, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("kmnist_torch: 4-NN: 7/7 test images (100%)")
+    kneighbors(train, train[:7], k=2, batch_size=3)  # short: quiet by default
+    assert capsys.readouterr().err == ""

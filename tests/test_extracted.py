@@ -1,11 +1,19 @@
 """The extracted idx copies torchvision reads (``train-labels-idx1-ubyte`` beside its ``.gz``)
 are the user's unless this package wrote them: loading never rewrites one it did not write, and
-the ``download`` command replaces a split's pair of files together or not at all (issue 18)."""
+the ``download`` command replaces a split's pair of files together or not at all (issue 18).
+An extracted Kuzushiji-Kanji tree is read like the tar's members: regular files only, links
+never followed, the tar's size cap, names escaped when printed; the copies copy tools leave are
+set aside (issues 19 and 20)."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import os
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -175,3 +183,139 @@ def test_download_replaces_a_splits_pair_together_or_not_at_all(
     main(["download", "kmnist", "--root", str(tmp_path)])
     assert (raw / f"{LABELS}.gz").read_bytes() == labels_gz.read_bytes()
     assert len(KMNIST(tmp_path, train=False)) == 10000
+
+
+# ------------------------------------------------ extracted KKanji trees, read like tar members
+
+
+def _kkanji_tree(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    from fakedata import kkanji_files, write_kkanji_tree
+
+    return write_kkanji_tree(root / "KKanji", kkanji_files(classes, per_class, seed=9))
+
+
+def _full_is(monkeypatch, classes: int, images: int) -> None:
+    import dataclasses
+
+    from kmnist_torch import catalog
+
+    full = dataclasses.replace(catalog.KKANJI, num_classes=classes, split_sizes={"all": images})
+    monkeypatch.setattr(catalog, "KKANJI", full)
+
+
+def test_copy_artefacts_are_set_aside_by_their_bytes_not_their_names(tmp_path, monkeypatch, capfd):
+    from kmnist_torch.data.kkanji.dataset import KKanji
+
+    tree = _kkanji_tree(tmp_path)
+    first, second, third = sorted((tree / "U+4E00").iterdir())[:3]
+    stem = first.name[:-4]
+    (tree / "U+4E00" / f"{stem}(1).png").write_bytes(first.read_bytes())
+    (tree / "U+4E00" / f"{second.name[:-4]} copy.png").write_bytes(second.read_bytes())
+    _full_is(monkeypatch, 3, 12)
+    ds = KKanji(tmp_path, split="all")  # verified: the 12 images, the two copies set aside
+    err = capfd.readouterr().err
+    assert len(ds) == 12 and "set aside 2 copy artefacts" in err and err.count("\n") == 1
+    assert "copy artefacts set aside" in repr(ds)
+    # Named like a copy but not the same bytes as its sibling: no name the tar could hold,
+    # so verification refuses it, naming it.
+    odd = f"{third.name[:-4]} (1).png"
+    (tree / "U+4E00" / odd).write_bytes(first.read_bytes())
+    with pytest.raises(DataFilesError, match=re.escape(f"unexpected entries (U+4E00/{odd})")):
+        KKanji(tmp_path, split="all")
+
+
+def _hostile_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A tree of 12 good images plus, in its class folders: a .png that is a symbolic link to
+    a FIFO outside the root, a class folder that is a symbolic link, a FIFO named .png, a
+    sparse 4 GiB .png, and a file whose name holds a terminal escape sequence."""
+    root = tmp_path / "root"
+    tree = _kkanji_tree(root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "fifo")
+    (tree / "U+4E00" / "0000000000000001.png").symlink_to(outside / "fifo")
+    (outside / "U+4E10").mkdir()
+    (outside / "U+4E10" / "0000000000000002.png").write_bytes(
+        (tree / "U+4E00").iterdir().__next__().read_bytes()
+    )
+    (tree / "U+4E10").symlink_to(outside / "U+4E10", target_is_directory=True)
+    os.mkfifo(tree / "U+4E01" / "0000000000000003.png")
+    with open(tree / "U+4E02" / "0000000000000004.png", "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        fh.truncate(4 << 30)  # sparse: 4 GiB on paper, nothing on disk
+    (tree / "U+4E02" / "evil\x1b[31mred.png").write_bytes(b"x")
+    return root, outside
+
+
+def _run(code: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with open(tmp_path / "stderr", "w+", encoding="utf-8", errors="surrogateescape") as err:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err,
+                              text=True, timeout=120, env=env)  # fmt: skip
+        err.seek(0)
+        return proc, err.read()
+
+
+def test_a_hostile_tree_is_read_like_tar_members(tmp_path, capfd):
+    # In a real process (a FIFO opened for reading would block it for ever; the timeout says
+    # so): nothing hostile is opened, followed or read whole, and the names print safely.
+    root, _ = _hostile_tree(tmp_path)
+    code = (  # the dataset's own steps, without its torch import: list, check, decode
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from kmnist_torch.data.kkanji.cache import images, open_source\n"
+        f"folder = Path({str(root)!r}) / 'KKanji'\n"
+        "listing = open_source(folder, False, False)\n"
+        "arr = images(folder, listing)\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(len(arr), listing.folders, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    proc, err = _run(code, tmp_path)
+    assert proc.returncode == 0, err
+    peak_kib = int(proc.stdout.split()[-1])
+    assert proc.stdout.startswith("12 ['U+4E00', 'U+4E01', 'U+4E02']")
+    assert peak_kib < 2 << 20  # well under the 4 GiB a whole read would take
+    for shown in ("U+4E00/0000000000000001.png (a symbolic link, not followed)",
+                  "U+4E10 (a symbolic link, not followed)", "U+4E01/0000000000000003.png",
+                  "U+4E02/0000000000000004.png (4294967296 bytes, far more than a 64x64 PNG)",
+                  "U+4E02/evil\\x1b[31mred.png"):  # fmt: skip
+        assert shown in err
+    assert "\x1b" not in err
+    # The command line, verifying: one error naming them, no traceback, nothing opened.
+    capfd.readouterr()
+    assert main(["audit", "kkanji", "--root", str(root), "--out", str(tmp_path / "a.json")]) == 1
+    err = capfd.readouterr().err
+    assert err.startswith("error: KKanji: ") and "Traceback" not in err
+    assert "(a symbolic link, not followed)" in err and "\x1b" not in err
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_the_bounded_reader_refuses_before_reading(tmp_path, monkeypatch):
+    from kmnist_torch.data.kkanji import tree as tree_module
+    from kmnist_torch.data.kkanji.tree import read_member
+    from kmnist_torch.errors import FormatError
+
+    _, outside = _hostile_tree(tmp_path)
+    tree = tmp_path / "root" / "KKanji" / "kkanji2"
+    cases = {
+        tree / "U+4E00" / "0000000000000001.png": "a symbolic link (not followed)",
+        tree / "U+4E01" / "0000000000000003.png": "not a regular file",  # no writer: no block
+        tree / "U+4E02" / "0000000000000004.png": "4294967296 bytes, far more than a 64x64 PNG",
+    }
+    for path, why in cases.items():
+        with pytest.raises(FormatError, match=re.escape(why)):
+            read_member(path)
+    # Under the size cap but not a PNG: refused from its first 33 bytes, the rest never read.
+    (outside / "big.png").write_bytes(b"GIF89a" + bytes(900_000))
+    read_sizes: list[int] = []
+
+    class Counted(io.BufferedReader):
+        def read(self, n=-1):
+            data = super().read(n)
+            read_sizes.append(len(data))
+            return data
+
+    monkeypatch.setattr(tree_module.os, "fdopen", lambda fd, mode: Counted(io.FileIO(fd, "r")))
+    with pytest.raises(FormatError, match="not a PNG file"):
+        read_member(outside / "big.png")
+    assert read_sizes == [33]

@@ -340,7 +340,9 @@ def test_write_split_json_matches_the_dataset(top100_files, tmp_path):
     out = tmp_path / "out" / "split.json"
     doc = write_split_file(out, root=tmp_path, seed=3, shots=7, verify=False)
     assert json.loads(out.read_text(encoding="utf-8")) == doc
-    assert not (tmp_path / "KKanji" / "cache").exists()  # a split needs no decoding
+    # The split obeys the audit, which reads the decoded images: nothing found in these.
+    assert doc["split_version"] == "kkanji-split-v2"
+    assert doc["audit"]["identical_groups"] == 0 and doc["audit"]["blank_images"] == 0
     ds = KKanji(tmp_path, verify=False, seed=3, shots=7)
     assert {"train": doc["train"], "test": doc["test"]} == ds.split_indices()
     assert doc["arguments"] == {"test_fraction": 0.2, "seed": 3, "min_per_class": 1, "shots": 7}
@@ -362,7 +364,9 @@ def test_cache_is_rebuilt_when_the_source_changes(top100_files, tmp_path):
     second = KKanji(tmp_path, split="all", verify=False)
     assert np.array_equal(second.data[0].numpy(), np.asarray(inverted))
     assert torch.equal(second.data[0], 255 - first.data[0])
-    assert not old_npy.exists() and len(list((tmp_path / "KKanji" / "cache").iterdir())) == 2
+    # Only the new tree's images, index and audit facts are left.
+    left = sorted(p.name.split("-")[0] for p in (tmp_path / "KKanji" / "cache").iterdir())
+    assert not old_npy.exists() and left == ["audit", "images", "index"]
     sorted((tree / "U+4E01").iterdir())[3].unlink()
     assert len(KKanji(tmp_path, split="all", verify=False)) == 99
 
@@ -605,3 +609,108 @@ def test_trainer_runs_on_real_kkanji_images(real_dir, tmp_path, one_thread):
     assert res["image_size"] == 64 and res["num_classes"] == 4
     assert res["num_test"] == len(ds) == 4 * 6 and res["num_train"] == 4 * 10
     assert res["epochs_done"] == 1 and res["finished"]
+
+
+# ------------------------------------------------ the shipped digest and the audited split
+
+
+def _use_digest_of(monkeypatch, tmp_path: Path, files) -> None:
+    """Stand a digest of ``files`` in for the shipped one (and their counts for the full set's),
+    as if they were the full Kuzushiji-Kanji."""
+    from kmnist_torch.data.kkanji import digest
+
+    ref = _write_tree(tmp_path / "reference", files)
+    path = tmp_path / "digest.gz"
+    digest.write(digest.compute(kkcache.scan_tree(ref, verify=False)), path)
+    monkeypatch.setattr(digest, "DIGEST_PATH", path)
+    _expect_counts(monkeypatch, len({f[0] for f in files}), len(files))
+
+
+def test_verify_checks_every_image_against_the_digest_and_pins_a_mismatch(
+    top100_files, tmp_path, monkeypatch
+):
+    from kmnist_torch.data.kkanji import digest
+
+    files = _subset_of(top100_files, 4, 6)
+    _use_digest_of(monkeypatch, tmp_path, files)
+    tree = _write_tree(tmp_path / "KKanji", files)
+    with _no_kkanji_warning():
+        ds = KKanji(tmp_path, split="all")
+    assert "every image checked against the shipped digest" in repr(ds)
+    # A second load hashes nothing: every class is remembered as checked, by names, sizes
+    # and mtimes.
+    monkeypatch.setattr(digest, "class_digest", _fail)
+    KKanji(tmp_path, split="all")
+    monkeypatch.undo()
+    _use_digest_of(monkeypatch, tmp_path, files)
+    # One image of U+4E02 replaced by another valid 64x64 PNG (same name, same count): the
+    # error names that class and only it; nothing is trusted on the way.
+    victim = sorted((tree / "U+4E02").iterdir())[2]
+    original = victim.read_bytes()
+    victim.write_bytes(_png(PIL.Image.new("L", (64, 64), 7)))
+    with pytest.raises(DataFilesError) as err:
+        KKanji(tmp_path, split="all")
+    message = str(err.value)
+    assert "differs from the shipped digest" in message and "in 1 classes" in message
+    assert "U+4E02: the images' names or bytes differ" in message and "U+4E00" not in message
+    # An image moved to another class: both classes named, by their counts.
+    victim.write_bytes(original)
+    moved = sorted((tree / "U+4E00").iterdir())[0]
+    moved.rename(tree / "U+4E01" / moved.name)
+    with pytest.raises(DataFilesError, match=r"U\+4E00: 5 images, expected 6; U\+4E01: 7 images"):
+        KKanji(tmp_path, split="all")
+    (tree / "U+4E01" / moved.name).rename(moved)
+    assert len(KKanji(tmp_path, split="all")) == 24
+
+
+def test_the_shipped_digest_is_compact_and_holds_the_real_singletons(real_dir):
+    # The digest of the full public tree (3,832 classes, 140,424 images): its own sha256 holds,
+    # and each of the 815 classes of one image in the real subset hashes to its entry.
+    from kmnist_torch.data.kkanji import digest
+
+    shipped = digest.load()
+    assert (len(shipped.classes), shipped.total) == (3832, 140424) and digest.applies()
+    assert digest.DIGEST_PATH.stat().st_size < 300_000
+    assert shipped.sha256 == "89007188da3b5b6578674641122e6ac33e002bad59ce34c1026db99d874bc779"
+    tree = _real_tree(SUBSET2)
+    singles = [f for f, (n, _) in shipped.classes.items() if n == 1]
+    assert len(singles) == 815
+    for folder in singles:
+        names = [p.name for p in (tree / folder).iterdir()]
+        assert (1, digest.class_digest(tree / folder, names)) == shipped.classes[folder]
+
+
+def _audited_files():
+    """Four classes of 10 synthetic images, plus in U+4E00 three identical images, in U+4E01
+    and U+4E02 one image under both labels, and two blank images in U+4E03."""
+    from fakedata import png_bytes
+
+    files = kkanji_files(4, 10, seed=5)
+    stroke = np.zeros((64, 64), np.uint8)
+    stroke[8:56, 20:26] = 220
+    other = stroke.T.copy()
+    files += [("U+4E00", f"dddd00000000000{k}.png", png_bytes(stroke)) for k in range(3)]
+    files += [("U+4E01", "eeee000000000000.png", png_bytes(other)),
+              ("U+4E02", "eeee000000000001.png", png_bytes(other))]  # fmt: skip
+    files += [("U+4E03", f"ffff00000000000{k}.png", png_bytes(np.full((64, 64), k, np.uint8)))
+              for k in range(2)]  # fmt: skip
+    return files
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_default_split_keeps_identical_images_on_one_side_and_blank_ones_out_of_test(
+    tmp_path, seed
+):
+    _write_tree(tmp_path / "KKanji", _audited_files())
+    ds = KKanji(tmp_path, split="all", verify=False, seed=seed, test_fraction=0.5)
+    parts = ds.split_indices()
+    test = set(parts["test"])
+    same = [f"kkanji2/U+4E00/dddd00000000000{k}.png" for k in range(3)]
+    assert len({p in test for p in same}) == 1  # all three on one side
+    for name in ("U+4E01/eeee000000000000", "U+4E02/eeee000000000001", "U+4E03/ffff000000000000",
+                 "U+4E03/ffff000000000001"):  # fmt: skip
+        assert f"kkanji2/{name}.png" in parts["train"]
+    # Every class still gives at most half of its images to the test part.
+    counts = collections.Counter(p.split("/")[1] for p in test)
+    assert counts["U+4E00"] <= 6 and counts["U+4E03"] == 6 and counts["U+4E01"] == 5
+    assert "Audit: 2 groups of identical images (5 images), 2 blank" in repr(ds)

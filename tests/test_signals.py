@@ -20,7 +20,8 @@ from conftest import wait_for
 from test_reproduce import _write_root
 
 from kmnist_torch import cli, evaluate, export, predict, reproduce, train
-from kmnist_torch.errors import INTERRUPTED, TERMINATED
+from kmnist_torch.errors import INTERRUPTED, TERMINATED, TrainError
+from kmnist_torch.training.runlock import LOCK_NAME
 from kmnist_torch.training.runtime import CHECKPOINT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,39 +243,67 @@ def test_sigterm_stops_the_trainer_after_its_step_and_resume_continues(root, tmp
     argv = [*TRAIN, "--root", str(root), "--out", str(out)]
     run = Command(tmp_path, "kmnist_torch.train", *argv)
     run.wait_for_line(STEPPING)
+    # A second trainer on the folder says who holds it and stops, writing nothing there.
+    with pytest.raises(TrainError, match=f"in use by a live run \\(pid {run.pid} on "):
+        train.run(argv)
+    assert (out / LOCK_NAME).read_text().split()[0] == str(run.pid)
     assert run.stop(signal.SIGTERM) == TERMINATED
     _no_traceback(run)
     assert "SIGTERM: stopping after this step and writing a checkpoint" in run.stderr()
     state = torch.load(out / CHECKPOINT, weights_only=True)
     assert 0 < state["epoch"] * 10 + state["step"] < 20
     assert json.loads((out / "results.json").read_text())["interrupted"]
-    assert train.main([*argv, "--resume"]) == 0  # in this process: no signal's business
-    where = f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}"
-    assert where in capfd.readouterr().err
+    assert not (out / LOCK_NAME).exists()
+    assert train.main(argv) == 0  # the same command line; in this process: no signal's business
+    err = capfd.readouterr().err
+    assert f"{out} holds an unfinished run: continuing it" in err
+    assert f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}" in err
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] and res["epochs_done"] == 2
 
 
-def test_a_second_sigterm_aborts_the_trainer_without_a_traceback(root, tmp_path):
-    run = Command(tmp_path, "kmnist_torch.train", *TRAIN, "--epochs", "50", "--root", str(root),
-                  "--out", str(tmp_path / "run"))  # fmt: skip
-    run.wait_for_line(STEPPING)
-    os.kill(run.pid, signal.SIGTERM)
-    run.wait_for_line("SIGTERM: stopping after this step")
-    assert run.stop(signal.SIGTERM) == TERMINATED
-    _no_traceback(run)
-    assert "stopped in epoch" in run.stderr() or "SIGTERM: aborted" in run.stderr()
+def test_a_script_looping_over_runs_ends_on_sigterm_sent_twice_after_one_checkpoint(root, tmp_path):
+    # As Slurm's scancel does to a job step: the same SIGTERM twice, a moment apart. The
+    # library's caller left SIGTERM alone, so the process ends by it, once the run in hand
+    # has written its checkpoint; the next run of the loop never starts.
+    argv = [*TRAIN, "--epochs", "50", "--root", str(root)]
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "from kmnist_torch import train\n"
+        f"for i in range(2):\n    train.run({argv!r} + ['--out', f'run{{i}}'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    err = tmp_path / "loop.err"
+    with open(err, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stderr=fh, env=env)
+    try:
+        assert wait_for(lambda: STEPPING in err.read_text(), 120), err.read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(120) == -signal.SIGTERM  # a shell reports 143
+    finally:
+        proc.kill()
+    text = err.read_text()
+    assert text.count("SIGTERM: stopping after this step") == 1 and "Traceback" not in text
+    assert "stopped in epoch" in text or "stopped after epoch" in text
+    assert torch.load(tmp_path / "run0" / CHECKPOINT, weights_only=True)["step"] >= 0
+    assert not (tmp_path / "run1").exists()
 
 
-def test_sigterm_under_torchrun_stops_every_rank_with_one_checkpoint(root, tmp_path):
+def test_scancel_of_a_torchrun_job_stops_every_rank_with_one_checkpoint(root, tmp_path):
+    # Slurm's scancel and systemd signal every process of the job: torchrun and each rank get
+    # SIGTERM, and torchrun passes its own on, so each rank gets it twice: still one stop.
     out = tmp_path / "run"
     ranks = Command(tmp_path, "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                     "kmnist_torch.train", *TRAIN, "--epochs", "50", "--root", str(root),
-                    "--out", str(out))  # fmt: skip
+                    "--out", str(out), group=True)  # fmt: skip
     ranks.wait_for_line(STEPPING)
-    ranks.stop(signal.SIGTERM)  # torchrun passes it on to both ranks (and exits 1 itself)
+    sent = time.monotonic()
+    ranks.stop_group(signal.SIGTERM)  # torchrun exits 1 itself
+    took = time.monotonic() - sent
     err = ranks.stderr()
     assert err.count("SIGTERM: stopping after this step") == 2, err[-3000:]
+    assert "aborted" not in err and err.count("the same command continues it") == 1, err[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["interrupted"] and not res["finished"] and res["world_size"] == 2
     state = torch.load(out / CHECKPOINT, weights_only=True)
@@ -282,6 +311,7 @@ def test_sigterm_under_torchrun_stops_every_rank_with_one_checkpoint(root, tmp_p
     # The one traceback is torchrun's own (its SignalException), none is the ranks'.
     tracebacks = err.split("Traceback (most recent call last):")[1:]
     assert all("kmnist_torch" not in t and "SignalException" in t for t in tracebacks), err
+    print(f"scancel-like SIGTERM to the group: stopped in {took:.1f} s")  # for docs/faults.md
 
 
 # ------------------------------------------------------------------ the after-training commands

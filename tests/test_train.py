@@ -193,6 +193,10 @@ def test_every_recipe_value_is_a_flag(tmp_path):
     "argv,message",
     [
         (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "nan"], "--lr must be positive (at most 1e30)"),
+        (["--lr", "1e300"], "--lr must be positive (at most 1e30)"),
+        (["--checkpoint-every", "0"], "give a number of steps (200) or a time (10min"),
+        (["--checkpoint-every", "5 days"], "give a number of steps (200) or a time (10min"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--milestones", "0.5,1.5"], "fractions of the run"),
         (["--resume", "--overwrite"], "exclude each other"),

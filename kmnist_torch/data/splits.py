@@ -3,7 +3,6 @@ trainer and the reproduction harness (so a 4-NN row and a trained row see the sa
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from .registry import create_dataset, dataset_options
+from .runinfo import data_root, dataset_arguments, read_results, split_limit
 
 # The seed of --limit-train/--limit-test. Fixed, not the run's --seed: runs with different
 # seeds then differ by training noise alone, on the same images, and the harness's 4-NN and
@@ -98,14 +98,6 @@ def load_split(
     )
 
 
-def _run_results(model_file: Path) -> dict[str, Any]:
-    """The ``results.json`` the trainer wrote beside ``model_file`` (empty where there is none)."""
-    results = model_file.parent / "results.json"
-    if not results.is_file():
-        return {}
-    return json.loads(results.read_text(encoding="utf-8"))
-
-
 def load_run_split(
     model_file: Path,
     meta: dict[str, Any],
@@ -122,29 +114,25 @@ def load_run_split(
         model_file: the run's ``model.pt`` or ``checkpoint.pt``.
         meta: the model's metadata (:func:`kmnist_torch.models.modelfile.model_meta`).
         split: ``"test"`` or ``"train"``.
-        root: the data folder (None: the run's).
-        verify: check the files' checksums (where the run did).
+        root: the data folder (None: the run's, read only; see
+            :func:`kmnist_torch.data.runinfo.data_root`).
+        verify: check the files' checksums (whatever the run did).
         download: fetch missing files.
 
     Returns:
         ``(split, results)``: :func:`load_split`'s namespace and the run's ``results.json``
         document (empty where there is none).
     """
-    run = _run_results(model_file)
+    run = read_results(model_file.parent)  # checked: issue 20, a run folder is untrusted
     config = run.get("config", {})
-    limit = config.get("limit_test" if split == "test" else "limit_train")
+    limit = split_limit(meta, config, split)
     options = (meta.get("data") or {}).get("options")
     if options is None:  # metadata rebuilt from a checkpoint's config
         options = dataset_options(meta["dataset"], config)
-    images = load_split(
-        meta["dataset"],
-        root or config.get("root"),
-        split == "train",
-        limit,
-        download,
-        verify and config.get("verify", True),
-        **options,
-    )
+    options = dataset_arguments(meta["dataset"], options, str(model_file))
+    # results.json never turns a check off or sends a download elsewhere: only the caller does.
+    root, download = data_root(root, download, config)
+    images = load_split(meta["dataset"], root, split == "train", limit, download, verify, **options)
     if list(images.classes) != list(meta["classes"]):
         raise ValueError(
             f"the {meta['dataset']} {split} images have other classes than the model "

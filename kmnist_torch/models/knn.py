@@ -23,6 +23,9 @@ from typing import Union
 import numpy as np
 import torch
 
+from ..settings import Progress
+from . import knn_screen
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 WEIGHTS = ("distance", "uniform")
@@ -35,6 +38,12 @@ EXACT_BLOCK = 1024
 # an int32 one live at once, 64 MiB each on a CPU (larger batches make the matrix product more
 # efficient there) and 512 MiB each on a GPU.
 _AUTO_ELEMENTS = {"cuda": 2**27, "cpu": 2**24}
+
+# Training images per test image given an exact distance after the screen (kneighbors). 0: no
+# screen. On the 2-core AVX2 development machine the screen (one 245-feature product, a top-k,
+# then gathered rows) measured slower than the one 784-feature product it replaces: under load
+# the gathered rows cost far more than their share of the product.
+DEFAULT_CANDIDATES = 0
 
 
 def default_device() -> torch.device:
@@ -50,6 +59,8 @@ def knn_predict(
     weights: str = "distance",
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    candidates: int | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Predict the class of each test image by its ``k`` nearest training images.
 
@@ -75,6 +86,9 @@ def knn_predict(
         batch_size: test images scored at a time (default: as many as keep one distance
             matrix near 64 MiB on a CPU, 512 MiB on a GPU).
         device: where the distances are computed (default: CUDA when available).
+        candidates: training images per test image given an exact distance after the
+            screen (see :func:`kneighbors`; 0: no screen). Never changes the answer.
+        progress: a progress line on stderr (default: on long runs).
 
     Returns:
         A CPU int64 tensor of M predicted labels.
@@ -82,7 +96,9 @@ def knn_predict(
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     classes, encoded = _labels(train_labels, _num_rows(train_images))
-    neigh_dist, neigh_ind = kneighbors(train_images, test_images, k, batch_size, device)
+    neigh_dist, neigh_ind = kneighbors(
+        train_images, test_images, k, batch_size, device, candidates, progress
+    )
     neigh_labels = encoded[neigh_ind]
     votes = _votes(neigh_dist, neigh_labels, len(classes), weights)
     # argmax returns the first of equal maxima: the smallest label, as scikit-learn.
@@ -95,11 +111,21 @@ def kneighbors(
     k: int = 4,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    candidates: int | None = None,
+    progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest training images of each test image: ``(distances, indices)``, both
     test x k CPU tensors (float64 Euclidean distances, int64 indices), sorted by distance and
     then index. The same neighbours and distances as scikit-learn's ``kneighbors`` (see
-    :func:`knn_predict` on ties), whose order among equal distances is unspecified."""
+    :func:`knn_predict` on ties), whose order among equal distances is unspecified.
+
+    With ``candidates`` (say 256; default ``DEFAULT_CANDIDATES``, 0: none) byte-valued images
+    are first screened (:mod:`kmnist_torch.models.knn_screen`): a provable lower bound on
+    every distance, from 245 numbers per 28 x 28 image, picks that many training images per
+    test image and only those get an exact distance, unless the bound cannot rule out the
+    rest, in which case that test image is scored against all. The answer is the same either
+    way; only the time differs. ``progress``: a progress line on long runs (default: when
+    test x train exceeds 2**30 pairs)."""
     dev = torch.device(device) if device is not None else default_device()
     train = _as_matrix(train_images, "train_images")
     test = _as_matrix(test_images, "test_images")
@@ -117,35 +143,101 @@ def kneighbors(
         batch_size = max(1, budget // n_train)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-
     exact = _is_byte_valued(train) and _is_byte_valued(test)
+    count = DEFAULT_CANDIDATES if candidates is None else candidates
+    if count < 0:
+        raise ValueError(f"candidates must be 0 or more, got {count}")
+    count = max(count, k) if exact and count and count < n_train and train.shape[1] >= 16 else 0
     # Integer ranks: |t.t| and 2|q.t| are each at most 128 * 128 * D, so int32 holds the rank
     # keys below up to D = 43,690 features; wider images use int64.
     int_dtype = torch.int32 if 3 * 128 * 128 * train.shape[1] < 2**31 else torch.int64
-    train_blocks, train_sq = _prepare(train, exact, dev, int_dtype)
-    dists, inds = [], []
-    for lo in range(0, test.shape[0], batch_size):
-        query_blocks, query_sq = _prepare(test[lo : lo + batch_size], exact, dev, int_dtype)
+    ctx = _Context(*_prepare(train, exact, dev, int_dtype), exact, int_dtype, dev, k)
+    if count:
+        layout = knn_screen.image_layout(tuple(torch.as_tensor(train_images).shape[1:]))
+        ctx.screen = knn_screen.Screen(train, layout, dev)
+    shown = progress if progress is not None else test.shape[0] * n_train > 2**30
+    with Progress("4-NN", test.shape[0], unit="test image", enabled=shown) as bar:
+        return _search(ctx, test, count, batch_size, bar)
+
+
+class _Context:
+    """What every batch of a search needs: the training rows and how to score them."""
+
+    def __init__(self, blocks, sq, exact, int_dtype, device, k) -> None:  # noqa: ANN001
+        self.blocks, self.sq, self.exact, self.int_dtype = blocks, sq, exact, int_dtype
+        self.device, self.k = device, k
+        self.screen: knn_screen.Screen | None = None
+
+
+def _search(
+    ctx: _Context, test: torch.Tensor, count: int, batch_size: int, bar: Progress
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances and indices of every test row: screened where ``count``, then the hard rows
+    (or all, without a screen) against every training image."""
+    m, k = test.shape[0], ctx.k
+    dists = torch.empty(m, k, dtype=torch.float64)
+    inds = torch.empty(m, k, dtype=torch.int64)
+    hard = torch.arange(m)
+    if count:
+        left = []
+        for lo in range(0, m, batch_size):
+            rows = torch.arange(lo, min(m, lo + batch_size))
+            done = _screened_batch(ctx, test[rows], count, rows, dists, inds)
+            left.append(rows[~done])
+            bar.update(int(done.sum()))
+        hard = torch.cat(left)
+    for lo in range(0, len(hard), batch_size):
+        rows = hard[lo : lo + batch_size]
+        query_blocks, query_sq = _prepare(test[rows], ctx.exact, ctx.device, ctx.int_dtype)
         dot = None
-        for q, t in zip(query_blocks, train_blocks):
+        for q, t in zip(query_blocks, ctx.blocks):
             part = q @ t.T
             # On the byte path each block's products are exact integers in float32; they are
             # summed, and ranked, as integers so nothing rounds.
-            part = part.to(int_dtype) if exact else part
+            part = part.to(ctx.int_dtype) if ctx.exact else part
             dot = part if dot is None else dot.add_(part)
         # Rank by ||t||^2 - 2 q.t: ||q||^2 is the same along a row, so it is added only to the
         # k distances kept.
-        key = dot.mul_(-2).add_(train_sq)
-        key, i = _smallest(key, k)
-        sq = key.to(torch.float64).add_(query_sq[:, None].to(torch.float64))
-        # Clamped at 0 as scikit-learn does (the float path can round slightly below). NumPy's
-        # square root is correctly rounded; torch's vectorised CPU one can be an ulp off, which
-        # would make the weights differ from scikit-learn's in the last bit.
-        dists.append(torch.from_numpy(np.sqrt(sq.clamp_(min=0.0).cpu().numpy())))
-        inds.append(i.cpu())
-    if not dists:
-        return torch.empty(0, k, dtype=torch.float64), torch.empty(0, k, dtype=torch.int64)
-    return torch.cat(dists), torch.cat(inds)
+        key, i = _smallest(dot.mul_(-2).add_(ctx.sq), k)
+        dists[rows], inds[rows] = _distances(key, query_sq), i.cpu()
+        bar.update(len(rows))
+    return dists, inds
+
+
+def _screened_batch(
+    ctx: _Context,
+    query: torch.Tensor,
+    count: int,
+    rows: torch.Tensor,
+    dists: torch.Tensor,
+    inds: torch.Tensor,
+) -> torch.Tensor:
+    """Screen one batch; fill ``dists``/``inds`` at the rows the bound settles and return
+    which those are (a CPU bool per row)."""
+    assert ctx.screen is not None
+    query_blocks, query_sq = _prepare(query, True, ctx.device, ctx.int_dtype)
+    index, edge = ctx.screen.smallest(query, count)
+    keys = knn_screen.exact_keys(query_blocks, ctx.blocks, ctx.sq, index)
+    kth = keys.topk(ctx.k, dim=1, largest=False).values[:, -1] + query_sq
+    done = ctx.screen.excluded(edge, kth)
+    if bool(done.any()):
+        # Among the candidates, the k smallest by (key, index), as _smallest orders them.
+        order = index[done].sort(dim=1)
+        ranked = keys[done].gather(1, order.indices)
+        value, pos = ranked.sort(dim=1, stable=True)
+        kept = done.cpu()
+        dists[rows[kept]] = _distances(value[:, : ctx.k], query_sq[done])
+        inds[rows[kept]] = order.values.gather(1, pos[:, : ctx.k]).cpu()
+    return done.cpu()
+
+
+def _distances(key: torch.Tensor, query_sq: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (float64, CPU) from rank keys ``||t||^2 - 2 q.t`` and ``||q||^2``."""
+    sq = key.to(torch.float64).add_(query_sq[:, None].to(torch.float64))
+    # Clamped at 0 as scikit-learn does (the float path can round slightly below). NumPy's
+    # square root is correctly rounded; torch's vectorised CPU one can be an ulp off, which
+    # would make the weights differ from scikit-learn's in the last bit.
+    return torch.from_numpy(np.sqrt(sq.clamp_(min=0.0).cpu().numpy()))
 
 
 def _num_rows(x: ArrayLike) -> int:

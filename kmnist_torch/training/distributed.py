@@ -21,6 +21,7 @@ Semantics (docs/distributed.md says the same for users):
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -32,9 +33,10 @@ from torch import nn
 
 from ..data.loader import part
 from ..errors import TrainError
+from ..settings import env_number
 from .runtime import StopRequest
 
-__all__ = ["Dist", "SharedStop", "part", "rank_seed", "setup", "teardown"]
+__all__ = ["Dist", "SharedStop", "check_env", "part", "rank_seed", "setup", "teardown"]
 
 T = TypeVar("T")
 
@@ -175,12 +177,106 @@ class SharedStop:
 
 
 def launched() -> bool:
-    """Started by ``torchrun`` (or with its environment) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Started by ``torchrun`` (or with its environment) with more than one process (a
+    ``WORLD_SIZE`` that is not a whole number is :func:`check_env`'s to explain)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+
+
+RENDEZVOUS_TIMEOUT = 180.0  # seconds; torch's own default is 30 minutes
+
+
+def _whole(name: str, low: int, high: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        raise TrainError(
+            f"${name} is not set: launch with torchrun, or set RANK, WORLD_SIZE, LOCAL_RANK, "
+            "MASTER_ADDR and MASTER_PORT for every process"
+        )
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    upper = "" if high is None else f" and below {high}"
+    if value is None or value < low or (high is not None and value >= high):
+        raise TrainError(f"${name}={text!r} is not allowed: use a whole number >= {low}{upper}")
+    return value
+
+
+def check_env() -> tuple[int, int, int, str, int]:
+    """``(rank, world_size, local_rank, master_addr, master_port)`` from the environment,
+    each checked before anything waits on them: set, whole numbers, ``RANK`` below
+    ``WORLD_SIZE``, ``LOCAL_RANK`` below ``LOCAL_WORLD_SIZE`` (when set) and no above
+    ``RANK``, a port in 1-65535. A :class:`TrainError` naming the variable otherwise."""
+    world = _whole("WORLD_SIZE", 1)
+    rank = _whole("RANK", 0, world)
+    if os.environ.get("LOCAL_WORLD_SIZE", "").strip():
+        local_world = _whole("LOCAL_WORLD_SIZE", 1, world + 1)
+        local = _whole("LOCAL_RANK", 0, local_world)
+    else:
+        local = _whole("LOCAL_RANK", 0, world)
+    if local > rank:
+        raise TrainError(
+            f"$LOCAL_RANK={local} is above $RANK={rank}: a process's rank on its machine "
+            "cannot exceed its rank in the run"
+        )
+    addr = os.environ.get("MASTER_ADDR", "").strip()
+    if not addr:
+        raise TrainError("$MASTER_ADDR is not set: the host of rank 0 (torchrun sets it)")
+    port = _whole("MASTER_PORT", 1, 65536)
+    return rank, world, local, addr, port
+
+
+def rendezvous_timeout() -> float:
+    """``$KMNIST_TORCH_RENDEZVOUS_TIMEOUT`` (seconds, 1 to 86400; default 180)."""
+    try:
+        return env_number(
+            "KMNIST_TORCH_RENDEZVOUS_TIMEOUT", RENDEZVOUS_TIMEOUT, ">=1", at_most=86400
+        )
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def _meet(rank: int, world: int, addr: str, port: int) -> Any:
+    """The store every rank meets at, once every rank has joined it: a :class:`TrainError`
+    naming the missing ranks after ``$KMNIST_TORCH_RENDEZVOUS_TIMEOUT`` seconds, or a rank
+    claimed twice, or two world sizes."""
+    timeout = rendezvous_timeout()
+    wait = datetime.timedelta(seconds=timeout)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hint = "($KMNIST_TORCH_RENDEZVOUS_TIMEOUT)"
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent,
+                              timeout=wait, wait_for_workers=False, multi_tenant=True)  # fmt: skip
+    except (RuntimeError, OSError) as exc:
+        who = "rank 0 is not there" if rank else "the port is taken"
+        raise TrainError(
+            f"rank {rank} could not meet the others at MASTER_ADDR={addr} MASTER_PORT={port} "
+            f"within {timeout:g} s {hint}: {who} ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"kmnist_torch/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}/"
+    if store.add(f"{prefix}rank{rank}", 1) > 1:
+        raise TrainError(f"$RANK={rank} is claimed by two processes: give each its own rank")
+    store.set(f"{prefix}world{rank}", str(world))
+    keys = [f"{prefix}rank{r}" for r in range(world)]
+    try:
+        store.wait(keys, wait)
+    except RuntimeError:
+        missing = [str(r) for r, k in enumerate(keys) if not store.check([k])]
+        raise TrainError(
+            f"rank {rank}: rank(s) {', '.join(missing)} of WORLD_SIZE={world} did not join "
+            f"within {timeout:g} s {hint}; start every rank, with the same MASTER_ADDR and "
+            "MASTER_PORT"
+        ) from None
+    sizes = {store.get(f"{prefix}world{r}").decode() for r in range(world)}
+    if sizes != {str(world)}:
+        raise TrainError(f"the ranks disagree on $WORLD_SIZE ({', '.join(sorted(sizes))})")
+    return dist.PrefixStore(f"{prefix}pg/", store)
 
 
 def setup(device: str | None) -> tuple[Dist, torch.device | None]:
-    """Join the process group ``torchrun`` describes in the environment.
+    """Join the process group ``torchrun`` describes in the environment, after checking the
+    environment (:func:`check_env`) and meeting every rank within a bounded time.
 
     Args:
         device: the ``--device`` asked for: None or ``cuda`` (each rank on
@@ -191,9 +287,13 @@ def setup(device: str | None) -> tuple[Dist, torch.device | None]:
     """
     if not launched():
         return Dist(), None
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local, addr, port = check_env()
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in ("cuda", "cpu"):
+        raise TrainError(
+            f"--device {device}: under torchrun pass --device cuda (each rank takes "
+            "cuda:LOCAL_RANK) or --device cpu"
+        )
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise TrainError("--device cuda: CUDA is not available here")
@@ -202,20 +302,35 @@ def setup(device: str | None) -> tuple[Dist, torch.device | None]:
                 f"LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s) here: "
                 "start at most one process per GPU (--nproc_per_node)"
             )
+    store = _meet(rank, world, addr, port)
+    if kind == "cuda":
         where = torch.device("cuda", local)
         torch.cuda.set_device(where)
-        dist.init_process_group("nccl", device_id=where)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=where)
         cpu_group = dist.new_group(backend="gloo")
-    elif kind == "cpu":
-        where = torch.device("cpu")
-        dist.init_process_group("gloo")
-        cpu_group = dist.group.WORLD
     else:
-        raise TrainError(
-            f"--device {device}: under torchrun pass --device cuda (each rank takes "
-            "cuda:LOCAL_RANK) or --device cpu"
-        )
+        where = torch.device("cpu")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        cpu_group = dist.group.WORLD
     return Dist(rank, world, local, cpu_group), where
+
+
+def lost_peer(ctx: Dist, exc: BaseException) -> TrainError | None:
+    """The one line to say for a collective that failed because another rank is gone (killed,
+    its node lost): ``torchrun --max-restarts`` then starts the group again, and the run
+    continues from its last checkpoint. None for any other error."""
+    text = str(exc)
+    if (
+        not ctx.active
+        or isinstance(exc, TrainError)
+        or not (isinstance(exc, dist.DistError) or "gloo" in text or "NCCL" in text)
+    ):
+        return None
+    return TrainError(
+        f"rank {ctx.rank} lost contact with another rank ({text.splitlines()[0][:160]}); the "
+        "work since the last checkpoint is lost. Under torchrun --max-restarts the group "
+        "starts again and continues from it; else run the same command again"
+    )
 
 
 def teardown(ctx: Dist) -> None:

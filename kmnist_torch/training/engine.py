@@ -22,13 +22,14 @@ from torch import nn
 
 from ..data.loader import TensorLoader
 from ..settings import Progress
-from . import mixup
+from . import cpu, mixup
 from .augment import random_translate
+from .checkpoint import Cadence, Saver, epoch_record
 from .distributed import Dist
 from .metrics import evaluate
 from .optim import build_optimizer, lr_factor
 from .recipes import Recipe
-from .runtime import CpuEstimate, RunDir, StopRequest, device_name, git_commit, sync
+from .runtime import CpuEstimate, RunDir, StopRequest, sync
 
 # --------------------------------------------------------------------- what a run is made of
 
@@ -171,7 +172,7 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
     """
     r = job.recipe
     x = random_translate(x, r.translate, state.gen, shard=job.dist.shard)
-    if r.channels_last and job.on_cuda:
+    if cpu.channels_last_enabled(job.device, r.channels_last, r.amp):
         x = x.contiguous(memory_format=torch.channels_last)
     plan = mixup.draw(
         r.mixup,
@@ -183,7 +184,7 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
         job.device,
         job.dist.shard,
     )
-    with torch.autocast(job.device.type, torch.bfloat16, enabled=r.amp and job.on_cuda):
+    with cpu.autocast(job.device, r.amp):
         logits, soft = mixup.mixed_forward(job.forward, x, y, job.num_classes, plan)
     loss = mixup.loss_fn(logits, soft, r.loss)
     state.optimizer.zero_grad(set_to_none=True)
@@ -199,10 +200,11 @@ def train_one_epoch(
     stop: StopRequest | None = None,
     progress: bool | None = None,
     estimate: CpuEstimate | None = None,
+    saver: Saver | None = None,
 ) -> None:
     """Train epoch ``state.epoch`` from batch ``state.step`` to its end, or until ``stop`` is
-    requested; ``state.step``, ``state.carry`` (loss and time of the epoch so far) and
-    ``state.spent`` follow along.
+    requested, or until ``saver``'s checkpoint cadence says one is due; ``state.step``,
+    ``state.carry`` (loss and time of the epoch so far) and ``state.spent`` follow along.
 
     Args:
         job: what is trained.
@@ -211,6 +213,8 @@ def train_one_epoch(
         progress: False: nothing; else a bar on a terminal, plain lines elsewhere
             (:class:`~kmnist_torch.settings.Progress`).
         estimate: told the time of each step, to warn how long a CPU run will take.
+        saver: its guard sees each step's loss (a non-finite one stops the run); its
+            cadence may end the stretch early for a checkpoint.
     """
     skip = state.step
     job.model.train()
@@ -237,7 +241,7 @@ def train_one_epoch(
             # .item() waits for the device: only now and then, and only when shown.
             note = f"loss {loss.item():.4f}" if shown.enabled and state.step % 25 == 0 else None
             shown.update(1, len(y) * job.dist.world_size, note)
-            if stop is not None and stop.requested:
+            if _pause(job, state, loss, stop, saver):
                 break
     if ddp:
         job.dist.all_sum(loss_sum)
@@ -245,6 +249,18 @@ def train_one_epoch(
         seen = state.carry["seen"] + seen * job.dist.world_size  # equal parts on every rank
         job.dist.broadcast_buffers(job.model)
     _account_epoch(job, state, loss_sum.item(), seen, sync(job.device) - t0, skip)
+
+
+def _pause(
+    job: Job, state: RunState, loss: torch.Tensor, stop: StopRequest | None, saver: Saver | None
+) -> bool:
+    """After a step: whether to end this stretch of the epoch, for a stop asked for or a
+    checkpoint due (every rank asks at every step: both may be collectives)."""
+    if saver is not None:
+        saver.guard.see(loss)  # a non-finite loss raises here
+    if stop is not None and stop.requested:
+        return True
+    return saver is not None and saver.cadence.due(state.epoch * job.steps_per_epoch + state.step)
 
 
 TRAIN_SAMPLE = 1000  # training images scored like the test set after each epoch
@@ -284,101 +300,6 @@ def _account_epoch(
 # ------------------------------------------------------------------------------- the loop
 
 
-def summarize(
-    info: dict[str, Any], job: Job, state: RunState, finished: bool, interrupted: bool
-) -> dict[str, Any]:
-    """The results of a run as it stands (the ``results.json`` document).
-
-    Args:
-        info: what was run (config, dataset, sizes ...), copied in first.
-        job: the model (for its parameter count) and device.
-        state: the history and time spent.
-        finished: every epoch is done.
-        interrupted: the run stopped early (Ctrl-C or ``--stop-after``).
-
-    Returns:
-        ``info`` plus the per-epoch history, the last and best scores, images/s, wall and
-        device seconds, device, torch version and git commit.
-    """
-    history, spent = state.history, state.spent
-    last = history[-1] if history else {}
-    best = max(history, key=lambda e: e["test_accuracy"], default={})
-    best_bal = max(history, key=lambda e: e["test_balanced_accuracy"], default={})
-    return {
-        **info,
-        "parameters": sum(p.numel() for p in job.model.parameters()),
-        "epochs": history,
-        "epochs_done": len(history),
-        "test_accuracy": last.get("test_accuracy"),
-        "test_balanced_accuracy": last.get("test_balanced_accuracy"),
-        "test_loss": last.get("test_loss"),
-        "best_test_accuracy": best.get("test_accuracy"),
-        "best_test_accuracy_epoch": best.get("epoch"),
-        "best_test_balanced_accuracy": best_bal.get("test_balanced_accuracy"),
-        "best_test_balanced_accuracy_epoch": best_bal.get("epoch"),
-        "images_per_second": spent["train_images"] / max(spent["train_seconds"], 1e-9),
-        "wall_seconds": spent["wall_seconds"],
-        "device_seconds": spent["device_seconds"],
-        "device": device_name(job.device),
-        "device_type": job.device.type,
-        "world_size": job.dist.world_size,
-        "torch_version": torch.__version__,
-        **git_commit(),
-        "finished": finished,
-        "interrupted": interrupted,
-    }
-
-
-def _epoch_record(job: Job, state: RunState, metrics: dict[str, float], test_s: float) -> dict:
-    r, steps, carry = job.recipe, job.steps_per_epoch, state.carry
-    return {
-        "epoch": state.epoch + 1,
-        "lr": r.lr * lr_factor((state.epoch + 1) * steps - 1, steps, r),
-        "train_loss": carry["loss_sum"] / max(carry["seen"], 1),
-        "train_objective": r.objective(),
-        **metrics,
-        "images_per_second": carry["seen"] / max(carry["train_seconds"], 1e-9),
-        "train_seconds": carry["train_seconds"],
-        "test_seconds": test_s,
-    }
-
-
-class _Saver:
-    """Writes what a run has to show at each point: its checkpoint and its results, with the
-    wall-clock time of this session added to ``spent`` first."""
-
-    def __init__(
-        self, job: Job, state: RunState, run_dir: RunDir, config: dict, info: dict, start: float
-    ) -> None:
-        self.job, self.state, self.run_dir, self.config = job, state, run_dir, config
-        self.info = {**info, "config": config, "checkpoint": str(run_dir.checkpoint)}
-        self.mark = start
-
-    def account(self) -> None:
-        now = time.perf_counter()
-        self.state.spent["wall_seconds"] += now - self.mark
-        self.mark = now
-
-    def checkpoint(self) -> None:
-        self.account()
-        self.run_dir.save_checkpoint(self.config, self.state.state_dict(), self.job.model_meta)
-
-    def results(self, finished: bool, interrupted: bool, epoch_end: bool = True) -> dict:
-        # model.pt only at the end of an epoch: its weights then match its test scores.
-        job = self.job
-        res = summarize(self.info, job, self.state, finished, interrupted)
-        self.run_dir.write_results(res, job.model if epoch_end else None, job.model_meta)
-        return res
-
-    def stopped(self, where: str, epoch_end: bool) -> dict:
-        """Say where the run stopped and how to go on; the results of the interrupted run."""
-        print(
-            f"stopped {where}; checkpoint in {self.run_dir.checkpoint}; continue with --resume",
-            file=sys.stderr,
-        )
-        return self.results(finished=False, interrupted=True, epoch_end=epoch_end)
-
-
 def fit(
     job: Job,
     state: RunState,
@@ -388,12 +309,14 @@ def fit(
     stop_after: int | None = None,
     progress: bool | None = None,
     wall_start: float | None = None,
+    every: tuple[int | None, float | None] = (None, None),
 ) -> dict[str, Any]:
     """Train from where ``state`` stands to the recipe's last epoch, testing after each epoch,
     with a checkpoint and ``results.json`` in ``run_dir`` after each.
 
     A first Ctrl-C stops after the current step with a checkpoint (``"interrupted": True``);
-    so does the end of epoch ``stop_after``.
+    so does the end of epoch ``stop_after``. A non-finite loss or weights stop the run with
+    :class:`~kmnist_torch.errors.DivergedError`, writing nothing more.
 
     Args:
         job: what is trained.
@@ -404,13 +327,16 @@ def fit(
         stop_after: checkpoint and stop once this many epochs are done.
         progress: False: no progress shown; else a bar on a terminal, plain lines elsewhere.
         wall_start: when the session began (wall-clock time includes loading the data).
+        every: ``(steps, seconds)``: a checkpoint inside an epoch every so many steps of the
+            run, or once so many seconds passed since the last (``--checkpoint-every``).
 
     Returns:
         The results dict, as written to ``results.json``.
     """
     r = job.recipe
     start = time.perf_counter() if wall_start is None else wall_start
-    saver = _Saver(job, state, run_dir, config, info, start)
+    saver = Saver(job, state, run_dir, config, info, start)
+    saver.cadence = Cadence(*every, job.dist)
     if state.epoch >= r.epochs:
         print(f"{run_dir.out}: all {r.epochs} epochs are done already", file=sys.stderr)
         saver.account()
@@ -420,7 +346,7 @@ def fit(
         estimate = CpuEstimate(r.epochs * job.steps_per_epoch, r.batch_size)
     with job.dist.stop_request() as stop:
         while state.epoch < r.epochs:
-            metrics, test_s = _train_and_test(job, state, stop, progress, estimate)
+            metrics, test_s = _train_and_test(job, state, stop, progress, estimate, saver)
             if metrics is None:  # Ctrl-C: checkpoint mid-epoch, resume at the next step
                 saver.checkpoint()
                 where = f"in epoch {state.epoch + 1} at step {state.step}/{job.steps_per_epoch}"
@@ -440,11 +366,18 @@ def _train_and_test(
     stop: StopRequest,
     progress: bool | None,
     estimate: CpuEstimate | None,
+    saver: Saver,
 ) -> tuple[dict[str, float] | None, float]:
-    """Train the rest of the epoch and test it: (the test metrics, or None when a stop was
-    requested first; the seconds testing took)."""
+    """Train the rest of the epoch, with the checkpoints its cadence asks for, and test it:
+    (the test metrics, or None when a stop was requested first; the seconds testing took)."""
     state.loader_state = job.train_loader.state_dict()  # the epoch's order comes from it
-    train_one_epoch(job, state, stop, progress, estimate)
+    while True:
+        train_one_epoch(job, state, stop, progress, estimate, saver)
+        if stop.requested or state.step >= job.steps_per_epoch:
+            break
+        saver.checkpoint()  # due by the cadence; then on, as a resumed run would
+        job.train_loader.load_state_dict(state.loader_state)
+    saver.guard.check()
     t1 = sync(job.device)
     metrics = None if stop.requested else _test(job, state, stop, progress)
     test_s = sync(job.device) - t1
@@ -480,7 +413,7 @@ def _test(
 def _close_epoch(job: Job, state: RunState, metrics: dict[str, float], test_s: float) -> None:
     """Record the finished epoch in the history, move ``state`` to the next one, and print
     the epoch's line."""
-    record = _epoch_record(job, state, metrics, test_s)
+    record = epoch_record(job, state, metrics, test_s)
     state.history.append(record)
     state.carry = {"loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
     state.epoch, state.step = state.epoch + 1, 0

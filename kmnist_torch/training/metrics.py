@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..data.loader import TensorLoader
+from . import cpu
 from .distributed import Dist
 from .recipes import Recipe
 from .runtime import StopRequest
@@ -81,9 +82,9 @@ def evaluate(
             return None
         if len(y) == 0:  # a rank's part of a last batch smaller than the world
             continue
-        if r.channels_last and device.type == "cuda":
+        if cpu.channels_last_enabled(device, r.channels_last, r.amp):
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=r.amp and device.type == "cuda"):
+        with cpu.autocast(device, r.amp):
             logits = forward(x)
         # Written out rather than F.cross_entropy: nll_loss has no deterministic CUDA kernel.
         log_p = torch.log_softmax(logits.float(), dim=1)

@@ -71,8 +71,8 @@ class Recipe:
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 out.append((key, "must be at least 1"))
-        if self.lr <= 0:
-            out.append(("lr", "must be positive"))
+        if not 0 < self.lr <= 1e30:  # beyond: float32 optimiser arithmetic overflows
+            out.append(("lr", "must be positive (at most 1e30)"))
         for key in ("weight_decay", "momentum", "translate", "alpha"):
             if (getattr(self, key) or 0) < 0:
                 out.append((key, "must be >= 0"))

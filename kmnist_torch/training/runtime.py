@@ -19,6 +19,7 @@ import torch
 
 from .._io import atomic_write, write_json
 from ..errors import TrainError
+from .runlock import RunLock, sweep_temporaries
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
@@ -62,17 +63,27 @@ def stop_signal() -> int | None:
     return _last_stop[0]
 
 
+# A second signal this soon after the first is the same request delivered twice: Slurm's
+# scancel and systemd signal every process of the job, so a worker gets the SIGTERM itself and
+# again from its launcher (torchrun), and a terminal's Ctrl-C reaches torchrun's whole group.
+REPEAT_WINDOW = 1.0  # seconds
+
+
 class StopRequest:
     """The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) asks the loop to stop after
-    the current step and checkpoint; a second one aborts at once (the last checkpoint stays):
-    it goes to the handler that was there before (a command line's exits 128 + the signal, with
-    no traceback), or raises ``KeyboardInterrupt``.
+    the current step and checkpoint. A repeat within :data:`REPEAT_WINDOW` seconds, and any
+    later SIGTERM, is the same request delivered again and changes nothing (a scheduler kills
+    with SIGKILL when its grace period ends; aborting earlier would only lose the step). A
+    Ctrl-C pressed again later aborts at once (the last checkpoint stays): it goes to the
+    handler that was there before (a command line's exits 128 + the signal, with no
+    traceback), or raises ``KeyboardInterrupt``.
 
     ``signum`` is the signal that asked (None: none yet); ``requested`` says whether one did."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._at = 0.0
 
     @property
     def requested(self) -> bool:
@@ -91,17 +102,22 @@ class StopRequest:
         """Record a stop asked for by ``signum`` (here, or on another rank)."""
         if self.signum is None:
             self.signum = _last_stop[0] = signum
+            self._at = time.monotonic()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            repeat = time.monotonic() - self._at < REPEAT_WINDOW
+            if repeat or signum == signal.SIGTERM:
+                return  # the same stop, delivered again
             previous = self._previous.get(signum)
             if callable(previous):
                 previous(signum, frame)
             raise KeyboardInterrupt
         self.ask(signum)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
         print(
-            f"\n{name}: stopping after this step and writing a checkpoint ({name} again to abort)",
+            f"\n{name}: stopping after this step and writing a checkpoint{again}",
             file=sys.stderr,
             flush=True,
         )
@@ -196,6 +212,21 @@ class CpuEstimate:
             self.done = True
 
 
+def old_epochs(state: dict[str, Any]) -> int:
+    """The number of epochs the checkpointed run was asked for."""
+    epochs = state["config"].get("epochs")
+    return epochs if isinstance(epochs, int) else 1 << 30
+
+
+def first_nonfinite(weights: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor in ``weights`` holding a NaN or an
+    infinity, or None when all are finite."""
+    for name, t in weights.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all():
+            return name
+    return None
+
+
 class RunDir:
     """A run's output folder, each file written atomically: ``checkpoint.pt`` (to resume),
     ``results.json``, ``model.pt`` (weights and metadata: :mod:`kmnist_torch.models.modelfile`) and
@@ -216,43 +247,95 @@ class RunDir:
     def open(
         self, config: dict[str, Any], resume: bool, overwrite: bool, resumable: set[str]
     ) -> dict[str, Any] | None:
-        """Create the folder; return the checkpoint to resume from, or None to start afresh.
+        """Create the folder and take its lock (:class:`~.runlock.RunLock`: one trainer per
+        folder); remove temporaries left by dead writers; return the checkpoint to continue
+        from, or None to start afresh.
 
-        Raises :class:`TrainError` when the folder holds a run and neither ``resume`` nor
-        ``overwrite`` is set, or when resuming a run whose ``config`` differs in a key that
-        is not in ``resumable``."""
-        state = None
-        if self.checkpoint.exists():
-            if resume:
-                try:
-                    state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-                    state["config"]
-                except Exception as exc:  # truncated, empty, foreign: it cannot resume anything
-                    raise TrainError(
-                        f"{self.checkpoint} is damaged ({type(exc).__name__}) and cannot be "
-                        "resumed: pass --overwrite to start the run again, or another --out"
-                    ) from exc
-                old = state["config"]
-                changed = sorted(
-                    k
-                    for k in set(config) | set(old)
-                    if k not in resumable and config.get(k) != old.get(k)
-                )
-                if changed:
-                    raise TrainError(
-                        f"{self.checkpoint} was written by a run with other settings: "
-                        + ", ".join(f"{k}={old.get(k)!r} (now {config.get(k)!r})" for k in changed)
-                        + ". Resume with the same settings, or pick another --out."
-                    )
-            elif not overwrite:
-                raise TrainError(
-                    f"{self.out} already holds a run ({CHECKPOINT}); pass --resume to continue "
-                    "it, --overwrite to start again, or another --out"
-                )
-        elif resume:
-            print(f"no checkpoint in {self.out}; starting from scratch", file=sys.stderr)
+        The folder holds a run when any of ``checkpoint.pt``, ``model.pt`` and
+        ``results.json`` is there. An unfinished run (its checkpoint short of the recipe's
+        epochs) is continued without ``resume``: the same command line, run again after a
+        preemption or by ``torchrun --max-restarts``, goes on where it stopped.
+
+        Raises :class:`TrainError` when a live run holds the folder; when it holds a finished
+        run and neither ``resume`` nor ``overwrite`` is set; when it holds run files but no
+        checkpoint to continue from (unless ``overwrite``); when the checkpoint is damaged or
+        holds non-finite weights; or when its ``config`` differs in a key not in
+        ``resumable``."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out)
+        self.lock.acquire()
+        try:
+            return self._open(config, resume, overwrite, resumable)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(
+        self, config: dict[str, Any], resume: bool, overwrite: bool, resumable: set[str]
+    ) -> dict[str, Any] | None:
+        names = (CHECKPOINT, MODEL, RESULTS, CURVES)
+        removed = sweep_temporaries(self.out, names)
+        if removed:
+            print(
+                f"{self.out}: removed what dead writers left: {', '.join(removed)}", file=sys.stderr
+            )
+        held = [p.name for p in (self.checkpoint, self.model, self.results) if p.exists()]
+        if overwrite or not held:
+            if resume and not held:
+                print(f"no checkpoint in {self.out}; starting from scratch", file=sys.stderr)
+            return None
+        if not self.checkpoint.exists():
+            raise TrainError(
+                f"{self.out} already holds a run ({', '.join(held)}) with no {CHECKPOINT} to "
+                "continue it from: pass --overwrite to start again (replacing them), or "
+                "another --out"
+            )
+        state = self._load(config, resumable)
+        if state["epoch"] >= old_epochs(state) and not resume:
+            raise TrainError(
+                f"{self.out} already holds a run that finished all its epochs; pass --resume "
+                "to rewrite its results, --overwrite to start it again, or another --out"
+            )
+        if not resume:
+            print(
+                f"{self.out} holds an unfinished run: continuing it (--overwrite starts again)",
+                file=sys.stderr,
+            )
         return state
+
+    def _load(self, config: dict[str, Any], resumable: set[str]) -> dict[str, Any]:
+        """The checkpoint, checked: readable, finite, written with the same settings."""
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            state["config"], state["model"], state["epoch"]
+        except Exception as exc:  # truncated, empty, foreign: it cannot resume anything
+            raise TrainError(
+                f"{self.checkpoint} is damaged ({type(exc).__name__}) and cannot be "
+                "resumed: pass --overwrite to start the run again, or another --out"
+            ) from exc
+        bad = first_nonfinite(state["model"])
+        if bad is not None:
+            raise TrainError(
+                f"{self.checkpoint} holds non-finite weights ({bad}): it cannot be resumed. "
+                "Start again with --overwrite (and a lower --lr), or pick another --out"
+            )
+        old = state["config"]
+        changed = sorted(
+            k for k in set(config) | set(old) if k not in resumable and config.get(k) != old.get(k)
+        )
+        if changed:
+            raise TrainError(
+                f"{self.checkpoint} was written by a run with other settings: "
+                + ", ".join(f"{k}={old.get(k)!r} (now {config.get(k)!r})" for k in changed)
+                + ". Resume with the same settings, or pick another --out."
+            )
+        return state
+
+    def close(self) -> None:
+        """Let the folder's lock go (the end of the run, or a failed start)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     def save_checkpoint(
         self,

@@ -1,16 +1,14 @@
-"""The extracted Kuzushiji-Kanji tree as arrays: listing and fingerprinting it (names, sizes
-and mtimes only), decoding every PNG once into a memory-mapped ``.npy`` cache keyed on that
-fingerprint, and finding that cache again."""
+"""The extracted Kuzushiji-Kanji tree as arrays: its listing (:mod:`.tree`), checked against
+the shipped digest when verifying (:mod:`.digest`), decoding every PNG once into a
+memory-mapped ``.npy`` cache keyed on the listing's fingerprint, and finding that cache again."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,9 +17,9 @@ import numpy as np
 from ... import catalog
 from ..._io import folder_lock_if_writable, hash_file, write_json
 from ...download.sources import resolve_root
-from ...errors import DataFilesError
+from ...errors import FormatError
 from ...settings import Progress, decode_workers
-from ..formats import read_gray_png
+from . import digest
 from .archive import ensure_tree
 from .layout import (
     CACHE_DIR,
@@ -30,128 +28,20 @@ from .layout import (
     LOCK_NAME,
     POOL_MIN_IMAGES,
     SIDE,
-    TAR_NAME,
-    TREE_NAME,
-    class_codepoint,
     codepoint_name,
-    expected,
     warn,
 )
-
-
-@dataclass
-class Listing:
-    """The images of a tree, classes in numeric codepoint order, names sorted in each class."""
-
-    tree: Path
-    folders: list[str]  # class folder names as on disk
-    codepoints: list[int]
-    names: list[list[str]]
-    fingerprint: str  # of (path, size, mtime) of every image: changes when the source does
-
-    @property
-    def counts(self) -> list[int]:
-        return [len(n) for n in self.names]
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def relpaths(self) -> list[str]:
-        """Every image as ``kkanji2/U+XXXX/<name>.png``, in cache order."""
-        return [f"{TREE_NAME}/{f}/{n}" for f, names in zip(self.folders, self.names) for n in names]
-
-
-def scan_tree(tree: Path, verify: bool) -> Listing:
-    """List and fingerprint the tree (stat only, no image is opened); check its counts."""
-    unexpected: list[str] = []
-    codepoints, folders = _class_folders(tree, unexpected)
-    names: list[list[str]] = []
-    digest = hashlib.sha256(f"kkanji-cache-v{CACHE_VERSION}\n".encode())
-    for folder in folders:
-        stats = _png_stats(tree, folder, unexpected)
-        names.append([s[0] for s in stats])
-        digest.update(
-            "".join(f"{folder}/{n}\t{size}\t{mtime}\n" for n, size, mtime in stats).encode()
-        )
-    keep = [i for i, n in enumerate(names) if n]  # an empty folder is no class
-    listing = Listing(
-        tree,
-        [folders[i] for i in keep],
-        [codepoints[i] for i in keep],
-        [names[i] for i in keep],
-        digest.hexdigest(),
-    )
-    _check_listing(listing, unexpected, verify)
-    return listing
-
-
-def _class_folders(tree: Path, unexpected: list[str]) -> tuple[list[int], list[str]]:
-    """The class folders of ``tree`` as (codepoints, folder names), in codepoint order; any
-    other entry not hidden is added to ``unexpected``."""
-    classes: dict[int, str] = {}
-    with os.scandir(tree) as it:
-        entries = list(it)
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        cp = class_codepoint(entry.name) if entry.is_dir() else None
-        if cp is None:
-            unexpected.append(entry.name)
-        elif cp in classes:
-            raise DataFilesError(
-                f"{tree}: folders {classes[cp]!r} and {entry.name!r} name the same codepoint"
-            )
-        else:
-            classes[cp] = entry.name
-    codepoints = sorted(classes)
-    return codepoints, [classes[cp] for cp in codepoints]
-
-
-def _png_stats(tree: Path, folder: str, unexpected: list[str]) -> list[tuple[str, int, int]]:
-    """(name, size, mtime) of each PNG of one class folder, sorted by name; any other entry
-    not hidden is added to ``unexpected``."""
-    stats = []
-    with os.scandir(tree / folder) as it:
-        for entry in it:
-            if entry.name.startswith("."):
-                continue
-            if not (entry.name.endswith(".png") and entry.is_file()):
-                unexpected.append(f"{folder}/{entry.name}")
-                continue
-            st = entry.stat()
-            stats.append((entry.name, st.st_size, st.st_mtime_ns))
-    return sorted(stats)
-
-
-def _check_listing(listing: Listing, unexpected: list[str], verify: bool) -> None:
-    """Refuse a tree with no image; when verifying, one with unexpected entries or other
-    than the full counts (else warn about them)."""
-    tree = listing.tree
-    n_classes, n_images = expected()
-    found = (len(listing.codepoints), listing.total)
-    if listing.total == 0:
-        raise DataFilesError(f"{tree} holds no image (expected {TREE_NAME}/U+XXXX/<name>.png)")
-    shown = ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
-    if verify and (unexpected or found != (n_classes, n_images)):
-        why = f"unexpected entries ({shown}); " if unexpected else ""
-        raise DataFilesError(
-            f"KKanji: {tree} holds {why}{found[0]} classes and {found[1]} images; the full "
-            f"Kuzushiji-Kanji has {n_classes} and {n_images}. Delete {TREE_NAME}/ (and "
-            f"{TAR_NAME} if it came from there) and download again, or pass verify=False to "
-            "use a subset."
-        )
-    if unexpected:
-        warn(f"KKanji: ignoring unexpected entries in {tree}: {shown}")
-    if found != (n_classes, n_images):
-        warn(
-            f"KKanji: verify=False: {tree} holds {found[0]} classes and {found[1]} images, not "
-            f"the full {n_classes} and {n_images}; using it as it is."
-        )
+from .tree import Listing, decode_member
+from .tree import scan_tree as scan_tree  # kept importable from here
 
 
 def open_source(folder: Path, download_missing: bool, verify: bool) -> Listing:
-    return scan_tree(ensure_tree(folder, download_missing, verify), verify)
+    """The listing of ``folder/kkanji2`` (extracted or downloaded first if needed); when
+    verifying, every image is also checked against the shipped digest of the full set."""
+    listing = scan_tree(ensure_tree(folder, download_missing, verify), verify)
+    if verify and digest.applies():
+        digest.check(folder, listing)
+    return listing
 
 
 # --------------------------------------------------------------------------- the decoded cache
@@ -161,7 +51,7 @@ def _decode_chunk(paths: Sequence[str]) -> bytes:
     """The images of ``paths``, decoded and concatenated (runs in a worker process)."""
     out = bytearray(len(paths) * SIDE * SIDE)
     for i, p in enumerate(paths):
-        out[i * SIDE * SIDE : (i + 1) * SIDE * SIDE] = read_gray_png(p, (SIDE, SIDE)).tobytes()
+        out[i * SIDE * SIDE : (i + 1) * SIDE * SIDE] = decode_member(Path(p)).tobytes()
     return bytes(out)
 
 
@@ -338,8 +228,11 @@ def check_cache(folder: Path, listing: Listing) -> list[str]:
     bad_images = 0
     for i, rel in enumerate(listing.relpaths()):
         png = listing.tree.parent / rel
-        try:
-            img = read_gray_png(png, (SIDE, SIDE))
+        try:  # read as at loading: a regular file, bounded, its header first
+            img = decode_member(png)
+        except FormatError as exc:  # it names the file
+            problems.append(str(exc))
+            continue
         except Exception as exc:  # noqa: BLE001 - every unreadable PNG is reported by name
             problems.append(f"{png}: {exc}")
             continue

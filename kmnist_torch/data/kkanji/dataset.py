@@ -13,10 +13,11 @@ from ... import catalog
 from ...download.sources import resolve_root
 from ..base import ImageDataset
 from .archive import read_record
+from .audit import facts
 from .cache import images as load_images
 from .cache import open_source
 from .layout import codepoint_name, expected
-from .split import check_split_args, make_split
+from .split import SPLIT_RULE, check_split_args, make_split
 
 
 class KKanji(ImageDataset):
@@ -26,7 +27,9 @@ class KKanji(ImageDataset):
     Files live in ``root/KKanji/``: ``kkanji.tar`` (optional once extracted), ``kkanji2/``
     (the extracted PNGs) and ``cache/`` (the decoded images, memory-mapped). In each class
     ``floor(n * test_fraction)`` images, chosen by a keyed hash of ``seed``, codepoint and file
-    name, are the test part.
+    name, are the test part, except that each group of identical images stays on one side (a
+    group spanning classes, and every blank image, in training): see :mod:`.split` and the
+    audit (``python -m kmnist_torch audit kkanji``).
 
     Args:
         root: data folder; None means ``$KMNIST_TORCH_ROOT`` or ``~/.cache/kmnist_torch``.
@@ -76,7 +79,8 @@ class KKanji(ImageDataset):
         folder = Path(self.folder)
         listing = open_source(folder, download, verify)
         images = load_images(folder, listing)
-        parts = make_split(listing, test_fraction, seed, min_per_class, shots)
+        self._facts = facts(folder, listing, images)
+        parts = make_split(listing, test_fraction, seed, min_per_class, shots, self._facts)
         self._listing, self._parts = listing, parts
         if split == "all":
             index = np.union1d(parts.train, parts.test)
@@ -117,11 +121,19 @@ class KKanji(ImageDataset):
             if self.complete
             else f"a subset ({len(self._listing.codepoints)} classes, {self._listing.total} images)"
         )
+        if self._listing.digest_checked:
+            checked += ", every image checked against the shipped digest"
+        if self._listing.artefacts:
+            checked += f", {len(self._listing.artefacts)} copy artefacts set aside"
+        found = self._facts.summary()
         tar = f"sha256 {self.tar_sha256} as first recorded" if self.tar_sha256 else "not recorded"
         return "\n".join([
             f"Split: {self.split} (test_fraction={self.test_fraction}, seed={self.seed}, "
             f"min_per_class={self.min_per_class}, shots={self.shots})",
             f"Parts: train {len(self._parts.train)}, test {len(self._parts.test)}",
+            f"Audit: {found['identical_groups']} groups of identical images "
+            f"({found['images_in_identical_groups']} images), {found['blank_images']} blank; "
+            f"{SPLIT_RULE}",
             f"Classes: {len(self.classes)}, images per class here: {lo} to {hi}",
             f"Tree: {checked}, every image checked to be 64x64 L",
             f"Tar: {tar} (no official checksum exists)",

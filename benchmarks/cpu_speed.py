@@ -1,0 +1,424 @@
+"""Ours against what a user would pick instead, on this CPU, in one run: every row of
+docs/benchmarks.md, with the float32 and bf16 matrix-product rates measured in the same run.
+
+Rows: exact 4-NN against scikit-learn (KMNIST size, K49 size on a slice of its test images),
+simple-CNN training steps against a plain torchvision-style loop, PreActResNet-18 + manifold
+mixup steps against the reference loop, and inference (eager against onnxruntime). Ours and the
+peer alternate, best of ``--repeats``; the load average is recorded beside each row, because the
+machine may be shared. Writes JSON (--out) and the docs page (--docs).
+
+    python benchmarks/cpu_speed.py                       # everything (tens of minutes)
+    python benchmarks/cpu_speed.py --quick               # small sizes: the plumbing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import _shared
+import numpy as np
+import torch
+import train_throughput as tt
+from torch.utils.data import DataLoader
+
+from kmnist_torch.data import formats
+from kmnist_torch.models.knn import knn_predict
+from kmnist_torch.models.registry import create_model
+from kmnist_torch.training import cpu
+
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, its flags of interest, torch, and the load when the run started."""
+    name = platform.processor() or platform.machine()
+    for line in cpu.CPUINFO.read_text().splitlines() if cpu.CPUINFO.exists() else []:
+        if line.startswith("model name"):
+            name = line.partition(":")[2].strip()
+            break
+    flags = cpu.cpu_flags()
+    return {
+        "cpu": name,
+        "cpus": os.cpu_count(),
+        "flags": [f for f in FLAGS if f in flags],
+        "bf16_units": cpu.bf16_units(flags),
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "load_at_start": os.getloadavg(),
+    }
+
+
+def gemm_rates(repeats: int = 3) -> dict[str, float]:
+    """GFLOP/s of a 1,000 x 784 by 784 x 8,000 product in float32 and in bf16 (best of N)."""
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randint(-128, 128, (1000, 784)).to(dtype)
+        b = torch.randint(-128, 128, (8000, 784)).to(dtype)
+        a @ b.T
+        best = min(_timed(lambda a=a, b=b: a @ b.T)[0] for _ in range(repeats))
+        out[name] = 2 * 1000 * 8000 * 784 / best / 1e9
+    return out
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def _interleaved(ours: Callable, peer: Callable, repeats: int) -> dict[str, Any]:
+    """Best seconds of each, alternating, with the load average before each try."""
+    best = {"ours": float("inf"), "peer": float("inf")}
+    results, loads = {}, []
+    for _ in range(repeats):
+        for key, fn in (("ours", ours), ("peer", peer)):
+            loads.append(os.getloadavg()[0])
+            seconds, results[key] = _timed(fn)
+            best[key] = min(best[key], seconds)
+    return {"ours_s": best["ours"], "peer_s": best["peer"], "loads": loads, **results}
+
+
+def shifted_images(n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Real strokes at KMNIST/K49 sizes: each image a copy of a real KMNIST test image moved
+    by up to 3 px; training images from the first 5,000 real images, test images from the
+    other 5,000 (never a moved copy of a training image). Random strokes without ../shared."""
+    rng = np.random.default_rng(seed)
+    real = _shared.real_kmnist_test_npz()
+    if real is not None:
+        base = formats.read_npz(real[0], (-1, 28, 28))
+        labels = formats.read_npz(real[1], (-1,))
+    else:
+        base = np.where(rng.random((10000, 28, 28)) < 0.2, rng.integers(0, 256, (10000, 28, 28)), 0)
+        base, labels = base.astype(np.uint8), rng.integers(0, 10, 10000)
+    padded = np.pad(base, ((0, 0), (3, 3), (3, 3)))
+
+    def draw(lo: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        # Distinct (image, shift) pairs: no two images are the same copy.
+        pick = rng.choice(5000 * 49, n, replace=False)
+        idx, shift = lo + pick // 49, pick % 49
+        dy, dx = shift // 7, shift % 7
+        rows = (dy[:, None] + np.arange(28))[:, :, None]
+        cols = (dx[:, None] + np.arange(28))[:, None, :]
+        return padded[idx[:, None, None], rows, cols], labels[idx]
+
+    return (*draw(0, n_train), *draw(5000, n_test))
+
+
+def knn_row(n_train: int, n_test: int, repeats: int, rates: dict[str, float]) -> dict[str, Any]:
+    """Exact 4-NN: knn_predict against KNeighborsClassifier(4, "distance", n_jobs=-1)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    train, labels, test, truth = shifted_images(n_train, n_test)
+    flat_train, flat_test = train.reshape(n_train, -1), test.reshape(n_test, -1)
+
+    def peer() -> np.ndarray:
+        clf = KNeighborsClassifier(n_neighbors=4, weights="distance", n_jobs=-1)
+        return clf.fit(flat_train, labels).predict(flat_test)
+
+    def ours() -> np.ndarray:
+        # The package's thread policy, as the trainer applies it (cpu.configure).
+        default = torch.get_num_threads()
+        cpu.configure("auto", None)
+        try:
+            return knn_predict(train, labels, test).numpy()
+        finally:
+            torch.set_num_threads(default)
+
+    res = _interleaved(ours, peer, repeats)
+    flops = 2.0 * n_train * n_test * 784
+    ours, theirs = res.pop("ours"), res.pop("peer")
+    return {
+        **res,
+        "train": n_train,
+        "test": n_test,
+        "mismatches": int((ours != theirs).sum()),
+        "accuracy": float((ours == truth).mean()),
+        "floor_float32_s": flops / (rates["float32"] * 1e9),
+        "floor_bf16_s": flops / (rates["bf16"] * 1e9),
+    }
+
+
+def _plain_cnn_loop(data, targets, batch: int, steps: int, workers: int) -> float:
+    """Images/s of what a user writes: a torchvision-style dataset (PIL + ToTensor), a
+    DataLoader with workers, the simple CNN, Adam, cross-entropy; torch's default threads."""
+    from torchvision import transforms
+
+    ds = tt.PILDataset(data, targets, transforms.ToTensor())
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 10, in_chans=1)
+    opt = torch.optim.Adam(model.parameters())
+    batches = tt._cycle(loader)
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        x, y = next(batches)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _our_steps(model_name: str, mixup: str, data, targets, batch: int, steps: int) -> float:
+    """Images/s of the trainer's own step on device-resident batches, threads chosen by
+    kmnist_torch.training.cpu."""
+    args = argparse.Namespace(
+        model=model_name, batch_size=batch, mixup=mixup, steps=steps, warmup=1,
+        alpha=2.0 if mixup == "manifold" else 0.0,
+    )  # fmt: skip
+    split = type("Split", (), {"data": data, "targets": targets})()
+    loader = tt.TensorLoader(split, batch, shuffle=True, device="cpu", drop_last=True, seed=0)
+    torch.manual_seed(0)
+    model = create_model(model_name, 10, in_chans=1)
+    res = tt.measure(tt._cycle(loader), loader, model, model, torch.device("cpu"), args, True)
+    return res["images_per_second"]
+
+
+def train_row(model_name: str, batch: int, steps: int, repeats: int) -> dict[str, Any]:
+    """Training images/s: ours (threads from the load) against the reference or plain loop
+    (torch's default threads: all the CPUs)."""
+    data, targets, _ = tt.load_images(4000)
+    default_threads = torch.get_num_threads()
+    best = {"ours": 0.0, "peer": 0.0}
+    loads, threads = [], None
+    for _ in range(repeats):
+        loads.append(os.getloadavg()[0])
+        cpu.configure("auto", None)
+        threads = torch.get_num_threads()
+        mixup = "manifold" if model_name == "preact18" else "none"
+        best["ours"] = max(best["ours"], _our_steps(model_name, mixup, data, targets, batch, steps))
+        torch.set_num_threads(default_threads)
+        loads.append(os.getloadavg()[0])
+        if model_name == "simple_cnn":
+            peer = _plain_cnn_loop(data, targets, batch, steps, workers=2)
+        else:
+            args = argparse.Namespace(
+                model="preact18", batch_size=batch, mixup="manifold", alpha=2.0, steps=steps,
+                warmup=1,
+            )  # fmt: skip
+            ref = tt.DataLoader(
+                tt.PILDataset(data, targets, _crop()), batch_size=batch, shuffle=True,
+                drop_last=True, num_workers=2, persistent_workers=True,
+            )  # fmt: skip
+            torch.manual_seed(0)
+            m = create_model("preact18", 10, in_chans=1)
+            peer = tt.measure(tt._cycle(ref), ref, m, m, torch.device("cpu"), args, False)
+            peer = peer["images_per_second"]
+        best["peer"] = max(best["peer"], peer)
+    return {
+        "ours_img_s": best["ours"],
+        "peer_img_s": best["peer"],
+        "ours_threads": threads,
+        "peer_threads": default_threads,
+        "batch": batch,
+        "steps": steps,
+        "loads": loads,
+    }
+
+
+def _crop():
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.ToTensor()])
+
+
+def inference_row(images: int, repeats: int) -> dict[str, Any]:
+    """Images/s of the simple CNN, eager (kmnist_torch.training.cpu.inference) against the
+    same model exported to ONNX and run by onnxruntime, batches of 1,000."""
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 10, in_chans=1).eval()
+    x = torch.rand(images, 1, 28, 28)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cnn.onnx"
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        program = torch.onnx.export(
+            model, (x[:2],), dynamo=True, input_names=["images"], dynamic_shapes={"x": {0: batch}}
+        )
+        program.save(str(path))
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def eager() -> torch.Tensor:
+        default = torch.get_num_threads()
+        cpu.configure("auto", None)  # what evaluate and predict do
+        try:
+            with cpu.inference(torch.device("cpu")):
+                return torch.cat([model(x[i : i + 1000]) for i in range(0, images, 1000)])
+        finally:
+            torch.set_num_threads(default)
+
+    def onnx() -> torch.Tensor:
+        parts = [session.run(None, {"images": x[i : i + 1000].numpy()})[0]
+                 for i in range(0, images, 1000)]  # fmt: skip
+        return torch.from_numpy(np.concatenate(parts))
+
+    res = _interleaved(eager, onnx, repeats)
+    diff = float((res.pop("ours") - res.pop("peer")).abs().max())
+    return {**res, "images": images, "max_abs_diff": diff, "threads": torch.get_num_threads()}
+
+
+def table(res: dict[str, Any]) -> list[str]:
+    """The markdown table of every row."""
+    rates = res["gemm_gflops"]
+    lines = [
+        "| work | ours | what a user would pick | ratio | load (1 min) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, knn in res["knn"].items():
+        lines.append(
+            f"| exact 4-NN, {key} ({knn['train']:,} / {knn['test']:,}); float32 product alone "
+            f"{knn['floor_float32_s']:.1f} s, bf16 {knn['floor_bf16_s']:.1f} s | "
+            f"{knn['ours_s']:.1f} s | scikit-learn {knn['peer_s']:.1f} s | "
+            f"{knn['peer_s'] / knn['ours_s']:.2f}x, {knn['mismatches']} predictions differ | "
+            f"{_loads(knn)} |"
+        )
+    names = {"simple_cnn": "simple CNN training steps", "preact18": "PreActResNet-18 + manifold "
+             "mixup training steps"}  # fmt: skip
+    peers = {
+        "simple_cnn": "plain loop, PIL dataset + DataLoader (2 workers)",
+        "preact18": "the reference loop (PIL + RandomCrop, DataLoader, 2 workers)",
+    }
+    for key, row in res["train"].items():
+        lines.append(
+            f"| {names[key]}, batch {row['batch']} | {row['ours_img_s']:.1f} img/s "
+            f"({row['ours_threads']} thread) | {peers[key]}: {row['peer_img_s']:.1f} img/s "
+            f"({row['peer_threads']} threads) | {row['ours_img_s'] / row['peer_img_s']:.2f}x | "
+            f"{_loads(row)} |"
+        )
+    inf = res["inference"]
+    lines.append(
+        f"| simple CNN inference, {inf['images']:,} images, eager | "
+        f"{inf['images'] / inf['ours_s']:,.0f} img/s | onnxruntime on the exported model: "
+        f"{inf['images'] / inf['peer_s']:,.0f} img/s | {inf['peer_s'] / inf['ours_s']:.2f}x | "
+        f"{_loads(inf)} |"
+    )
+    lines.append(
+        f"| matrix product 1,000 x 784 x 8,000 | float32 {rates['float32']:.1f} GFLOP/s | "
+        f"bf16 {rates['bf16']:.1f} GFLOP/s | {rates['float32'] / rates['bf16']:.2f}x | |"
+    )
+    return lines
+
+
+def _loads(row: dict[str, Any]) -> str:
+    return f"{min(row['loads']):.1f}-{max(row['loads']):.1f}"
+
+
+PAGE = """# Benchmarks on the CPU
+
+Generated by `{command}` (it rewrites this page; `--from-json` rewrites it from a run's
+JSON without measuring again). Ours beside what a
+user would pick instead, measured in one run on one machine; ours and the alternative
+alternate, best of {repeats}. The machine was shared with other work while it ran, so the
+load average (1 minute, before each try) is given beside each row: figures from a loaded
+machine are lower and noisier than from an idle one, for both sides alike.
+
+Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
+
+{table}
+
+- **4-NN**: `knn_predict` against scikit-learn's `KNeighborsClassifier(4, weights="distance",
+  n_jobs=-1)`, fit and predict, the same images; the predictions are compared one by one.
+  The real KMNIST training images were not available where this ran, so the images are real
+  KMNIST test images moved by up to 3 px (training images from 5,000 of them, test images
+  from the other 5,000). {k49_note} Beside the time: the float32 and bf16 matrix products
+  alone at the rates measured in the same run (the last row). On this CPU, which has no bf16
+  units, bf16 is emulated and {bf16_ratio:.1f}x slower than float32, so the 4-NN stays on its
+  exact float32 product; the screen of `kmnist_torch.models.knn_screen` (a provable lower bound
+  from 245 features per image, then exact re-ranking) is off by default because it measured
+  slower here: the rows it gathers cost far more than their share of the product.
+- **Threads**: ours runs with the intra-op threads `kmnist_torch.training.cpu` chooses from the
+  load average (the CPUs it leaves free, at least 1), as `train`, `evaluate` and `predict` do;
+  the alternatives use their defaults (all the CPUs). On a loaded machine that choice is most
+  of our lead; on an idle one both sides would use every CPU.
+- **Training**: images/s of training steps (no evaluation), the simple CNN on the recipe's
+  batch and PreActResNet-18 + manifold mixup on batch 32, on the real KMNIST test images.
+  Ours runs the trainer's step on device-resident batches with the threads
+  `kmnist_torch.training.cpu` chose from the load; the alternatives use torch's default
+  threads. The accuracy of whole runs was not measured in this run.
+- **Inference**: the simple CNN (random weights) on random images, eager under
+  `kmnist_torch.training.cpu.inference` against onnxruntime on the ONNX export.
+"""
+
+
+def write_page(res: dict[str, Any], path: Path) -> None:
+    m = res["machine"]
+    k49 = res["knn"].get("K49 size")
+    note = (
+        f"The K49-size row scores {k49['test']:,} of K49's 38,547 test images (both sides' "
+        "time grows in proportion to the test images)."
+        if k49
+        else ""
+    )
+    path.write_text(
+        PAGE.format(
+            command=res["command"],
+            repeats=res["repeats"],
+            cpu=m["cpu"],
+            cpus=m["cpus"],
+            flags=", ".join(m["flags"]),
+            units=", ".join(m["bf16_units"]) or "none",
+            torch=m["torch"],
+            table="\n".join(table(res)),
+            k49_note=note,
+            bf16_ratio=res["gemm_gflops"]["float32"] / res["gemm_gflops"]["bf16"],
+        ),  # fmt: skip
+        encoding="utf-8",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=2, help="best of N, interleaved (default 2)")
+    p.add_argument("--quick", action="store_true", help="small sizes: check the plumbing")
+    p.add_argument("--k49-test", type=int, default=2000, help="K49-size test images (2000)")
+    p.add_argument("--out", default="bench-out/cpu_speed.json")
+    p.add_argument("--docs", default=None, help="write the docs page here (docs/benchmarks.md)")
+    p.add_argument("--from-json", default=None, help="only write --docs from this run's JSON")
+    args = p.parse_args(argv)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        print("\n".join(table(res)))
+        write_page(res, Path(args.docs or "docs/benchmarks.md"))
+        return 0
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python benchmarks/cpu_speed.py", *given])
+    res: dict[str, Any] = {"machine": machine(), "repeats": args.repeats, "command": command}
+    print(json.dumps(res["machine"]))
+    res["gemm_gflops"] = gemm_rates()
+    print("GEMM GFLOP/s", res["gemm_gflops"])
+    sizes = {"KMNIST size": (60000, 10000), "K49 size": (232365, args.k49_test)}
+    if args.quick:
+        sizes = {"KMNIST size": (3000, 300)}
+    res["knn"] = {}
+    for name, (n_train, n_test) in sizes.items():
+        res["knn"][name] = knn_row(n_train, n_test, args.repeats, res["gemm_gflops"])
+        print(name, res["knn"][name])
+    steps = 3 if args.quick else 20
+    res["train"] = {
+        "simple_cnn": train_row("simple_cnn", 128, steps, args.repeats),
+        "preact18": train_row("preact18", 32, max(2, steps // 4), args.repeats),
+    }
+    print(res["train"])
+    res["inference"] = inference_row(2000 if args.quick else 10000, args.repeats)
+    res["load_at_end"] = os.getloadavg()
+    print("\n".join(table(res)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    if args.docs:
+        write_page(res, Path(args.docs))
+    return 1 if any(k["mismatches"] for k in res["knn"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""CPU fast paths, decided in one place for training, evaluation and prediction.
+
+- **bf16**: autocast to bfloat16 on a CPU only where it has bf16 units (``amx_bf16`` or
+  ``avx512_bf16`` in ``/proc/cpuinfo``); elsewhere a bf16 matrix product is emulated and slower
+  than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 2.5 against 15.2
+  GFLOP/s in the run of docs/benchmarks.md). ``--bf16 on|off`` forces either way; on CUDA the
+  recipe's ``amp`` decides, as before.
+- **channels_last**: on CUDA as the recipe says; on a CPU only together with bf16 (oneDNN's
+  bf16 convolutions want it; in float32 it measured no faster).
+- **threads**: intra-op threads for the CPUs not already busy, ``cpus - load average``
+  rounded, at least 1: on the loaded 2-core machine the simple CNN's training steps on 1
+  thread ran 1.94x a plain loop's on 2 (docs/benchmarks.md). ``--threads N`` sets it.
+- **torch.compile** on a CPU needs a C++ compiler for the generated kernels:
+  :func:`compile_available` says whether there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+BF16_MODES = ("auto", "on", "off")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass
+class CpuPolicy:
+    """The process's choices: ``bf16`` (auto, on, off) and ``threads`` (None: chosen)."""
+
+    bf16: str = "auto"
+    threads: int | None = None
+
+
+POLICY = CpuPolicy()
+# torch's intra-op threads when this module was imported: a different number later means the
+# process was told how many to use (the reproduction harness's workers, a test's one core).
+START_THREADS = torch.get_num_threads()
+
+
+def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
+    """The feature flags the (first) CPU reports; empty where there is no cpuinfo."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def bf16_units(flags: frozenset[str] | None = None) -> list[str]:
+    """Which of the CPU's bf16 units it reports (``amx_bf16``, ``avx512_bf16``)."""
+    flags = cpu_flags() if flags is None else flags
+    return [f for f in BF16_FLAGS if f in flags]
+
+
+def choose_threads(
+    requested: int | None = None, cpus: int | None = None, load: float | None = None
+) -> int:
+    """Intra-op threads: ``requested``, else the CPUs the load average leaves free (>= 1)."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be at least 1, got {requested}")
+        return requested
+    cpus = cpus or os.cpu_count() or 1
+    load = os.getloadavg()[0] if load is None else load
+    return max(1, min(cpus, int(cpus - load + 0.5)))
+
+
+def thread_count(text: str) -> int:
+    """``--threads``' argument: a whole number of at least 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def configure(
+    bf16: str = "auto",
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+    keep_threads: bool = False,
+) -> CpuPolicy:
+    """Set the process's policy; on a CPU device also torch's intra-op threads: ``threads``,
+    else chosen by :func:`choose_threads` unless ``keep_threads`` (a deterministic run, whose
+    numbers must not depend on the load), ``$OMP_NUM_THREADS`` (torchrun's ranks) or an
+    earlier ``torch.set_num_threads`` (the reproduction harness's workers) already decided."""
+    if bf16 not in BF16_MODES:
+        raise ValueError(f"bf16 must be one of {BF16_MODES}, got {bf16!r}")
+    POLICY.bf16, POLICY.threads = bf16, threads
+    try:
+        on_cpu = torch.device(device).type == "cpu"
+    except (RuntimeError, ValueError):  # not a device: the caller's own checks say so
+        return POLICY
+    told = torch.get_num_threads() != START_THREADS
+    decided = keep_threads or told or "OMP_NUM_THREADS" in os.environ
+    if on_cpu and (threads is not None or not decided):
+        torch.set_num_threads(choose_threads(threads))
+    return POLICY
+
+
+def bf16_enabled(device: torch.device, recipe_amp: bool) -> bool:
+    """Whether the forward pass runs under bf16 autocast on ``device``."""
+    if device.type == "cuda":
+        return recipe_amp if POLICY.bf16 == "auto" else POLICY.bf16 == "on"
+    if device.type != "cpu":
+        return False
+    return POLICY.bf16 == "on" or (POLICY.bf16 == "auto" and bool(bf16_units()))
+
+
+def channels_last_enabled(device: torch.device, recipe_flag: bool, recipe_amp: bool) -> bool:
+    """Whether batches (and the model) use the channels_last memory format."""
+    if device.type == "cuda":
+        return recipe_flag
+    return device.type == "cpu" and bf16_enabled(device, recipe_amp)
+
+
+def autocast(device: torch.device, recipe_amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when :func:`bf16_enabled`, else nothing."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16_enabled(device, recipe_amp))
+
+
+def compile_available() -> bool:
+    """Whether torch.compile can build CPU kernels here (a C++ compiler on the PATH)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+@contextlib.contextmanager
+def inference(device: torch.device, recipe_amp: bool = False) -> Iterator[None]:
+    """The evaluation and prediction path: no autograd, and bf16 autocast as in training."""
+    with torch.inference_mode(), autocast(device, recipe_amp):
+        yield

@@ -1,0 +1,104 @@
+"""The CPU fast paths (kmnist_torch.training.cpu): bf16 only where the CPU has bf16 units or
+when forced, the thread choice, and bf16 autocast running the trainer's own step on a CPU (the
+CPU twin of the GPU path; torch.compile's twin is test_train's test_compile_trains_like_eager)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kmnist_torch.models.registry import create_model
+from kmnist_torch.training import cpu
+from kmnist_torch.training.engine import Job, RunState, train_step
+from kmnist_torch.training.recipes import RECIPES
+
+
+@pytest.fixture(autouse=True)
+def policy():
+    """Each test starts from the default policy and leaves it so."""
+    threads = torch.get_num_threads()
+    yield
+    cpu.POLICY.bf16, cpu.POLICY.threads = "auto", None
+    torch.set_num_threads(threads)
+
+
+def test_bf16_units_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu.bf16_units(cpu.cpu_flags(info)) == ["avx512_bf16"]
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu.bf16_units(cpu.cpu_flags(info)) == []
+    assert cpu.cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_bf16_is_used_where_the_cpu_has_the_units_or_when_forced(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.setattr(cpu, "bf16_units", lambda flags=None: [])
+    cpu.configure("auto", 1)
+    assert not cpu.bf16_enabled(dev, recipe_amp=True)  # emulated bf16 is slower: not used
+    monkeypatch.setattr(cpu, "bf16_units", lambda flags=None: ["amx_bf16"])
+    assert cpu.bf16_enabled(dev, recipe_amp=False)
+    assert cpu.channels_last_enabled(dev, recipe_flag=False, recipe_amp=False)
+    cpu.configure("off", 1)
+    assert not cpu.bf16_enabled(dev, True) and not cpu.channels_last_enabled(dev, True, True)
+    cpu.configure("on", 1)
+    monkeypatch.setattr(cpu, "bf16_units", lambda flags=None: [])
+    assert cpu.bf16_enabled(dev, False)
+    # On CUDA the recipe decides unless forced.
+    cpu.configure("auto", 1)
+    assert cpu.bf16_enabled(torch.device("cuda"), True)
+    assert not cpu.bf16_enabled(torch.device("cuda"), False)
+    with pytest.raises(ValueError, match="bf16 must be one of"):
+        cpu.configure("maybe")
+
+
+def test_threads_follow_the_load_unless_set(monkeypatch):
+    assert cpu.choose_threads(cpus=2, load=0.2) == 2
+    assert cpu.choose_threads(cpus=2, load=1.6) == 1  # one core already busy elsewhere
+    assert cpu.choose_threads(cpus=2, load=9.0) == 1
+    assert cpu.choose_threads(cpus=16, load=3.4) == 13
+    assert cpu.choose_threads(3, cpus=2, load=9.0) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "START_THREADS", 2)
+    monkeypatch.setattr(cpu, "choose_threads", lambda n=None: n or 1)  # as under load
+    cpu.configure("auto", 3)
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(2)
+    cpu.configure("auto", None, keep_threads=True)  # a deterministic run keeps torch's
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's ranks
+    cpu.configure("auto", None)
+    assert torch.get_num_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpu.configure("auto", None)  # nobody decided: chosen from the load
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(3)  # the harness's workers set theirs first
+    cpu.configure("auto", None)
+    assert torch.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_train_step_runs_under_bf16_autocast_on_the_cpu(mode, one_thread):
+    cpu.configure(mode, 1)
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 10, in_chans=1)
+    seen = []
+    model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    recipe = RECIPES["cnn"].override(batch_size=8, translate=0)
+    job = Job(recipe, model, [None] * 4, None, torch.device("cpu"), 10)
+    state = RunState(job, seed=0)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    losses = [float(train_step(job, state, x, y)) for _ in range(3)]
+    assert seen == [torch.bfloat16 if mode == "on" else torch.float32] * 3
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_bad_threads_are_one_line(capsys):
+    from kmnist_torch import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--threads", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threads: expected a whole number of at least 1, got '0'" in err
+    assert "Traceback" not in err
