@@ -20,6 +20,7 @@ signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 | :class:`ImageError` | an image given to ``predict`` cannot be read | 1 |
 | :class:`ExportError` | a model cannot be exported as asked | 1 |
 | :class:`RunFolderError` | a run folder's files are malformed or not where they belong | 1 |
+| :class:`SettingError` | a ``KMNIST_TORCH_*`` setting is outside its range | 1 |
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class ExportError(UserError, RuntimeError):
 class RunFolderError(UserError, ValueError):
     """A run folder cannot be used as it is: its ``results.json`` is malformed, too large or
     not a regular file, or a link stands where ``evaluate`` writes."""
+
+
+class SettingError(UserError, ValueError):
+    """A ``KMNIST_TORCH_*`` environment variable holds a value outside its documented range."""
 
 
 class UncheckedContentWarning(UserWarning):

@@ -645,7 +645,7 @@ def test_stale_cache_temporaries_are_removed_by_the_next_run(tmp_path, monkeypat
         ("KMNIST_TORCH_BACKOFF", "-1", "number >= 0"),
         ("KMNIST_TORCH_TIMEOUT", "-1", "number > 0"),
         ("KMNIST_TORCH_TIMEOUT", "abc", "number > 0"),
-        ("KMNIST_TORCH_MIN_RATE", "0", "number > 0"),
+        ("KMNIST_TORCH_MIN_RATE", "0", "number >= 1"),
         ("KMNIST_TORCH_LOCK_TIMEOUT", "soon", "seconds >= 0"),
     ],
 )

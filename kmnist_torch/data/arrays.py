@@ -298,7 +298,7 @@ def read_idx_cached(
     entry = record.lookup(plain) if plain.is_file() and not link else None
     if entry is not None and entry.get("from_md5") == gz_md5:
         return formats.read_idx(plain, ndim, shape)
-    raw = formats.read_gzip(gz_path)
+    raw = formats.read_gzip(gz_path, ndim=ndim)
     arr = formats.parse_idx(raw, gz_path, ndim, shape)
     md5, sha = hashlib.md5(raw).hexdigest(), hashlib.sha256(raw).hexdigest()
     ours = entry is not None and "from_md5" in entry  # written by us, untouched since

@@ -308,6 +308,7 @@ class ArchiveCheck:
 
     problems: list[str] = field(default_factory=list)
     tar_bad: bool = False
+    tar_unrecorded: bool = False  # a tar with no record: never checked by this package
     tree_bad: bool = False
     png_bad: bool = False
     listing: cache.Listing | None = None
@@ -365,6 +366,9 @@ def check_archive(folder: Path) -> ArchiveCheck:
     except DataFilesError as exc:
         rec, state.tar_bad = None, True
         state.problems.append(str(exc))
+    if tar.is_file() and rec is None and not state.tar_bad:
+        state.tar_unrecorded = True
+        state.problems.append(_unrecorded(folder, tree.is_dir()))
     if tar.is_file() and rec is not None:
         _, sha = hash_file(tar)
         if sha != rec["sha256"] or tar.stat().st_size != rec["size"]:
@@ -385,9 +389,34 @@ def check_archive(folder: Path) -> ArchiveCheck:
     return state
 
 
+def _unrecorded(folder: Path, extracted: bool) -> str:
+    """What is wrong with a tar that has no record, and the way out."""
+    tar, root = folder / layout.TAR_NAME, folder.parent
+    line = (
+        f"{tar}: unrecorded and unchecked: there is no {layout.RECORD_NAME}, so this package "
+        "never checked or extracted this file (an HTML page or a subset saved under this name "
+        "looks the same from here). "
+    )
+    if extracted:
+        return line + (
+            f"The extracted {layout.TREE_NAME}/ is what is read: delete the tar, or delete "
+            f"{layout.TREE_NAME}/ and run python -m kmnist_torch verify kkanji --root {root} "
+            "--repair to check the tar in full and record it."
+        )
+    return line + (
+        f"Check it in full (extracted, refused unless it is the whole set) and record it: "
+        f"python -m kmnist_torch verify kkanji --root {root} --repair; or delete it."
+    )
+
+
 def _repair_archive(root: Path, name: str, folder: Path, state: ArchiveCheck, say: Say) -> int:
-    """Delete the bad parts, download and extract again, rebuild the cache: 0 when it worked."""
+    """Delete the bad parts, download and extract again, rebuild the cache: 0 when it worked.
+    An unrecorded tar is the user's: checked by extracting it (and recorded if it passes),
+    never deleted; beside an extracted tree it cannot be checked, and stays a problem."""
     tar, tree = folder / layout.TAR_NAME, folder / layout.TREE_NAME
+    if state.tar_unrecorded and tree.is_dir() and not (state.tree_bad or state.png_bad):
+        say(f"{name}: repair failed: {tar} was not checked (the tree beside it is what is read)")
+        return 1
     try:
         if state.tar_bad:
             tar.unlink(missing_ok=True)

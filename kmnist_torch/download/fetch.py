@@ -413,7 +413,7 @@ def _from_url(url: str, part: Path, target: Target, config: FetchConfig) -> tupl
             if attempt >= config.retries:
                 # The partial stays: a later run resumes it from this URL (and only this).
                 raise _GaveUp(f"{_reason(exc)} (after {attempt + 1} attempts)") from exc
-            delay = config.backoff * (2**attempt)
+            delay = config.backoff_for(attempt)
             attempt += 1
             log(f"{name}: {url} failed ({_reason(exc)}); retry {attempt} of "
                 f"{config.retries} in {delay:g} s")  # fmt: skip

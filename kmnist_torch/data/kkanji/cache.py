@@ -113,7 +113,7 @@ def _build_cache(
     """Decode every image of the tree into ``folder/cache/images-<fp>.npy`` and write the index
     beside it; returns the memory-mapped array and whether it could be written to disk (a
     read-only root gets an in-memory array instead)."""
-    workers = decode_workers() if workers is None else workers
+    workers = decode_workers(-(-listing.total // CHUNK_IMAGES)) if workers is None else workers
     paths = [str(listing.tree.parent / p) for p in listing.relpaths()]
     shape = (listing.total, SIDE, SIDE)
     images_path, index_path = cache_paths(folder, listing.fingerprint)
