@@ -8,6 +8,7 @@ Each helper exists once; the datasets, KKanji, the trainer and the harness call 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Union
 
-from .errors import LockTimeout
+from .errors import LockTimeout, WriteError
 from .settings import lock_timeout, say
 
 CHUNK = 1 << 20
@@ -36,7 +37,14 @@ def atomic_write(path: str | os.PathLike, payload: Payload, fsync: bool = True) 
     """Write ``payload`` (bytes, text as UTF-8, or a function given the open binary file) to
     ``path`` through a temporary file in the same folder renamed into place, so a crash leaves
     the old file or the new one, never half of one. The temporary is created exclusively and
-    never through a symbolic link."""
+    never through a symbolic link, and removed whatever happens.
+
+    Raises:
+        WriteError: the write failed because the disk or quota is full, the file-size limit
+            was reached or the disk failed, whether ``payload`` saw the ``OSError`` itself or
+            only what it became (``torch.save`` turns it into ``RuntimeError: unexpected
+            pos``). The previous file at ``path``, if any, is untouched.
+    """
     path = Path(path)
     tmp = _tmp_path(path)
     with contextlib.suppress(FileNotFoundError):
@@ -53,9 +61,58 @@ def atomic_write(path: str | os.PathLike, payload: Payload, fsync: bool = True) 
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        cause = failed_write(exc)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+# errno -> (what it means, what to do): the failures of a write itself, not of its path.
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("the disk is full", "free space there (or write elsewhere)"),
+    getattr(errno, "EDQUOT", -1): ("the disk quota is exceeded", "free space within the quota"),
+    errno.EFBIG: (
+        "the file would exceed the file-size limit",
+        "raise the limit (ulimit -f) or write elsewhere",
+    ),
+    errno.EIO: ("the disk reported an I/O error", "check the disk (dmesg)"),
+}
+
+
+def failed_write(exc: BaseException) -> OSError | None:
+    """The ``OSError`` that says a write failed for want of space, quota or a working disk
+    (ENOSPC, EDQUOT, EFBIG, EIO), found in ``exc`` or what it was raised from or during (a
+    library may wrap it: torch's ``unexpected pos``); None if there is none."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def write_error(path: str | os.PathLike, cause: OSError, what: str = "") -> WriteError:
+    """The one-line :class:`WriteError` of a failed write of ``path``: the file, the cause,
+    what is kept (the previous file, or nothing) and what to do. ``what`` adds a clause (how
+    much room the file needs)."""
+    path = Path(path)
+    meaning, action = _WRITE_FAILURES.get(cause.errno, (cause.strerror or str(cause), "fix it"))
+    name = errno.errorcode.get(cause.errno, str(cause.errno))
+    kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+    err = WriteError(
+        f"cannot write {path}: {meaning} ({name}){what}; {kept}. "
+        f"{action[0].upper()}{action[1:]}, then run the same command again."
+    )
+    err.errno = cause.errno
+    return err
 
 
 def write_json(path: str | os.PathLike, doc: Any, indent: int | None = 1) -> None:

@@ -18,6 +18,7 @@ signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 | :class:`ModelFileError` | a model file or checkpoint cannot be used | 1 |
 | :class:`ImageError` | an image given to ``predict`` cannot be read | 1 |
 | :class:`ExportError` | a model cannot be exported as asked | 1 |
+| :class:`WriteError` | a write failed: disk or quota full, file-size limit, I/O error | 74 |
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ class ImageError(UserError, ValueError):
 
 class ExportError(UserError, RuntimeError):
     """The model cannot be exported as asked, or the export does not match the model."""
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written because the write itself failed: the disk is full (ENOSPC),
+    the quota is exceeded (EDQUOT), the file-size limit was reached (EFBIG) or the disk failed
+    (EIO). The message names the file, the cause and what was kept; ``errno`` is the cause's.
+    Exit code 74 (``EX_IOERR`` of sysexits.h), so a job script tells it from a bad input (1):
+    once space is freed, the same command (``train`` with ``--resume``) continues."""
+
+    exit_code = 74
 
 
 class UncheckedContentWarning(UserWarning):

@@ -37,9 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
-import os
-import platform
 import signal
 import sys
 import time
@@ -47,13 +44,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import catalog
 from ._args import Parser, Stopped, add_data_options, run_main
 from ._fanout import spread
-from ._io import atomic_write
+from ._harness import report, run_meta, still_to_run, write_outputs
 from .data.arrays import raw_folder
 from .data.registry import DATASETS
 from .data.resplit import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
@@ -62,13 +58,10 @@ from .errors import DataFilesError, UserError
 from .reporting.table import (
     ROWS,
     UPSTREAM_OLD,
-    check_cells,
     dataset_title,
     finish_cell,
     new_cell,
-    pct,
     render_table,
-    targets_record,
 )
 from .training.recipes import RECIPES
 from .training.runtime import device_name, stop_signal
@@ -78,9 +71,6 @@ QUICK_KNN = {"limit_train": 2000, "limit_test": 500}
 QUICK_TRAIN = (
     "--epochs 1 --limit-train 256 --limit-test 256 --batch-size 32 --eval-batch-size 256"
 ).split()
-# What a cell takes from the table, not from an earlier run (targets change with the table).
-TABLE_FIGURES = ("title", "metric", "upstream_old", "upstream_today", "target", "target_source",
-                 "tolerance", "comparable")  # fmt: skip
 # What a trained cell keeps of its run's results.
 RUN_KEYS = ("device_seconds", "wall_seconds", "device", "images_per_second", "best_test_accuracy",
             "best_test_balanced_accuracy", "epochs_done", "num_train", "num_test")  # fmt: skip
@@ -191,34 +181,6 @@ def run_trained(cell: dict[str, Any], args: argparse.Namespace) -> None:
     cell["run_dir"] = str(out)
     # The last epoch, not the best: picking the best epoch on the test set flatters a run.
     finish_cell(cell, res["test_accuracy"], res["test_balanced_accuracy"])
-
-
-def write_outputs(
-    out: Path, cells: list[dict[str, Any]], meta: dict[str, Any], tolerance: float | None
-) -> list[str]:
-    """Write table.md and results.json into ``out``; return the --check failures."""
-    failures = check_cells(cells, tolerance)
-    out.mkdir(parents=True, exist_ok=True)
-    header = (
-        f"# Reproduction of the Kuzushiji benchmark table\n\n"
-        f"{meta['command']}\n\nMachine: {meta['machine']}; torch {meta['torch']}.\n\n"
-    )
-    atomic_write(out / "table.md", header + render_table(cells, tolerance), fsync=False)
-    payload = {
-        **meta,
-        "targets": targets_record(tolerance),
-        "cells": cells,
-        "failures": failures,
-    }
-    atomic_write(out / "results.json", json.dumps(payload, indent=2) + "\n", fsync=False)
-    return failures
-
-
-def _machine(device: str | None) -> str:
-    cpu = f"{platform.machine()}, {os.cpu_count()} CPUs"
-    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
-        return f"{device_name(device or 'cuda')}; {cpu}"
-    return f"no GPU used; {cpu}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,72 +317,6 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str] | None
     return args, devices
 
 
-def _meta(
-    args: argparse.Namespace, argv: list[str] | None, devices: list[str] | None, comparable: bool
-) -> dict[str, Any]:
-    """What results.json says about the run as a whole."""
-    return {
-        "command": "python -m kmnist_torch.reproduce " + " ".join(argv or sys.argv[1:]),
-        "machine": _machine(args.device or (devices[0] if devices else None)),
-        "devices": devices,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "verified": args.verify,
-        "quick": args.quick,
-        "comparable": comparable,
-        "recipe": args.recipe,
-        "seed": args.seed,
-        "resplit": args.resplit is not None,
-        "settings": _settings(args),
-    }
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What a rerun must share with an earlier run in its ``--out`` to keep its finished cells."""
-    keys = ("quick", "epochs", "limit_train", "limit_test", "recipe", "seed", "verify", "root")
-    return {**{k: getattr(args, k) for k in keys}, "resplit": args.resplit is not None,
-            "resplit_seed": args.resplit_seed}  # fmt: skip
-
-
-def _still_to_run(cells: list[dict[str, Any]], out: Path, settings: dict) -> list[dict[str, Any]]:
-    """The cells an earlier run with the same settings did not finish in ``out`` (its
-    results.json); the finished ones take its figures (and today's targets), not run again."""
-    try:
-        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return cells
-    except (OSError, ValueError) as exc:
-        print(f"note: {out / 'results.json'} unreadable ({exc}): every cell runs", file=sys.stderr)
-        return cells
-    if earlier.get("settings") != settings:
-        print(f"note: {out / 'results.json'} holds a run with other settings: every cell runs")
-        return cells
-    finished = {(c["row"], c["dataset"]): c for c in earlier.get("cells", [])
-                if c.get("error") is None and c.get("ours") is not None}  # fmt: skip
-    todo = []
-    for cell in cells:
-        old = finished.get((cell["row"], cell["dataset"]))
-        if old is None:
-            todo.append(cell)
-            continue
-        cell.update({k: v for k, v in old.items() if k not in TABLE_FIGURES})
-        finish_cell(cell, old["accuracy"], old["balanced_accuracy"])
-        print(f"== {cell['title']} on {dataset_title(cell['dataset'])}: done in an earlier run")
-        _report(cell)
-    return todo
-
-
-def _report(cell: dict[str, Any]) -> None:
-    print(
-        f"   {cell['title']} on {dataset_title(cell['dataset'])}, {cell['metric']}: "
-        f"{pct(cell['ours'])}"
-        + (f" (target {pct(cell['target'])})" if cell["target"] is not None else "")
-        + (f"  ERROR {cell['error']}" if cell["error"] else ""),
-        flush=True,
-    )
-
-
 def _run_cells(
     cells: list[dict[str, Any]],
     args: argparse.Namespace,
@@ -431,11 +327,11 @@ def _run_cells(
     """Run every cell not finished in ``--out`` already (in this process, or fanned out over
     ``devices``), writing the outputs after each; return the --check failures."""
     out = Path(args.out)
-    todo = _still_to_run(cells, out, meta["settings"])
+    todo = still_to_run(cells, out, meta["settings"])
 
     def done(cell: dict[str, Any]) -> None:
         write_outputs(out, cells, meta, tolerance)
-        _report(cell)
+        report(cell)
 
     try:
         if devices is not None and todo:
@@ -446,7 +342,7 @@ def _run_cells(
                 _run_cell(cell, args)
             finally:
                 write_outputs(out, cells, meta, tolerance)
-            _report(cell)
+            report(cell)
     finally:
         failures = write_outputs(out, cells, meta, tolerance)
     return failures
@@ -465,7 +361,7 @@ def run(argv: list[str] | None = None) -> int:
     comparable = not (
         args.quick or args.epochs or args.limit_train or args.limit_test or not args.verify
     )
-    meta = _meta(args, argv, devices, comparable)
+    meta = run_meta(args, argv, devices, comparable)
     cells = [new_cell(r, d, comparable) for d in args.datasets for r in args.rows]
     out = Path(args.out)
     try:
