@@ -41,6 +41,7 @@ import signal
 import sys
 import time
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from .data.arrays import raw_folder
 from .data.registry import DATASETS
 from .data.resplit import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
 from .data.splits import load_split
-from .errors import DataFilesError, UserError
+from .errors import DataFilesError, UserError, WriteError
 from .reporting.table import (
     ROWS,
     UPSTREAM_OLD,
@@ -235,12 +236,16 @@ def _interrupted(cell: dict[str, Any], signum: int) -> None:
 
 def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
     """Run one cell, recording an error in it instead of raising (but not a signal: the cell
-    is marked interrupted, and the signal stops the harness)."""
+    is marked interrupted, and the signal stops the harness; nor a failed write, a full disk
+    the next cells would meet too: it stops the harness with one line)."""
     t0 = time.perf_counter()
     try:
         (run_knn if cell["row"] == "knn" else run_trained)(cell, args)
     except KeyboardInterrupt as exc:
         _interrupted(cell, exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+        raise
+    except WriteError as exc:
+        cell["error"] = f"{type(exc).__name__}: {exc}"
         raise
     except Exception as exc:  # one failing cell must not lose the others' results
         cell["error"] = f"{type(exc).__name__}: {exc}"
@@ -289,11 +294,18 @@ def _fan_out(
     def finished(i: int, result: Any, device: str) -> None:
         if isinstance(result, Stopped):
             _interrupted(cells[i], result.signum)
-        elif isinstance(result, BaseException):  # the worker died (a crash, not a cell error)
+        elif isinstance(result, BrokenProcessPool):  # the worker died under this cell
+            cells[i]["error"] = (
+                f"its worker process on {device} died (a crash, kill -9, the out-of-memory "
+                "killer); the same command runs this cell again"
+            )
+        elif isinstance(result, BaseException):  # a full disk (raised below), or a bug
             cells[i]["error"] = f"worker on {device}: {type(result).__name__}: {result}"
         else:
             cells[i].update(result)
         done(cells[i])
+        if isinstance(result, WriteError):  # the next cells would meet the full disk too
+            raise result
 
     spread(cells, devices, work, finished)
 
