@@ -8,6 +8,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +16,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ... import catalog
-from ..._io import folder_lock_if_writable, hash_file, write_json
+from ..._io import (
+    NOFOLLOW,
+    failed_write,
+    folder_lock_if_writable,
+    hash_file,
+    write_error,
+    write_json,
+)
 from ...download.sources import resolve_root
 from ...errors import FormatError
 from ...settings import Progress, decode_workers
@@ -55,6 +63,14 @@ def _decode_chunk(paths: Sequence[str]) -> bytes:
     return bytes(out)
 
 
+def _quiet_worker() -> None:
+    """A decoding worker leaves Ctrl-C and SIGTERM to the command (a terminal sends Ctrl-C to
+    every process of the group): the command cancels what is queued, the workers finish their
+    chunk and are shut down, with no traceback of theirs."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
     bar = Progress("KKanji: decoding PNGs into the cache", len(paths), "image")
     starts = range(0, len(paths), CHUNK_IMAGES)
@@ -67,7 +83,8 @@ def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
                 )
                 bar.update(len(chunk))
             return
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+        context = multiprocessing.get_context()
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker) as pool:
             pending = {pool.submit(_decode_chunk, paths[s : s + CHUNK_IMAGES]): s for s in starts}
             try:
                 while pending:
@@ -112,7 +129,13 @@ def _build_cache(
 ) -> tuple[np.ndarray, bool]:
     """Decode every image of the tree into ``folder/cache/images-<fp>.npy`` and write the index
     beside it; returns the memory-mapped array and whether it could be written to disk (a
-    read-only root gets an in-memory array instead)."""
+    read-only root gets an in-memory array instead).
+
+    All or nothing: the images go to a temporary renamed into place, then the index (what
+    marks a complete cache) is written; a signal, an error or a full disk on the way removes
+    what was written (a failed write is :class:`~kmnist_torch.errors.WriteError`). The room is
+    reserved before decoding, so a full disk fails at once, not with a crash (``SIGBUS``)
+    writing to the memory map."""
     workers = decode_workers() if workers is None else workers
     paths = [str(listing.tree.parent / p) for p in listing.relpaths()]
     shape = (listing.total, SIDE, SIDE)
@@ -120,8 +143,13 @@ def _build_cache(
     tmp = images_path.with_name(f"{images_path.name}.{os.getpid()}.tmp")
     try:
         images_path.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _remove_other_caches(images_path.parent, keep=())  # an older tree's: make room first
+        out = _reserved_memmap(tmp, shape)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        cause = failed_write(exc)
+        if cause is not None:
+            raise write_error(images_path, cause, f", {_mb(shape)} needed") from exc
         msg = f"cannot write the decoded cache in {folder} ({exc}); decoding into memory"
         warn(f"KKanji: {msg}, again at every construction")
         arr = np.empty(shape, np.uint8)
@@ -129,12 +157,51 @@ def _build_cache(
         return arr, False
     try:
         _decode_into(out, paths, workers)
+        _finish(out, tmp, images_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        write_json(index_path, _index(listing, images_path, shape), indent=None)
+    except BaseException:  # no index: the images are not a cache anyone trusts; free the room
+        images_path.unlink(missing_ok=True)
+        raise
+    _remove_other_caches(images_path.parent, keep=(images_path.name, index_path.name))
+    return np.load(images_path, mmap_mode="c", allow_pickle=False), True
+
+
+def _mb(shape: tuple[int, ...]) -> str:
+    return f"{np.prod(shape) / 1e6:,.1f} MB"
+
+
+def _reserved_memmap(tmp: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` at ``tmp``, memory-mapped for writing, its room reserved on the disk
+    (``posix_fallocate``) so that running out of it is an ``OSError`` now."""
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(tmp, os.O_RDWR | NOFOLLOW)
+        try:
+            os.posix_fallocate(fd, 0, out.offset + out.nbytes)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _finish(out: np.memmap, tmp: Path, images_path: Path) -> None:
+    """Flush the decoded images and move them into place; a failed write is one line."""
+    try:
         out.flush()
         del out
         os.replace(tmp, images_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    index = {
+    except OSError as exc:
+        cause = failed_write(exc)
+        if cause is None:
+            raise
+        raise write_error(images_path, cause) from exc
+
+
+def _index(listing: Listing, images_path: Path, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The index of a cache just decoded: what marks it complete and what it holds."""
+    return {
         "version": CACHE_VERSION,
         # What `python -m kmnist_torch verify` checks the cache against (loading does not).
         "sha256": hash_file(images_path)[1],
@@ -146,12 +213,14 @@ def _build_cache(
         "targets_note": "image i belongs to class k when sum(counts[:k]) <= i < sum(counts[:k+1])",
         "files": listing.relpaths(),
     }
-    write_json(index_path, index, indent=None)
-    for old in images_path.parent.iterdir():  # caches of earlier versions of the tree
-        if old.name not in (images_path.name, index_path.name) and old.suffix in (".npy", ".json"):
+
+
+def _remove_other_caches(cache: Path, keep: tuple[str, ...]) -> None:
+    """Delete the caches of earlier versions of the tree (their fingerprint differs)."""
+    for old in cache.iterdir():
+        if old.name not in keep and old.suffix in (".npy", ".json"):
             with contextlib.suppress(OSError):  # still mapped by a live dataset (Windows)
                 old.unlink()
-    return np.load(images_path, mmap_mode="c", allow_pickle=False), True
 
 
 def remove_stale_cache_temporaries(folder: Path) -> None:
