@@ -12,7 +12,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Union
@@ -318,3 +320,40 @@ def _valid_entry(entry: Any) -> bool:
         and isinstance(entry.get("md5"), str)
         and isinstance(entry.get("sha256"), str)
     )
+
+
+# ------------------------------------------------------- a command line's first seconds
+
+# The command lines (``python -m`` these), each ending through ``_args.run_main``.
+COMMANDS = ("kmnist_torch", "kmnist_torch.__main__", "kmnist_torch.train",
+            "kmnist_torch.reproduce", "kmnist_torch.evaluate", "kmnist_torch.predict",
+            "kmnist_torch.export")  # fmt: skip
+_held: set[int] = set()  # the signals quiet_start holds back
+
+
+def quiet_start() -> None:
+    """In ``python -m kmnist_torch...`` (called as the package is imported, before the command
+    imports torch): hold Ctrl-C and SIGTERM back (blocked) until the command has set its own
+    handlers, which then take them as ever: one line, exit 128 + the signal (130, 143), not
+    Python's ``KeyboardInterrupt`` traceback from inside an import (nor, for SIGTERM, a death
+    with no word). Nothing has been written by then. A signal ignored from the start (a
+    background job's Ctrl-C) stays so; anything else importing the package is left alone."""
+    argv, orig = sys.argv, getattr(sys, "orig_argv", [])
+    if argv[:1] != ["-m"] or len(orig) <= len(argv) or orig[-len(argv)] not in COMMANDS:
+        return  # not `python ... -m <one of ours> ARGS`
+    if threading.current_thread() is not threading.main_thread():
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    held = {s for s, default in defaults.items() if signal.getsignal(s) is default}
+    if held and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        _held.update(held)
+
+
+def started() -> None:
+    """The command has set its handlers: let the signals :func:`quiet_start` held back
+    through (one that came meanwhile is taken now)."""
+    if _held and threading.current_thread() is threading.main_thread():
+        held = set(_held)
+        _held.clear()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
