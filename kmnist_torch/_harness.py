@@ -60,7 +60,7 @@ def machine(device: str | None) -> str:
     return f"no GPU used; {cpu}"
 
 
-def runrun_meta(
+def run_meta(
     args: argparse.Namespace, argv: list[str] | None, devices: list[str] | None, comparable: bool
 ) -> dict[str, Any]:
     """What results.json says about the run as a whole."""
@@ -77,11 +77,11 @@ def runrun_meta(
         "recipe": args.recipe,
         "seed": args.seed,
         "resplit": args.resplit is not None,
-        "settings": settings(args),
+        "settings": rerun_settings(args),
     }
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
+def rerun_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a rerun must share with an earlier run in its ``--out`` to keep its finished cells."""
     keys = ("quick", "epochs", "limit_train", "limit_test", "recipe", "seed", "verify", "root")
     return {**{k: getattr(args, k) for k in keys}, "resplit": args.resplit is not None,
