@@ -71,7 +71,9 @@ def _quiet_worker() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
+def _decode_into(out: np.ndarray | _Rows, paths: list[str], workers: int) -> None:
+    """Decode ``paths`` into ``out`` (an array, or the rows of the cache file being written),
+    in a pool of ``workers`` processes where there are enough images to be worth it."""
     bar = Progress("KKanji: decoding PNGs into the cache", len(paths), "image")
     starts = range(0, len(paths), CHUNK_IMAGES)
     try:
@@ -134,8 +136,8 @@ def _build_cache(
     All or nothing: the images go to a temporary renamed into place, then the index (what
     marks a complete cache) is written; a signal, an error or a full disk on the way removes
     what was written (a failed write is :class:`~kmnist_torch.errors.WriteError`). The room is
-    reserved before decoding, so a full disk fails at once, not with a crash (``SIGBUS``)
-    writing to the memory map."""
+    reserved before decoding, so a full disk fails at once; the images are written to the
+    file, not through a memory map (where a full disk is a ``SIGBUS`` crash)."""
     workers = decode_workers() if workers is None else workers
     paths = [str(listing.tree.parent / p) for p in listing.relpaths()]
     shape = (listing.total, SIDE, SIDE)
@@ -144,7 +146,7 @@ def _build_cache(
     try:
         images_path.parent.mkdir(parents=True, exist_ok=True)
         _remove_other_caches(images_path.parent, keep=())  # an older tree's: make room first
-        out = _reserved_memmap(tmp, shape)
+        rows = _Rows(tmp, shape)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         cause = failed_write(exc)
@@ -156,8 +158,14 @@ def _build_cache(
         _decode_into(arr, paths, workers)
         return arr, False
     try:
-        _decode_into(out, paths, workers)
-        _finish(out, tmp, images_path)
+        with rows:
+            _decode_into(rows, paths, workers)
+        os.replace(tmp, images_path)
+    except OSError as exc:
+        cause = failed_write(exc)
+        if cause is None:
+            raise
+        raise write_error(images_path, cause) from exc
     finally:
         tmp.unlink(missing_ok=True)
     try:
@@ -173,30 +181,44 @@ def _mb(shape: tuple[int, ...]) -> str:
     return f"{np.prod(shape) / 1e6:,.1f} MB"
 
 
-def _reserved_memmap(tmp: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """A new ``.npy`` at ``tmp``, memory-mapped for writing, its room reserved on the disk
-    (``posix_fallocate``) so that running out of it is an ``OSError`` now."""
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    if hasattr(os, "posix_fallocate"):
-        fd = os.open(tmp, os.O_RDWR | NOFOLLOW)
+class _Rows:
+    """A new uint8 ``.npy`` of ``shape`` at ``path`` (created, never through a link), its room
+    reserved on the disk where the system can (``posix_fallocate``: running out of it is an
+    ``OSError`` now, not halfway), filled by ``rows[a:b] = images`` (written at their place)
+    and flushed to the disk as the ``with`` block ends without an error."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.row_bytes = int(np.prod(shape[1:]))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+        self.fh = os.fdopen(fd, "wb")
         try:
-            os.posix_fallocate(fd, 0, out.offset + out.nbytes)
-        finally:
-            os.close(fd)
-    return out
-
-
-def _finish(out: np.memmap, tmp: Path, images_path: Path) -> None:
-    """Flush the decoded images and move them into place; a failed write is one line."""
-    try:
-        out.flush()
-        del out
-        os.replace(tmp, images_path)
-    except OSError as exc:
-        cause = failed_write(exc)
-        if cause is None:
+            header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(self.fh, header)
+            self.offset = self.fh.tell()
+            size = self.offset + shape[0] * self.row_bytes
+            self.fh.flush()
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:
+                self.fh.truncate(size)
+        except BaseException:
+            self.fh.close()
             raise
-        raise write_error(images_path, cause) from exc
+
+    def __setitem__(self, rows: slice, images: np.ndarray) -> None:
+        self.fh.seek(self.offset + rows.start * self.row_bytes)
+        self.fh.write(np.ascontiguousarray(images, np.uint8).tobytes())
+
+    def __enter__(self) -> _Rows:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+        finally:
+            self.fh.close()
 
 
 def _index(listing: Listing, images_path: Path, shape: tuple[int, ...]) -> dict[str, Any]:
