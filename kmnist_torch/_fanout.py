@@ -90,13 +90,9 @@ def spread(
     stop, pids = spawn.RawValue("i", 0), spawn.RawArray("i", len(devices))
     failed: list[BaseException] = []  # what done() raised: no item starts after it
 
-    def new_pool(k: int) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=spawn,
-            initializer=_init,
-            initargs=(stop, pids, k, os.getpid()),
-        )
+    def new_pool(k: int) -> concurrent.futures.ProcessPoolExecutor:  # the worker of slot k
+        init = (stop, pids, k, os.getpid())
+        return concurrent.futures.ProcessPoolExecutor(1, spawn, _init, init)
 
     pools = [new_pool(k) for k in range(len(devices))]
 
