@@ -216,6 +216,31 @@ def test_a_full_disk_stops_the_harness_with_its_table_kept(root, disk, tmp_path,
     assert cell["error"] is None and cell["num_train"] == 200
 
 
+# ------------------------------------------------------------------------------- a download
+
+
+def test_a_full_disk_stops_a_download_at_once_and_the_next_one_resumes(disk, http_server):
+    from conftest import make_target
+
+    from kmnist_torch.download.fetch import download
+    from kmnist_torch.settings import FetchConfig
+
+    if disk.limited:
+        pytest.skip("in this process: needs a tmpfs (mount is not allowed here)")
+    data = os.urandom(3 << 20)
+    http_server.add("/f", data)
+    target = make_target(disk.path, [http_server.url + "/f"], data)
+    disk.fill(1 << 20)
+    with pytest.raises(WriteError, match=r"file\.bin\.part: the disk is full \(ENOSPC\)"):
+        download(target, FetchConfig(retries=3, backoff=0))
+    assert len(http_server.hits("/f")) == 1  # not retried, no mirror blamed: the disk is full
+    assert not target.dest.exists()
+    disk.free()
+    download(target, FetchConfig(retries=0))  # resumes the partial
+    assert target.dest.read_bytes() == data
+    assert http_server.hits("/f")[-1].get("Range", "").startswith("bytes=")
+
+
 # ------------------------------------------------------------------------- the KKanji cache
 
 MONTAGE = ["montage", "kkanji", "--no-verify", "--max-classes", "2", "--per-class", "2"]
@@ -351,3 +376,15 @@ def test_a_worker_that_dies_fails_only_its_own_item():
     assert isinstance(done.pop("crash"), BrokenProcessPool)
     assert {k: v[0] for k, v in done.items()} == {"a": "a", "b": "b", "c": "c"}
     assert done["a"][1] != done["b"][1] == done["c"][1]  # a fresh worker after the crash
+
+
+def test_a_failure_to_record_an_item_starts_no_other():
+    seen: list[str] = []
+
+    def done(i: int, result: object, device: str) -> None:
+        seen.append(result[0])
+        raise WriteError("cannot write table.md: the disk is full (ENOSPC)")
+
+    with pytest.raises(WriteError, match="table.md"):
+        _fanout.spread(["a", "b", "c"], ["cpu"], _die_on_crash, done)
+    assert seen == ["a"]  # raised once the item under way was recorded; b and c never began
