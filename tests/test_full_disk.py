@@ -17,7 +17,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,16 +84,15 @@ def disk(tmp_path):
     d.close()
 
 
-def _command(tmp: Path, module: str, *args: str, disk: Disk | None = None, **kw):
-    """``python -m module args`` as a user runs it: (exit status, stderr), stderr in a file."""
-    err = tmp / f"{module}.{time.monotonic_ns()}.err"
+def _command(tmp: Path, module: str, *args: str, disk: Disk | None = None):
+    """``python -m module args`` as a user runs it: (exit status, stderr). Its stderr is a pipe,
+    not a file: a file-size limit of 0 would hold a file too."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "KMNIST_TORCH_OFFICIAL": "0",
-           "OMP_NUM_THREADS": "1", **kw.pop("env", {})}  # fmt: skip
-    with open(err, "w") as fh:
-        rc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.DEVNULL,
-                            stderr=fh, env=env, timeout=600,
-                            preexec_fn=disk.preexec() if disk else None).returncode  # fmt: skip
-    return rc, err.read_text()
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", module, *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=600,
+                          preexec_fn=disk.preexec() if disk else None)  # fmt: skip
+    return proc.returncode, proc.stderr
 
 
 def _run_on(disk: Disk, tmp: Path, capfd, module: str, *args: str) -> tuple[int, str]:
