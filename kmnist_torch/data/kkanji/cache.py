@@ -9,9 +9,10 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -71,6 +72,27 @@ def _quiet_worker() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _signals_noted() -> Iterator[None]:
+    """Inside: Ctrl-C and SIGTERM are noted, not raised, then passed on (``raise_signal``) to
+    the handlers in place at the end. Around a fork: raised in fork's own hooks, a command's
+    ``Stopped`` is swallowed by Python ("Exception ignored"), in the command and in the new
+    worker alike, and the build went on as if nothing had been asked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if noted:
+            signal.raise_signal(noted[0])
+
+
 def _decode_into(out: np.ndarray | _Rows, paths: list[str], workers: int) -> None:
     """Decode ``paths`` into ``out`` (an array, or the rows of the cache file being written),
     in a pool of ``workers`` processes where there are enough images to be worth it."""
@@ -87,8 +109,11 @@ def _decode_into(out: np.ndarray | _Rows, paths: list[str], workers: int) -> Non
             return
         context = multiprocessing.get_context()
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker) as pool:
-            pending = {pool.submit(_decode_chunk, paths[s : s + CHUNK_IMAGES]): s for s in starts}
+            pending: dict[Any, int] = {}
             try:
+                with _signals_noted():  # the workers are forked at the first submit
+                    for s in starts:
+                        pending[pool.submit(_decode_chunk, paths[s : s + CHUNK_IMAGES])] = s
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_EXCEPTION)
                     for fut in done:
@@ -145,7 +170,7 @@ def _build_cache(
     tmp = images_path.with_name(f"{images_path.name}.{os.getpid()}.tmp")
     try:
         images_path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_other_caches(images_path.parent, keep=())  # an older tree's: make room first
+        _remove_other_caches(images_path.parent, listing.fingerprint)  # make room first
         rows = _Rows(tmp, shape)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -173,7 +198,7 @@ def _build_cache(
     except BaseException:  # no index: the images are not a cache anyone trusts; free the room
         images_path.unlink(missing_ok=True)
         raise
-    _remove_other_caches(images_path.parent, keep=(images_path.name, index_path.name))
+    _remove_other_caches(images_path.parent, listing.fingerprint)
     return np.load(images_path, mmap_mode="c", allow_pickle=False), True
 
 
@@ -237,10 +262,11 @@ def _index(listing: Listing, images_path: Path, shape: tuple[int, ...]) -> dict[
     }
 
 
-def _remove_other_caches(cache: Path, keep: tuple[str, ...]) -> None:
-    """Delete the caches of earlier versions of the tree (their fingerprint differs)."""
+def _remove_other_caches(cache: Path, fingerprint: str) -> None:
+    """Delete what was kept for earlier versions of the tree (the ``.npy`` and ``.json`` files
+    not named with this tree's fingerprint: images, index, audit facts)."""
     for old in cache.iterdir():
-        if old.name not in keep and old.suffix in (".npy", ".json"):
+        if fingerprint[:20] not in old.name and old.suffix in (".npy", ".json"):
             with contextlib.suppress(OSError):  # still mapped by a live dataset (Windows)
                 old.unlink()
 
