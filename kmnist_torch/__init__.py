@@ -8,9 +8,15 @@ download layer, ``python -m kmnist_torch available``) start without importing to
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+if sys.argv[:1] == ["-m"]:  # `python -m kmnist_torch...` starting: Ctrl-C while torch loads
+    from ._io import quiet_start
+
+    quiet_start()
 
 # public name -> module that defines it
 _EXPORTS = {

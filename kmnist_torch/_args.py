@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
+from ._io import started
 from .errors import INTERRUPTED, UserError
 
 # What asks a command to stop: Ctrl-C, and what a scheduler (Slurm, Kubernetes) sends first.
@@ -54,6 +55,7 @@ def stop_on_signals() -> Iterator[None]:
         return
     previous = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS}
     try:
+        started()  # a signal held back while the command was starting raises Stopped now
         yield
     finally:
         for s, handler in previous.items():  # None: set outside Python; the default is closest

@@ -6,11 +6,14 @@ terminal's Ctrl-C reaches the command alone, and the command passes every SIGINT
 gets on to each worker, exactly once: a worker then stops as the command would (a trainer after
 its step, with a checkpoint; a second signal aborts). A worker whose command died without
 passing anything on (``kill -9``, a closed terminal) stops the same way by itself, and exits.
+A worker that dies (a crash, ``kill -9``, the out-of-memory killer) fails only the item it was
+running: a fresh worker takes its place for the next.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import multiprocessing
 import os
@@ -73,50 +76,94 @@ def spread(
 
     ``done(i, result, device)`` is called in this process, one item at a time, as each
     finishes: ``result`` is what ``work`` returned, or the exception that ended it (a
-    :class:`~kmnist_torch._args.Stopped` for an item stopped before it began, or the error of
-    a worker that died). A signal stops every worker (see the module) and, once each has
+    :class:`~kmnist_torch._args.Stopped` for an item stopped before it began, or
+    ``BrokenProcessPool`` for one whose worker died under it: that item alone, a fresh worker
+    takes the next). A signal stops every worker (see the module) and, once each has
     stopped, is raised here as :class:`~kmnist_torch._args.Stopped`; items not begun by then
-    are never done."""
+    are never done. What ``done`` raises (a full disk writing the outputs) starts no new
+    item either, and is raised here once the items under way have finished."""
     todo: queue.Queue[int] = queue.Queue()
     for i in range(len(items)):
         todo.put(i)
     lock = threading.Lock()
     spawn = multiprocessing.get_context("spawn")
     stop, pids = spawn.RawValue("i", 0), spawn.RawArray("i", len(devices))
-    pools = [
-        concurrent.futures.ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=spawn,
-            initializer=_init,
-            initargs=(stop, pids, k, os.getpid()),
-        )
-        for k in range(len(devices))
-    ]
+    failed: list[BaseException] = []  # what done() raised: no item starts after it
 
-    def serve(device: str, pool: concurrent.futures.ProcessPoolExecutor) -> None:
-        while not stop.value:
+    def new_pool(k: int) -> concurrent.futures.ProcessPoolExecutor:  # the worker of slot k
+        init = (stop, pids, k, os.getpid())
+        return concurrent.futures.ProcessPoolExecutor(1, spawn, _init, init)
+
+    pools = [new_pool(k) for k in range(len(devices))]
+
+    def serve(k: int, device: str) -> None:
+        while not (stop.value or failed):
             try:
                 i = todo.get_nowait()
             except queue.Empty:
                 return
+            result = _run_one(pools, k, lambda: new_pool(k), pids, work, items[i], device)
             try:
-                result = pool.submit(_call, work, items[i], device).result()
-            except (Exception, Stopped) as exc:  # stopped before it began, or the worker died
-                result = exc
-            with lock:
-                done(i, result, device)
+                with lock:
+                    done(i, result, device)
+            except BaseException as exc:  # noqa: BLE001 - raised in the command's thread
+                failed.append(exc)
+                return
 
     serving = [
-        threading.Thread(target=serve, args=(d, pool), daemon=True)
-        for d, pool in zip(devices, pools)
+        threading.Thread(target=serve, args=(k, d), daemon=True) for k, d in enumerate(devices)
     ]
     try:
         stopped = _wait(serving, stop, pids)
     finally:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
+    if failed:
+        raise failed[0]
     if stopped is not None:
         raise stopped
+
+
+def _run_one(
+    pools: list[concurrent.futures.ProcessPoolExecutor],
+    k: int,
+    new_pool: Callable[[], concurrent.futures.ProcessPoolExecutor],
+    pids: Any,
+    work: Callable[[Any, str], Any],
+    item: Any,
+    device: str,
+) -> Any:
+    """``work(item, device)`` in the worker of ``pools[k]``: its result, or the exception that
+    ended it. A worker that dies under its item (a crash, ``kill -9``, the out-of-memory
+    killer) fails that item alone (``BrokenProcessPool``): a fresh worker takes the next one.
+    One found dead before the item began is replaced and the item given to its successor."""
+    for _ in range(2):
+        try:
+            future = pools[k].submit(_call, work, item, device)
+        except concurrent.futures.process.BrokenProcessPool:
+            _replace(pools, k, new_pool, pids)  # died while idle: the item never began
+            continue
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool as exc:  # died under this item
+            _replace(pools, k, new_pool, pids)
+            return exc
+        except (Exception, Stopped) as exc:  # stopped before it began, or the item's error
+            return exc
+    return concurrent.futures.process.BrokenProcessPool(f"no worker would start on {device}")
+
+
+def _replace(
+    pools: list[concurrent.futures.ProcessPoolExecutor],
+    k: int,
+    new_pool: Callable[[], concurrent.futures.ProcessPoolExecutor],
+    pids: Any,
+) -> None:
+    """Put a fresh worker in place of the dead one of ``pools[k]`` (no signal is passed on to
+    the dead one's pid meanwhile: it may be another process's by now)."""
+    pids[k] = 0
+    pools[k].shutdown(wait=False, cancel_futures=True)
+    pools[k] = new_pool()
 
 
 def _wait(serving: list[threading.Thread], stop: Any, pids: Any) -> Stopped | None:

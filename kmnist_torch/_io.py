@@ -8,16 +8,19 @@ Each helper exists once; the datasets, KKanji, the trainer and the harness call 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Union
 
-from .errors import LockTimeout
+from .errors import LockTimeout, WriteError
 from .settings import lock_timeout, say
 
 CHUNK = 1 << 20
@@ -37,7 +40,14 @@ def atomic_write(path: str | os.PathLike, payload: Payload, fsync: bool = True) 
     """Write ``payload`` (bytes, text as UTF-8, or a function given the open binary file) to
     ``path`` through a temporary file in the same folder renamed into place, so a crash leaves
     the old file or the new one, never half of one. The temporary is created exclusively and
-    never through a symbolic link."""
+    never through a symbolic link, and removed whatever happens.
+
+    Raises:
+        WriteError: the write failed because the disk or quota is full, the file-size limit
+            was reached or the disk failed, whether ``payload`` saw the ``OSError`` itself or
+            only what it became (``torch.save`` turns it into ``RuntimeError: unexpected
+            pos``). The previous file at ``path``, if any, is untouched.
+    """
     path = Path(path)
     tmp = _tmp_path(path)
     with contextlib.suppress(FileNotFoundError):
@@ -54,9 +64,58 @@ def atomic_write(path: str | os.PathLike, payload: Payload, fsync: bool = True) 
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        cause = failed_write(exc)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+# errno -> (what it means, what to do): the failures of a write itself, not of its path.
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("the disk is full", "free space there (or write elsewhere)"),
+    getattr(errno, "EDQUOT", -1): ("the disk quota is exceeded", "free space within the quota"),
+    errno.EFBIG: (
+        "the file would exceed the file-size limit",
+        "raise the limit (ulimit -f) or write elsewhere",
+    ),
+    errno.EIO: ("the disk reported an I/O error", "check the disk (dmesg)"),
+}
+
+
+def failed_write(exc: BaseException) -> OSError | None:
+    """The ``OSError`` that says a write failed for want of space, quota or a working disk
+    (ENOSPC, EDQUOT, EFBIG, EIO), found in ``exc`` or what it was raised from or during (a
+    library may wrap it: torch's ``unexpected pos``); None if there is none."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def write_error(path: str | os.PathLike, cause: OSError, what: str = "") -> WriteError:
+    """The one-line :class:`WriteError` of a failed write of ``path``: the file, the cause,
+    what is kept (the previous file, or nothing) and what to do. ``what`` adds a clause (how
+    much room the file needs)."""
+    path = Path(path)
+    meaning, action = _WRITE_FAILURES.get(cause.errno, (cause.strerror or str(cause), "fix it"))
+    name = errno.errorcode.get(cause.errno, str(cause.errno))
+    kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+    err = WriteError(
+        f"cannot write {path}: {meaning} ({name}){what}; {kept}. "
+        f"{action[0].upper()}{action[1:]}, then run the same command again."
+    )
+    err.errno = cause.errno
+    return err
 
 
 def write_json(path: str | os.PathLike, doc: Any, indent: int | None = 1) -> None:
@@ -331,3 +390,40 @@ def _valid_entry(entry: Any) -> bool:
         and isinstance(entry.get("md5"), str)
         and isinstance(entry.get("sha256"), str)
     )
+
+
+# ------------------------------------------------------- a command line's first seconds
+
+# The command lines (``python -m`` these), each ending through ``_args.run_main``.
+COMMANDS = ("kmnist_torch", "kmnist_torch.__main__", "kmnist_torch.train",
+            "kmnist_torch.reproduce", "kmnist_torch.evaluate", "kmnist_torch.predict",
+            "kmnist_torch.export")  # fmt: skip
+_held: set[int] = set()  # the signals quiet_start holds back
+
+
+def quiet_start() -> None:
+    """In ``python -m kmnist_torch...`` (called as the package is imported, before the command
+    imports torch): hold Ctrl-C and SIGTERM back (blocked) until the command has set its own
+    handlers, which then take them as ever: one line, exit 128 + the signal (130, 143), not
+    Python's ``KeyboardInterrupt`` traceback from inside an import (nor, for SIGTERM, a death
+    with no word). Nothing has been written by then. A signal ignored from the start (a
+    background job's Ctrl-C) stays so; anything else importing the package is left alone."""
+    argv, orig = sys.argv, getattr(sys, "orig_argv", [])
+    if argv[:1] != ["-m"] or len(orig) <= len(argv) or orig[-len(argv)] not in COMMANDS:
+        return  # not `python ... -m <one of ours> ARGS`
+    if threading.current_thread() is not threading.main_thread():
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    held = {s for s, default in defaults.items() if signal.getsignal(s) is default}
+    if held and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        _held.update(held)
+
+
+def started() -> None:
+    """The command has set its handlers: let the signals :func:`quiet_start` held back
+    through (one that came meanwhile is taken now)."""
+    if _held and threading.current_thread() is threading.main_thread():
+        held = set(_held)
+        _held.clear()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

@@ -21,6 +21,7 @@ signal stopped the command: 130 Ctrl-C (SIGINT), 143 SIGTERM.
 | :class:`ExportError` | a model cannot be exported as asked | 1 |
 | :class:`RunFolderError` | a run folder's files are malformed or not where they belong | 1 |
 | :class:`SettingError` | a ``KMNIST_TORCH_*`` setting is outside its range | 1 |
+| :class:`WriteError` | a write failed: disk or quota full, file-size limit, I/O error | 74 |
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ class RunFolderError(UserError, ValueError):
 
 class SettingError(UserError, ValueError):
     """A ``KMNIST_TORCH_*`` environment variable holds a value outside its documented range."""
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written because the write itself failed: the disk is full (ENOSPC),
+    the quota is exceeded (EDQUOT), the file-size limit was reached (EFBIG) or the disk failed
+    (EIO). The message names the file, the cause and what was kept; ``errno`` is the cause's.
+    Exit code 74 (``EX_IOERR`` of sysexits.h), so a job script tells it from a bad input (1):
+    once space is freed, the same command (``train`` with ``--resume``) continues."""
+
+    exit_code = 74
 
 
 class UncheckedContentWarning(UserWarning):

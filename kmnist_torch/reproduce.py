@@ -37,38 +37,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
-import os
-import platform
 import signal
 import sys
 import time
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import catalog
 from ._args import Parser, Stopped, add_data_options, run_main
 from ._fanout import spread
-from ._io import atomic_write
+from ._harness import report, run_meta, still_to_run, write_outputs
 from .data.arrays import raw_folder
 from .data.registry import DATASETS
 from .data.resplit import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
 from .data.splits import load_split
-from .errors import DataFilesError, UserError
+from .errors import DataFilesError, UserError, WriteError
 from .reporting.table import (
     ROWS,
     UPSTREAM_OLD,
-    check_cells,
     dataset_title,
     finish_cell,
     new_cell,
-    pct,
     render_table,
-    targets_record,
 )
 from .training.recipes import RECIPES
 from .training.runtime import device_name, stop_signal
@@ -78,9 +72,6 @@ QUICK_KNN = {"limit_train": 2000, "limit_test": 500}
 QUICK_TRAIN = (
     "--epochs 1 --limit-train 256 --limit-test 256 --batch-size 32 --eval-batch-size 256"
 ).split()
-# What a cell takes from the table, not from an earlier run (targets change with the table).
-TABLE_FIGURES = ("title", "metric", "upstream_old", "upstream_today", "target", "target_source",
-                 "tolerance", "comparable")  # fmt: skip
 # What a trained cell keeps of its run's results.
 RUN_KEYS = ("device_seconds", "wall_seconds", "device", "images_per_second", "best_test_accuracy",
             "best_test_balanced_accuracy", "epochs_done", "num_train", "num_test")  # fmt: skip
@@ -193,34 +184,6 @@ def run_trained(cell: dict[str, Any], args: argparse.Namespace) -> None:
     finish_cell(cell, res["test_accuracy"], res["test_balanced_accuracy"])
 
 
-def write_outputs(
-    out: Path, cells: list[dict[str, Any]], meta: dict[str, Any], tolerance: float | None
-) -> list[str]:
-    """Write table.md and results.json into ``out``; return the --check failures."""
-    failures = check_cells(cells, tolerance)
-    out.mkdir(parents=True, exist_ok=True)
-    header = (
-        f"# Reproduction of the Kuzushiji benchmark table\n\n"
-        f"{meta['command']}\n\nMachine: {meta['machine']}; torch {meta['torch']}.\n\n"
-    )
-    atomic_write(out / "table.md", header + render_table(cells, tolerance), fsync=False)
-    payload = {
-        **meta,
-        "targets": targets_record(tolerance),
-        "cells": cells,
-        "failures": failures,
-    }
-    atomic_write(out / "results.json", json.dumps(payload, indent=2) + "\n", fsync=False)
-    return failures
-
-
-def _machine(device: str | None) -> str:
-    cpu = f"{platform.machine()}, {os.cpu_count()} CPUs"
-    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
-        return f"{device_name(device or 'cuda')}; {cpu}"
-    return f"no GPU used; {cpu}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The harness's command line."""
     p = Parser(
@@ -273,12 +236,16 @@ def _interrupted(cell: dict[str, Any], signum: int) -> None:
 
 def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
     """Run one cell, recording an error in it instead of raising (but not a signal: the cell
-    is marked interrupted, and the signal stops the harness)."""
+    is marked interrupted, and the signal stops the harness; nor a failed write, a full disk
+    the next cells would meet too: it stops the harness with one line)."""
     t0 = time.perf_counter()
     try:
         (run_knn if cell["row"] == "knn" else run_trained)(cell, args)
     except KeyboardInterrupt as exc:
         _interrupted(cell, exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+        raise
+    except WriteError as exc:
+        cell["error"] = f"{type(exc).__name__}: {exc}"
         raise
     except Exception as exc:  # one failing cell must not lose the others' results
         cell["error"] = f"{type(exc).__name__}: {exc}"
@@ -327,11 +294,18 @@ def _fan_out(
     def finished(i: int, result: Any, device: str) -> None:
         if isinstance(result, Stopped):
             _interrupted(cells[i], result.signum)
-        elif isinstance(result, BaseException):  # the worker died (a crash, not a cell error)
+        elif isinstance(result, BrokenProcessPool):  # the worker died under this cell
+            cells[i]["error"] = (
+                f"its worker process on {device} died (a crash, kill -9, the out-of-memory "
+                "killer); the same command runs this cell again"
+            )
+        elif isinstance(result, BaseException):  # a full disk (raised below), or a bug
             cells[i]["error"] = f"worker on {device}: {type(result).__name__}: {result}"
         else:
             cells[i].update(result)
         done(cells[i])
+        if isinstance(result, WriteError):  # the next cells would meet the full disk too
+            raise result
 
     spread(cells, devices, work, finished)
 
@@ -355,72 +329,6 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str] | None
     return args, devices
 
 
-def _meta(
-    args: argparse.Namespace, argv: list[str] | None, devices: list[str] | None, comparable: bool
-) -> dict[str, Any]:
-    """What results.json says about the run as a whole."""
-    return {
-        "command": "python -m kmnist_torch.reproduce " + " ".join(argv or sys.argv[1:]),
-        "machine": _machine(args.device or (devices[0] if devices else None)),
-        "devices": devices,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "verified": args.verify,
-        "quick": args.quick,
-        "comparable": comparable,
-        "recipe": args.recipe,
-        "seed": args.seed,
-        "resplit": args.resplit is not None,
-        "settings": _settings(args),
-    }
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What a rerun must share with an earlier run in its ``--out`` to keep its finished cells."""
-    keys = ("quick", "epochs", "limit_train", "limit_test", "recipe", "seed", "verify", "root")
-    return {**{k: getattr(args, k) for k in keys}, "resplit": args.resplit is not None,
-            "resplit_seed": args.resplit_seed}  # fmt: skip
-
-
-def _still_to_run(cells: list[dict[str, Any]], out: Path, settings: dict) -> list[dict[str, Any]]:
-    """The cells an earlier run with the same settings did not finish in ``out`` (its
-    results.json); the finished ones take its figures (and today's targets), not run again."""
-    try:
-        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return cells
-    except (OSError, ValueError) as exc:
-        print(f"note: {out / 'results.json'} unreadable ({exc}): every cell runs", file=sys.stderr)
-        return cells
-    if earlier.get("settings") != settings:
-        print(f"note: {out / 'results.json'} holds a run with other settings: every cell runs")
-        return cells
-    finished = {(c["row"], c["dataset"]): c for c in earlier.get("cells", [])
-                if c.get("error") is None and c.get("ours") is not None}  # fmt: skip
-    todo = []
-    for cell in cells:
-        old = finished.get((cell["row"], cell["dataset"]))
-        if old is None:
-            todo.append(cell)
-            continue
-        cell.update({k: v for k, v in old.items() if k not in TABLE_FIGURES})
-        finish_cell(cell, old["accuracy"], old["balanced_accuracy"])
-        print(f"== {cell['title']} on {dataset_title(cell['dataset'])}: done in an earlier run")
-        _report(cell)
-    return todo
-
-
-def _report(cell: dict[str, Any]) -> None:
-    print(
-        f"   {cell['title']} on {dataset_title(cell['dataset'])}, {cell['metric']}: "
-        f"{pct(cell['ours'])}"
-        + (f" (target {pct(cell['target'])})" if cell["target"] is not None else "")
-        + (f"  ERROR {cell['error']}" if cell["error"] else ""),
-        flush=True,
-    )
-
-
 def _run_cells(
     cells: list[dict[str, Any]],
     args: argparse.Namespace,
@@ -431,11 +339,11 @@ def _run_cells(
     """Run every cell not finished in ``--out`` already (in this process, or fanned out over
     ``devices``), writing the outputs after each; return the --check failures."""
     out = Path(args.out)
-    todo = _still_to_run(cells, out, meta["settings"])
+    todo = still_to_run(cells, out, meta["settings"])
 
     def done(cell: dict[str, Any]) -> None:
         write_outputs(out, cells, meta, tolerance)
-        _report(cell)
+        report(cell)
 
     try:
         if devices is not None and todo:
@@ -446,7 +354,7 @@ def _run_cells(
                 _run_cell(cell, args)
             finally:
                 write_outputs(out, cells, meta, tolerance)
-            _report(cell)
+            report(cell)
     finally:
         failures = write_outputs(out, cells, meta, tolerance)
     return failures
@@ -465,7 +373,7 @@ def run(argv: list[str] | None = None) -> int:
     comparable = not (
         args.quick or args.epochs or args.limit_train or args.limit_test or not args.verify
     )
-    meta = _meta(args, argv, devices, comparable)
+    meta = run_meta(args, argv, devices, comparable)
     cells = [new_cell(r, d, comparable) for d in args.datasets for r in args.rows]
     out = Path(args.out)
     try:

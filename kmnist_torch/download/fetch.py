@@ -27,8 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .._io import CHUNK, HashRecord, hash_file, open_nofollow, write_json
-from ..errors import DownloadError
+from .._io import (
+    CHUNK,
+    HashRecord,
+    failed_write,
+    hash_file,
+    open_nofollow,
+    write_error,
+    write_json,
+)
+from ..errors import DownloadError, WriteError
 from ..settings import FetchConfig
 from .connection import Watchdog, opener
 
@@ -410,6 +418,10 @@ def _from_url(url: str, part: Path, target: Target, config: FetchConfig) -> tupl
         except _DeadlineExceeded as exc:  # that URL is too slow: the next one is asked
             raise _GaveUp(str(exc)) from exc
         except _TRANSIENT as exc:
+            if isinstance(exc, WriteError):  # a full disk: no retry or mirror can help
+                raise
+            if failed_write(exc) is not None:
+                raise write_error(part, failed_write(exc)) from exc
             if attempt >= config.retries:
                 # The partial stays: a later run resumes it from this URL (and only this).
                 raise _GaveUp(f"{_reason(exc)} (after {attempt + 1} attempts)") from exc

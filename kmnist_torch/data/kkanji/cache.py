@@ -8,14 +8,23 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ... import catalog
-from ..._io import folder_lock_if_writable, hash_file, write_json
+from ..._io import (
+    NOFOLLOW,
+    failed_write,
+    folder_lock_if_writable,
+    hash_file,
+    write_error,
+    write_json,
+)
 from ...download.sources import resolve_root
 from ...errors import FormatError
 from ...settings import Progress, decode_workers
@@ -55,7 +64,38 @@ def _decode_chunk(paths: Sequence[str]) -> bytes:
     return bytes(out)
 
 
-def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
+def _quiet_worker() -> None:
+    """A decoding worker leaves Ctrl-C and SIGTERM to the command (a terminal sends Ctrl-C to
+    every process of the group): the command cancels what is queued, the workers finish their
+    chunk and are shut down, with no traceback of theirs."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _signals_noted() -> Iterator[None]:
+    """Inside: Ctrl-C and SIGTERM are noted, not raised, then passed on (``raise_signal``) to
+    the handlers in place at the end. Around a fork: raised in fork's own hooks, a command's
+    ``Stopped`` is swallowed by Python ("Exception ignored"), in the command and in the new
+    worker alike, and the build went on as if nothing had been asked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if noted:
+            signal.raise_signal(noted[0])
+
+
+def _decode_into(out: np.ndarray | _Rows, paths: list[str], workers: int) -> None:
+    """Decode ``paths`` into ``out`` (an array, or the rows of the cache file being written),
+    in a pool of ``workers`` processes where there are enough images to be worth it."""
     bar = Progress("KKanji: decoding PNGs into the cache", len(paths), "image")
     starts = range(0, len(paths), CHUNK_IMAGES)
     try:
@@ -67,9 +107,13 @@ def _decode_into(out: np.ndarray, paths: list[str], workers: int) -> None:
                 )
                 bar.update(len(chunk))
             return
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
-            pending = {pool.submit(_decode_chunk, paths[s : s + CHUNK_IMAGES]): s for s in starts}
+        context = multiprocessing.get_context()
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker) as pool:
+            pending: dict[Any, int] = {}
             try:
+                with _signals_noted():  # the workers are forked at the first submit
+                    for s in starts:
+                        pending[pool.submit(_decode_chunk, paths[s : s + CHUNK_IMAGES])] = s
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_EXCEPTION)
                     for fut in done:
@@ -112,7 +156,13 @@ def _build_cache(
 ) -> tuple[np.ndarray, bool]:
     """Decode every image of the tree into ``folder/cache/images-<fp>.npy`` and write the index
     beside it; returns the memory-mapped array and whether it could be written to disk (a
-    read-only root gets an in-memory array instead)."""
+    read-only root gets an in-memory array instead).
+
+    All or nothing: the images go to a temporary renamed into place, then the index (what
+    marks a complete cache) is written; a signal, an error or a full disk on the way removes
+    what was written (a failed write is :class:`~kmnist_torch.errors.WriteError`). The room is
+    reserved before decoding, so a full disk fails at once; the images are written to the
+    file, not through a memory map (where a full disk is a ``SIGBUS`` crash)."""
     workers = decode_workers(-(-listing.total // CHUNK_IMAGES)) if workers is None else workers
     paths = [str(listing.tree.parent / p) for p in listing.relpaths()]
     shape = (listing.total, SIDE, SIDE)
@@ -120,21 +170,85 @@ def _build_cache(
     tmp = images_path.with_name(f"{images_path.name}.{os.getpid()}.tmp")
     try:
         images_path.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _remove_other_caches(images_path.parent, listing.fingerprint)  # make room first
+        rows = _Rows(tmp, shape)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        cause = failed_write(exc)
+        if cause is not None:
+            raise write_error(images_path, cause, f", {_mb(shape)} needed") from exc
         msg = f"cannot write the decoded cache in {folder} ({exc}); decoding into memory"
         warn(f"KKanji: {msg}, again at every construction")
         arr = np.empty(shape, np.uint8)
         _decode_into(arr, paths, workers)
         return arr, False
     try:
-        _decode_into(out, paths, workers)
-        out.flush()
-        del out
+        with rows:
+            _decode_into(rows, paths, workers)
         os.replace(tmp, images_path)
+    except OSError as exc:
+        cause = failed_write(exc)
+        if cause is None:
+            raise
+        raise write_error(images_path, cause) from exc
     finally:
         tmp.unlink(missing_ok=True)
-    index = {
+    try:
+        write_json(index_path, _index(listing, images_path, shape), indent=None)
+    except BaseException:  # no index: the images are not a cache anyone trusts; free the room
+        images_path.unlink(missing_ok=True)
+        raise
+    _remove_other_caches(images_path.parent, listing.fingerprint)
+    return np.load(images_path, mmap_mode="c", allow_pickle=False), True
+
+
+def _mb(shape: tuple[int, ...]) -> str:
+    return f"{np.prod(shape) / 1e6:,.1f} MB"
+
+
+class _Rows:
+    """A new uint8 ``.npy`` of ``shape`` at ``path`` (created, never through a link), its room
+    reserved on the disk where the system can (``posix_fallocate``: running out of it is an
+    ``OSError`` now, not halfway), filled by ``rows[a:b] = images`` (written at their place)
+    and flushed to the disk as the ``with`` block ends without an error."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.row_bytes = int(np.prod(shape[1:]))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
+        self.fh = os.fdopen(fd, "wb")
+        try:
+            header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(self.fh, header)
+            self.offset = self.fh.tell()
+            size = self.offset + shape[0] * self.row_bytes
+            self.fh.flush()
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:
+                self.fh.truncate(size)
+        except BaseException:
+            self.fh.close()
+            raise
+
+    def __setitem__(self, rows: slice, images: np.ndarray) -> None:
+        self.fh.seek(self.offset + rows.start * self.row_bytes)
+        self.fh.write(np.ascontiguousarray(images, np.uint8).tobytes())
+
+    def __enter__(self) -> _Rows:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+        finally:
+            self.fh.close()
+
+
+def _index(listing: Listing, images_path: Path, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The index of a cache just decoded: what marks it complete and what it holds."""
+    return {
         "version": CACHE_VERSION,
         # What `python -m kmnist_torch verify` checks the cache against (loading does not).
         "sha256": hash_file(images_path)[1],
@@ -146,12 +260,15 @@ def _build_cache(
         "targets_note": "image i belongs to class k when sum(counts[:k]) <= i < sum(counts[:k+1])",
         "files": listing.relpaths(),
     }
-    write_json(index_path, index, indent=None)
-    for old in images_path.parent.iterdir():  # caches of earlier versions of the tree
-        if old.name not in (images_path.name, index_path.name) and old.suffix in (".npy", ".json"):
+
+
+def _remove_other_caches(cache: Path, fingerprint: str) -> None:
+    """Delete what was kept for earlier versions of the tree (the ``.npy`` and ``.json`` files
+    not named with this tree's fingerprint: images, index, audit facts)."""
+    for old in cache.iterdir():
+        if fingerprint[:20] not in old.name and old.suffix in (".npy", ".json"):
             with contextlib.suppress(OSError):  # still mapped by a live dataset (Windows)
                 old.unlink()
-    return np.load(images_path, mmap_mode="c", allow_pickle=False), True
 
 
 def remove_stale_cache_temporaries(folder: Path) -> None:
