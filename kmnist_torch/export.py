@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._args import Parser, add_data_options, run_main
-from ._io import atomic_write
+from ._io import atomic_write, failed_write, write_error
 from .data.splits import load_run_split
 from .errors import DataFilesError, ExportError, FormatError, UserError
 from .models.modelfile import find_model_file, load_model
@@ -203,8 +203,12 @@ def _write(form: Format, net: nn.Module, example: torch.Tensor, tmp: Path, out: 
     form.write(net, example, buffer, meta)
     try:
         atomic_write(tmp, buffer.getbuffer())
-    except UserError:
-        raise
+    except UserError as exc:
+        cause = failed_write(exc)
+        if cause is None:
+            raise
+        # The same WriteError (exit 74), naming the file the user asked for, not its temporary.
+        raise write_error(out, cause) from exc
     except OSError as exc:
         raise ExportError(
             f"{out}: writing the {form.title} file failed ({exc.strerror or exc}); nothing was "

@@ -23,7 +23,7 @@ from PIL import Image
 import kmnist_torch
 from kmnist_torch import catalog, evaluate, predict
 from kmnist_torch.data.resplit import write_split
-from kmnist_torch.errors import ImageError, ModelFileError, UncheckedContentWarning
+from kmnist_torch.errors import ImageError, ModelFileError, UncheckedContentWarning, WriteError
 from kmnist_torch.models.metadata import meta_sha256
 from kmnist_torch.models.modelfile import model_meta, save_model, weights_sha256
 from kmnist_torch.models.registry import create_model
@@ -373,10 +373,8 @@ def test_a_full_disk_under_export_and_evaluate_leaves_what_was_there(run, tmp_pa
     out = tmp_path / "m.ts"
     done = _limited(["kmnist_torch.export", str(run), "--format", "torchscript", "--out", str(out),
                      "--no-verify"], 100_000)  # fmt: skip
-    assert done.returncode == 1, done.stderr
-    _one_error(
-        done.stderr.replace("note:", "warning:"), f"{out}: writing the TorchScript file failed"
-    )
+    assert done.returncode == WriteError.exit_code == 74, done.stderr
+    _one_error(done.stderr.replace("note:", "warning:"), f"cannot write {out}: the file would")
     assert list(tmp_path.iterdir()) == []  # no file at --out, no temporary beside it
     folder = tmp_path / "eval"
     folder.mkdir()
@@ -384,7 +382,7 @@ def test_a_full_disk_under_export_and_evaluate_leaves_what_was_there(run, tmp_pa
     argv = ["kmnist_torch.evaluate", str(run), "--device", "cpu", "--no-verify", "--out",
             str(folder)]  # fmt: skip
     done = _limited(argv, 1000)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == WriteError.exit_code, done.stderr
     _one_error(done.stderr)
     assert (folder / "metrics.json").read_text() == "the previous metrics"
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.json"]
