@@ -714,3 +714,20 @@ def test_the_default_split_keeps_identical_images_on_one_side_and_blank_ones_out
     counts = collections.Counter(p.split("/")[1] for p in test)
     assert counts["U+4E00"] <= 6 and counts["U+4E03"] == 6 and counts["U+4E01"] == 5
     assert "Audit: 2 groups of identical images (5 images), 2 blank" in repr(ds)
+
+
+def test_the_verify_command_checks_the_tree_against_the_digest(top100_files, tmp_path, monkeypatch):
+    from kmnist_torch.data import verify
+
+    files = _subset_of(top100_files, 4, 6)
+    _use_digest_of(monkeypatch, tmp_path, files)
+    tree = _write_tree(tmp_path / "KKanji", files)
+    said: list[str] = []
+    with _no_kkanji_warning():
+        assert not verify.check_archive(tmp_path / "KKanji").tree_bad
+    victim = sorted((tree / "U+4E01").iterdir())[1]
+    victim.write_bytes(_png(PIL.Image.new("L", (64, 64), 3)))
+    state = verify.check_archive(tmp_path / "KKanji")
+    assert state.tree_bad and "U+4E01: the images' names or bytes differ" in state.problems[0]
+    assert verify.verify_dataset(tmp_path, "kkanji", say=said.append) == 1
+    assert any("differs from the shipped digest" in line for line in said)

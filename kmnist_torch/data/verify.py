@@ -23,7 +23,7 @@ from ..download.sources import ensure_files, target_for
 from ..errors import DataFilesError, FormatError
 from .arrays import extracted_target, present, raw_folder
 from .formats import read_gzip
-from .kkanji import archive, cache, layout
+from .kkanji import archive, cache, digest, layout
 from .registry import create_dataset
 
 Say = Callable[[str], None]
@@ -350,7 +350,8 @@ def verify_archive(root: Path, info: catalog.DatasetInfo, repair: bool, say: Say
 
 
 def check_archive(folder: Path) -> ArchiveCheck:
-    """Check KKanji's folder without changing anything in it.
+    """Check KKanji's folder without changing anything in it (but the record of the classes
+    already checked against the shipped digest, so that a second check does not hash them again).
 
     Args:
         folder: the dataset's folder (``<root>/KKanji``).
@@ -379,6 +380,8 @@ def check_archive(folder: Path) -> ArchiveCheck:
     if tree.is_dir():
         try:
             state.listing = cache.scan_tree(tree, verify=True)
+            if digest.applies():  # image by image against the shipped digest of the full set
+                digest.check(folder, state.listing)
         except DataFilesError as exc:
             state.tree_bad = True
             state.problems.append(str(exc))
