@@ -67,6 +67,7 @@ _RESUMABLE_CHANGES = {
     "compile",
     "deterministic",
     "checkpoint_every",
+    "threads",
 }
 _CHOICES = {
     "model": list_models(),

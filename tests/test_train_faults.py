@@ -199,3 +199,22 @@ def test_checkpoint_every_takes_steps_or_a_time():
     assert parse(["--checkpoint-every", "200"]).checkpoint_every == (200, None)
     assert parse(["--checkpoint-every", "10min"]).checkpoint_every == (None, 600.0)
     assert parse(["--checkpoint-every", "90s"]).checkpoint_every == (None, 90.0)
+
+
+def test_overwrite_removes_the_old_runs_files_before_the_new_run_writes(tmp_path, capsys):
+    # A new run that dies before its first checkpoint must not leave the old run's files
+    # beside nothing of its own: --overwrite removes them, under the folder's lock.
+    from kmnist_torch.training.runtime import RunDir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.pt", "model.pt", "results.json", "curves.png"):
+        (out / name).write_text("the old run's")
+    (out / "notes.txt").write_text("the user's")
+    run_dir = RunDir(out)
+    try:
+        assert run_dir.open({"lr": 0.1}, resume=False, overwrite=True, resumable=set()) is None
+    finally:
+        run_dir.close()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+    assert "--overwrite: removed checkpoint.pt, model.pt, results.json" in capsys.readouterr().err

@@ -176,7 +176,10 @@ class Saver:
         self.account()
         self.guard.check()
         bad = first_nonfinite(self.job.model.state_dict())
-        if bad is not None:
+        # Agreed by every rank (BatchNorm statistics are each rank's own within an epoch): a
+        # rank that stopped alone would leave the others waiting at the next collective.
+        if self.job.dist.max_int(int(bad is not None)):
+            bad = bad or "another rank's weights"
             step = self.state.epoch * self.job.steps_per_epoch + self.state.step
             raise DivergedError(
                 f"the run diverged: its weights ({bad}) are no longer finite after step "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.loader import part
-from ..errors import TrainError
+from ..errors import TrainError, UserError
 from ..settings import env_number
 from .runtime import StopRequest
 
@@ -120,7 +120,7 @@ class Dist:
         if self.is_main:
             try:
                 box[0] = fn()
-            except TrainError as exc:
+            except (UserError, OSError) as exc:  # any error rank 0 can meet here, not a hang
                 box[1] = str(exc)
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         if box[1] is not None:

@@ -280,8 +280,13 @@ class RunDir:
                 f"{self.out}: removed what dead writers left: {', '.join(removed)}", file=sys.stderr
             )
         held = [p.name for p in (self.checkpoint, self.model, self.results) if p.exists()]
-        if overwrite or not held:
-            if resume and not held:
+        if overwrite and held:  # under the lock: no file of the old run is left to be mistaken
+            for p in (self.checkpoint, self.model, self.results, self.out / CURVES):
+                p.unlink(missing_ok=True)  # for the new run's (a link: the link itself)
+            print(f"{self.out}: --overwrite: removed {', '.join(held)}", file=sys.stderr)
+            return None
+        if not held:
+            if resume:
                 print(f"no checkpoint in {self.out}; starting from scratch", file=sys.stderr)
             return None
         if not self.checkpoint.exists():

@@ -49,12 +49,16 @@ def facts(folder: Path, listing: Listing, images: np.ndarray) -> Facts:
     they were computed for exactly this tree and these measures, else computed (and kept
     there where the folder is writable)."""
     path = _facts_path(folder, listing)
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IndexError):
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc["fingerprint"] == listing.fingerprint and doc["version"] == FACTS_VERSION:
+            groups = [list(map(int, g)) for g in doc["groups"]]
+            picked = np.asarray([i for g in groups for i in g] + doc["blank"], np.int64)
+            if picked.size and not (0 <= picked.min() and picked.max() < listing.total):
+                raise ValueError("an index outside the tree: computed again")
             blank = np.zeros(listing.total, bool)
             blank[np.asarray(doc["blank"], np.int64)] = True
-            return Facts([list(map(int, g)) for g in doc["groups"]], blank)
+            return Facts(groups, blank)
     found = Facts(identical_groups(images), blank_mask(images))
     doc = {"version": FACTS_VERSION, "fingerprint": listing.fingerprint,
            "groups": found.groups, "blank": np.flatnonzero(found.blank).tolist()}  # fmt: skip
