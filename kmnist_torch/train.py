@@ -256,13 +256,17 @@ def resolve_recipe(
     return name, recipe
 
 
-def _config(name: str, r: Recipe, args: argparse.Namespace, out: Path, on_cuda: bool) -> dict:
+def _config(
+    name: str, r: Recipe, args: argparse.Namespace, out: Path, device: torch.device
+) -> dict:
     """What the run was asked to do: the recipe, then every other option (checked on resume)."""
     config: dict[str, Any] = {"recipe": name, **dataclasses.asdict(r)}
     config["milestones"] = list(r.milestones)
     config.update({k: v for k, v in vars(args).items() if k not in config})
-    config.update(
-        out=str(out), amp_active=r.amp and on_cuda, channels_last_active=r.channels_last and on_cuda
+    config.update(  # what the run did, after --bf16 and the CPU's units (training/cpu.py)
+        out=str(out),
+        amp_active=cpu.bf16_enabled(device, r.amp),
+        channels_last_active=cpu.channels_last_enabled(device, r.channels_last, r.amp),
     )
     # Absolute, so that evaluate and export find the data from any working directory.
     config["root"] = str(resolve_root(args.root).resolve())
@@ -395,7 +399,7 @@ def _train(
     device = _device(args, parser, r, ctx, ddp_device)
     cpu.configure(args.bf16, args.threads, device, keep_threads=args.deterministic)
     out = Path(args.out or f"runs/{args.dataset}-{recipe_name}-{r.model}-{r.mixup}-seed{args.seed}")
-    config = _config(recipe_name, r, args, out, device.type == "cuda")
+    config = _config(recipe_name, r, args, out, device)
     config["world_size"] = ctx.world_size
     run_dir = RunDir(out, main=ctx.is_main)
     saved = ctx.from_main(
