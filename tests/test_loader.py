@@ -74,3 +74,28 @@ def test_cuda_device_resident():
     loader = TensorLoader(_ds(8), 4, device="cuda")
     x, y = next(iter(loader))
     assert x.is_cuda and y.is_cuda and loader.data.is_cuda
+
+
+class _CountingData:
+    """A loader's images that count the gathers (the batches made)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data, self.gathers = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx):
+        self.gathers += 1
+        return self.data[idx]
+
+
+def test_batches_from_a_step_are_the_whole_pass_s_tail_without_gathering_the_rest():
+    # A run resumed, or checkpointed, mid-epoch continues the same order; the batches it skips
+    # are never gathered (they were, one by one, through islice).
+    expected = [y.tolist() for _, y in TensorLoader(_ds(30), 4, seed=5)][3:]
+    tail = TensorLoader(_ds(30), 4, seed=5)
+    tail.data = counting = _CountingData(tail.data)
+    assert [y.tolist() for _, y in tail.batches(3)] == expected and len(expected) == 5
+    assert counting.gathers == 5
+    assert list(tail.batches(len(tail))) == []

@@ -87,13 +87,19 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from batch ``start`` on: the same order as a whole pass (the
+        shuffle is drawn in full), the batches before ``start`` never gathered, so a run
+        resumed, or checkpointed, mid-epoch pays nothing for the steps it skips."""
         n = len(self.data)
         if self.shuffle:
             # Drawn on the CPU so the order is the same whatever the device.
             order = torch.randperm(n, generator=self.generator).to(self.device)
         else:
             order = None
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
             if self.world_size > 1:  # this rank's part of the global batch
                 lo, hi = part(lo, hi, self.rank, self.world_size)

@@ -14,7 +14,7 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -194,6 +194,15 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
     return loss.detach()
 
 
+def _batches_from(loader: Any, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's batches from ``start`` on: a ``TensorLoader`` skips without gathering
+    (``--checkpoint-every`` restarts the epoch's pass after every checkpoint), any other loader
+    by drawing and dropping."""
+    if hasattr(loader, "batches"):
+        return loader.batches(start)
+    return itertools.islice(iter(loader), start, None)
+
+
 def train_one_epoch(
     job: Job,
     state: RunState,
@@ -228,7 +237,7 @@ def train_one_epoch(
     shown = Progress(f"epoch {state.epoch + 1}/{job.recipe.epochs}", job.steps_per_epoch,
                      "step", state.step, progress)  # fmt: skip
     with shown:
-        for x, y in itertools.islice(iter(job.train_loader), state.step, None):
+        for x, y in _batches_from(job.train_loader, state.step):
             t_step = time.perf_counter()
             loss = train_step(job, state, x, y)
             loss_sum += loss.double() * len(y)
