@@ -182,15 +182,23 @@ def input_problem(path: str | os.PathLike, max_bytes: int | None = None) -> str 
     return None
 
 
-def open_regular(path: str | os.PathLike) -> BinaryIO:
-    """``path`` open for reading, checked again on the open file: opened without blocking (a
-    FIFO put there after :func:`input_problem` looked does not hang the reader) and refused
-    unless it is a regular file."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+def open_regular(path: str | os.PathLike, follow_links: bool = True) -> BinaryIO:
+    """``path`` open for reading, checked on the open file (what is read is what was checked):
+    opened without blocking (a FIFO, even one put there after :func:`input_problem` looked,
+    never hangs the reader) and refused unless it is a regular file; ``follow_links=False``
+    refuses a symbolic link at ``path`` without opening what it points to.
+
+    Raises:
+        OSError: from ``os.open`` (a link not followed is ``ELOOP``), or, with no ``errno``
+            and a message saying what it is, for anything but a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow_links else flags | NOFOLLOW)
     try:
         kind = _kind(os.fstat(fd).st_mode)
         if kind is not None:
             raise OSError(f"{path}: {kind}, not a regular file")
+        os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

@@ -15,7 +15,6 @@ import gzip
 import io
 import os
 import re
-import stat
 import struct
 import zipfile
 import zlib
@@ -24,6 +23,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .._io import open_regular as open_regular_file
 from ..errors import FormatError
 
 
@@ -52,27 +52,15 @@ def open_regular(path: os.PathLike | str, follow_links: bool = True) -> BinaryIO
     Opened without blocking (a FIFO is refused at once, never waited on), and checked with
     ``fstat`` on the open file, so what is read is what was checked. ``follow_links=False``
     refuses a symbolic link at ``path`` without reading what it points to."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    if not follow_links:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags)
+        return open_regular_file(path, follow_links)
     except OSError as exc:
         if not follow_links and os.path.islink(path):
             raise FormatError(f"{path}: a symbolic link, never followed: put the file itself "
                               "there") from exc  # fmt: skip
+        if exc.errno is None:  # not a regular file: the message says what it is
+            raise FormatError(f"{exc}; it was not read: put the file itself there") from exc
         raise FormatError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
-        raise FormatError(f"{path}: {kind}, not a regular file; it was not read: put the file "
-                          "itself there")  # fmt: skip
-    try:
-        os.set_blocking(fd, True)
-    except OSError:  # pragma: no cover - regular files ignore O_NONBLOCK anyway
-        pass
-    return os.fdopen(fd, "rb")
 
 
 def _check_file_size(path, fh: BinaryIO, most: int) -> int:

@@ -11,13 +11,12 @@ import hashlib
 import io
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..._io import NOFOLLOW
+from ..._io import open_regular
 from ...errors import DataFilesError, FormatError
 from ...settings import say
 from ..formats import png_problem
@@ -56,14 +55,15 @@ def read_member(path: Path) -> bytes:
     ``MAX_MEMBER_BYTES``, its PNG header checked before the rest is read. A
     :class:`FormatError` naming the file otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        fh = open_regular(path, follow_links=False)
     except OSError as exc:
-        kind = "a symbolic link (not followed)" if os.path.islink(path) else str(exc)
+        if os.path.islink(path):
+            kind = "a symbolic link (not followed)"
+        else:
+            kind = "not a regular file" if exc.errno is None else str(exc)
         raise FormatError(f"{shown(str(path))}: refused: {kind}") from exc
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{shown(str(path))}: refused: not a regular file")
+    with fh:
+        st = os.fstat(fh.fileno())
         if st.st_size > MAX_MEMBER_BYTES:
             raise FormatError(
                 f"{shown(str(path))}: refused: {st.st_size} bytes, far more than a 64x64 PNG "
