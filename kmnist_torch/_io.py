@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -34,6 +35,25 @@ def _tmp_path(path: Path) -> Path:
     # Hidden, per process: two writers never share a temporary, and a listing of the folder
     # (the KKanji tree scan, a user's ls) does not show half-written files.
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def sweep_temporaries(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """Remove the temporaries :func:`atomic_write` names ``.<name>.<pid>.tmp``, for each of
+    ``names``, whose writer is not this process. Call it holding the folder's lock, so that
+    no live writer's are among them: each is what a dead (``kill -9``) writer left. Links are
+    removed, never followed. Returns the names removed."""
+    removed = []
+    wanted = re.compile(
+        r"\.(" + "|".join(map(re.escape, names)) + r")\.(\d+)" + re.escape(TMP_SUFFIX)
+    )
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            match = wanted.fullmatch(entry.name)
+            if match and int(match[2]) != os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, payload: Payload, fsync: bool = True) -> None:

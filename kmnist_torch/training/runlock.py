@@ -120,19 +120,3 @@ class RunLock:
                 os.unlink(self.path)
         os.close(self.fd)  # closing releases the flock
         self.fd = None
-
-
-def sweep_temporaries(folder: Path, names: tuple[str, ...]) -> list[str]:
-    """Remove ``.<name>.<pid>.tmp`` for each of the run's file ``names`` whose writer is not
-    this process: under the run's lock no other trainer writes here, so each is what a dead
-    writer left (``_io.atomic_write``'s temporaries). Returns the names removed."""
-    removed = []
-    wanted = re.compile(r"\.(" + "|".join(map(re.escape, names)) + r")\.(\d+)\.tmp")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            match = wanted.fullmatch(entry.name)
-            if match and int(match[2]) != os.getpid():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)  # a link is removed, never followed
-                    removed.append(entry.name)
-    return removed

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import torch
 
-from .._io import atomic_write, write_json
+from .._io import atomic_write, sweep_temporaries, write_json
 from ..errors import TrainError
-from .runlock import RunLock, sweep_temporaries
+from .runlock import RunLock
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
