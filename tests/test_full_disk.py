@@ -390,13 +390,34 @@ def _die_on_crash(item: str, device: str) -> tuple[str, int]:
     return item, os.getpid()
 
 
-def test_a_worker_that_dies_fails_only_its_own_item():
-    from concurrent.futures.process import BrokenProcessPool
+_CRASH_SCRIPT = """
+import json, os, signal, sys
+from kmnist_torch import _fanout
 
-    done: dict[str, object] = {}
-    items = ["a", "crash", "b", "c"]
-    _fanout.spread(items, ["cpu"], _die_on_crash, lambda i, r, d: done.__setitem__(items[i], r))
-    assert isinstance(done.pop("crash"), BrokenProcessPool)
+def die_on_crash(item, device):
+    if item == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item, os.getpid()
+
+if __name__ == "__main__":
+    items, done = ["a", "crash", "b", "c"], {}
+    _fanout.spread(items, ["cpu"], die_on_crash, lambda i, r, d: done.__setitem__(items[i], r))
+    print(json.dumps({k: type(v).__name__ if isinstance(v, BaseException) else v
+                      for k, v in done.items()}))
+"""
+
+
+def test_a_worker_that_dies_fails_only_its_own_item(tmp_path):
+    # In a process of its own, as the harness is: a worker is SIGKILLed on purpose here, and
+    # the test process (a pytest-xdist worker) must not share anything with it.
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASH_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads(proc.stdout)
+    assert done.pop("crash") == "BrokenProcessPool"
     assert {k: v[0] for k, v in done.items()} == {"a": "a", "b": "b", "c": "c"}
     assert done["a"][1] != done["b"][1] == done["c"][1]  # a fresh worker after the crash
 
