@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .layout import SIDE
+from ... import catalog
 
-# The sizes an image may be brought to: the published one, then each halving.
-SIZES = (SIDE, SIDE // 2, SIDE // 4)
+# The sizes an image may be brought to: the published one, then each halving (the catalog's,
+# which the model files of KKanji runs are checked against).
+SIZES = catalog.KKANJI.sizes  # (64, 32, 16)
 # Images halved per step: bounds the int16 temporary (4 x 2 bytes per pixel of a chunk).
 CHUNK = 8192
 
@@ -34,18 +35,22 @@ def _halve(block: np.ndarray) -> np.ndarray:
     return ((q.sum(axis=(2, 4)) + 2) // 4).astype(np.uint8)
 
 
-def downsample(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
+def downsample(
+    images: np.ndarray | torch.Tensor, size: int, index: np.ndarray | None = None
+) -> np.ndarray:
     """Images (uint8, N x S x S with S a multiple of ``S / size`` halvings) brought to
     ``size`` x ``size`` by repeated exact 2x2 means (rounded half up).
 
     Args:
-        images: uint8 array or tensor, N x H x W with H == W == a power-of-two multiple of
-            ``size`` (64 for KKanji).
+        images: uint8 array or tensor (a memory map too), N x H x W with H == W == a
+            power-of-two multiple of ``size`` (64 for KKanji).
         size: one of :data:`SIZES`.
+        index: only these images, in this order (``images[index]``), read :data:`CHUNK` at a
+            time: the memory held is the result and one chunk, never ``images[index]`` whole.
 
     Returns:
         A new uint8 array, N x size x size (the input itself, as an array, when it is
-        already that size).
+        already that size and no ``index`` is given).
     """
     check_size(size)
     arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
@@ -54,12 +59,18 @@ def downsample(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
     side = arr.shape[1]
     if side < size or side % size or (side // size) & (side // size - 1):
         raise ValueError(f"cannot halve {side}x{side} images down to {size}x{size}")
-    if side == size:
+    if index is not None:
+        index = np.asarray(index, dtype=np.int64)
+        if side == size:
+            return np.asarray(arr[index])
+    elif side == size:
         return arr
-    out = np.empty((len(arr), size, size), dtype=np.uint8)
-    for start in range(0, len(arr), CHUNK):
-        block = np.asarray(arr[start : start + CHUNK])
+    n = len(arr) if index is None else len(index)
+    out = np.empty((n, size, size), dtype=np.uint8)
+    for start in range(0, n, CHUNK):
+        rows = slice(start, start + CHUNK)
+        block = np.asarray(arr[rows] if index is None else arr[index[rows]])
         while block.shape[1] > size:
             block = _halve(block)
-        out[start : start + CHUNK] = block
+        out[rows] = block
     return out
