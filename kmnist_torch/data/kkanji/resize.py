@@ -35,16 +35,31 @@ def _halve(block: np.ndarray) -> np.ndarray:
     return ((q.sum(axis=(2, 4)) + 2) // 4).astype(np.uint8)
 
 
+def halvings_reach(side: int, size: int) -> bool:
+    """Whether ``side`` x ``side`` images come to ``size`` x ``size`` by whole 2x2 halvings
+    (``side == size * 2**k``, k >= 0)."""
+    ratio = side // size if size >= 1 else 0
+    return side >= size >= 1 and side % size == 0 and ratio & (ratio - 1) == 0
+
+
 def downsample(
     images: np.ndarray | torch.Tensor, size: int, index: np.ndarray | None = None
 ) -> np.ndarray:
-    """Images (uint8, N x S x S with S a multiple of ``S / size`` halvings) brought to
-    ``size`` x ``size`` by repeated exact 2x2 means (rounded half up).
+    """KKanji images brought to ``size`` x ``size`` (:func:`check_size`) by repeated exact 2x2
+    means, rounded half up (:func:`halve_to`)."""
+    return halve_to(images, check_size(size), index)
+
+
+def halve_to(
+    images: np.ndarray | torch.Tensor, size: int, index: np.ndarray | None = None
+) -> np.ndarray:
+    """Square uint8 images brought to ``size`` x ``size`` by repeated exact 2x2 means (each
+    output pixel the mean of its block, rounded half up, in integers).
 
     Args:
-        images: uint8 array or tensor (a memory map too), N x H x W with H == W == a
-            power-of-two multiple of ``size`` (64 for KKanji).
-        size: one of :data:`SIZES`.
+        images: uint8 array or tensor (a memory map too), N x S x S with ``S = size * 2**k``
+            (:func:`halvings_reach`).
+        size: the side wanted.
         index: only these images, in this order (``images[index]``), read :data:`CHUNK` at a
             time: the memory held is the result and one chunk, never ``images[index]`` whole.
 
@@ -52,12 +67,11 @@ def downsample(
         A new uint8 array, N x size x size (the input itself, as an array, when it is
         already that size and no ``index`` is given).
     """
-    check_size(size)
     arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
         raise ValueError(f"expected uint8 images N x S x S, got {arr.dtype} {arr.shape}")
     side = arr.shape[1]
-    if side < size or side % size or (side // size) & (side // size - 1):
+    if not halvings_reach(side, size):
         raise ValueError(f"cannot halve {side}x{side} images down to {size}x{size}")
     if index is not None:
         index = np.asarray(index, dtype=np.int64)
