@@ -23,7 +23,7 @@ import kmnist_torch
 from kmnist_torch import catalog, evaluate, export, predict, train
 from kmnist_torch.data.kkanji import resize
 from kmnist_torch.data.kkanji.dataset import KKanji
-from kmnist_torch.data.splits import load_split
+from kmnist_torch.data.splits import load_run_split, load_split
 from kmnist_torch.errors import KKanjiWarning, ModelFileError
 from kmnist_torch.models.modelfile import model_meta, save_model
 from kmnist_torch.models.registry import create_model
@@ -149,6 +149,15 @@ def test_smaller_kkanji_is_the_same_split_with_downsampled_pixels(root, split):
     assert "Images: 64x64\n" in repr(full)
 
 
+def test_info_kkanji_names_the_smaller_sizes(capsys):
+    from kmnist_torch.cli import main
+
+    assert main(["info", "kkanji"]) == 0
+    assert "  also 32x32 or 16x16 by exact 2x2 means: image_size=32 (train: --image-size 32)" in (
+        capsys.readouterr().out
+    )
+
+
 def test_kkanji_refuses_other_sizes_and_load_split_passes_image_size(root):
     with pytest.raises(ValueError, match="image_size must be one of 64, 32, 16, got 48"):
         KKanji(root, verify=False, image_size=48)
@@ -219,6 +228,11 @@ def test_a_16x16_run_trains_resumes_only_at_16_and_evaluate_predict_export_read_
         best = row["predictions"][0]
         assert best["class"] == int(want.argmax())
         assert best["probability"] == pytest.approx(float(want.max()), abs=1e-5)
+    # A run whose recorded options lost the size (older metadata, an edited results.json)
+    # would feed 64x64 images to the 16x16 model: one clear error instead.
+    meta = {**model.meta, "data": {**model.meta["data"], "options": {}}}
+    with pytest.raises(ValueError, match="images are 64x64 but the model takes 16x16"):
+        load_run_split(run / "model.pt", meta, "test", download=False, verify=False)
     # export checks the exported model against eager on the run's 16x16 test images.
     out = tmp_path / "m.ts"
     argv = [str(run), "--format", "torchscript", "--out", str(out), "--no-verify"]
