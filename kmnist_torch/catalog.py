@@ -89,6 +89,15 @@ class DatasetInfo:
     license: str = LICENSE
     attribution: str = ATTRIBUTION
     citation: str = CITATION
+    # Other sides the dataset's class can bring its images to (KKanji's ``image_size``: exact
+    # 2x2 means), smaller than the published one; a model file of the dataset may take any of
+    # :attr:`sizes`, no other.
+    smaller_sizes: tuple[int, ...] = ()
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The image sides a model of this dataset may take: the published one first."""
+        return (self.image_shape[0], *self.smaller_sizes)
 
     def files(self, split: str | None = None, fmt: str | None = None) -> list[RemoteFile]:
         """The official files of this dataset, optionally only one split and/or one format."""
@@ -327,6 +336,7 @@ KKANJI = DatasetInfo(
         "PNGs in one tar (about 310 MB) with no published checksum and no official split."
     ),
     archive=RemoteFile("kkanji/kkanji.tar", None, None),
+    smaller_sizes=(32, 16),  # KKanji(image_size=...): each halving, by exact 2x2 means
 )
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (KMNIST, K49, KKANJI, MNIST)}

@@ -41,6 +41,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{info.title} ({info.name})")
     print(f"  {info.description}")
     print(f"  image shape: {info.image_shape[0]}x{info.image_shape[1]} uint8 grayscale")
+    if info.smaller_sizes:  # KKanji's image_size option
+        smaller, n = " or ".join(f"{s}x{s}" for s in info.smaller_sizes), info.smaller_sizes[0]
+        print(f"  also {smaller} by exact 2x2 means: image_size={n} (train: --image-size {n}); "
+              "the split stays the same")  # fmt: skip
     for split, n in info.split_sizes.items():
         print(f"  {split}: {n:,} images")
     print(f"  folder: <root>/{info.folder}/   (default root: {default_root()})")

@@ -3,7 +3,9 @@
     python -m kmnist_torch.predict runs/kmnist-cnn-simple_cnn-none-seed0 scan1.png scan2.jpg
 
 Any size and mode: each image is made grayscale (transparency over white paper), padded to a
-square with its background, resized to the model's size, and inverted when it is dark ink on
+square with its background, brought to the model's size (by exact 2x2 means when its side is
+the model's times a power of two, as ``KKanji(image_size=32)`` makes its images from the
+64x64 ones; bilinear otherwise), and inverted when it is dark ink on
 light paper (the models see white ink on black, as the datasets store it). Whether to invert is
 decided from the median of the image's border (light border: invert); ``--invert yes|no``
 overrides. ``--json`` prints one object per image, the best guess first.
@@ -31,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ._args import Parser, run_main
 from ._io import input_problem, open_regular
+from .data.kkanji.resize import halve_to, halvings_reach
 from .errors import ImageError
 from .models.modelfile import load_model
 from .settings import decode_workers
@@ -167,7 +170,9 @@ def load_image(
         top, left = (side - h) // 2, (side - w) // 2
         square[top : top + h, left : left + w] = gray
         gray = square
-    if gray.shape != (size, size):
+    if halvings_reach(gray.shape[0], size):  # as KKanji's smaller images are made: exact
+        gray = halve_to(gray[None], size)[0]
+    else:
         gray = np.asarray(
             Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), np.uint8
         )

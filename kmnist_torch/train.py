@@ -198,7 +198,11 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(f"{name} options (--dataset {name})")
         for flag, option in e.options.items():
             group.add_argument(
-                "--" + flag.replace("_", "-"), type=option.type, default=None, help=option.help
+                "--" + flag.replace("_", "-"),
+                type=option.type,
+                default=None,
+                choices=option.choices,
+                help=option.help,
             )
 
 

@@ -24,6 +24,7 @@ class Option:
     argument: str  # the class's keyword argument
     type: type
     help: str
+    choices: tuple | None = None  # the values the class takes, where they are a short list
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,13 @@ _KKANJI_OPTIONS = {
     "min_per_class": Option("min_per_class", int, "KKanji's min_per_class"),
     "shots": Option("shots", int, "KKanji's shots"),
     "split_seed": Option("seed", int, "seed of the train/test split (independent of --seed)"),
+    "image_size": Option(
+        "image_size",
+        int,
+        "KKanji's image_size: 64 (as published), or 32 or 16 by exact 2x2 means (the split is "
+        "the 64x64 one's)",
+        catalog.KKANJI.sizes,
+    ),
 }
 
 # name -> entry: the one place a dataset name is bound to its class. The order is the results
@@ -119,7 +127,8 @@ def create_dataset(
         split: the split by name: ``"train"`` or ``"test"``, and ``"all"`` for KKanji (which
             has no official split). None follows ``train``.
         **kwargs: passed on to the class (``download``, ``verify``, ``transform``,
-            ``format``, KKanji's ``test_fraction``/``seed``/``min_per_class``/``shots`` ...).
+            ``format``, KKanji's ``test_fraction``/``seed``/``min_per_class``/``shots``/
+            ``image_size`` ...).
 
     Returns:
         The dataset, with ``data``, ``targets`` and ``classes``.

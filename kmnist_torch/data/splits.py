@@ -139,4 +139,10 @@ def load_run_split(
             f"({len(images.classes)} vs {len(meta['classes'])}): check --root and the split "
             "options"
         )
+    side = int(images.data.shape[-1])
+    if side != meta["image_size"]:  # KKanji's image_size, lost from an edited results.json
+        raise ValueError(
+            f"the {meta['dataset']} {split} images are {side}x{side} but the model takes "
+            f"{meta['image_size']}x{meta['image_size']}: check the run's image_size option"
+        )
     return images, run

@@ -102,11 +102,17 @@ def _model_args(meta: dict[str, Any], info: catalog.DatasetInfo) -> tuple[int, i
     args = meta["model_args"]
     if not isinstance(args, dict) or set(args) != set(MODEL_ARGS):
         raise _Bad(f"model_args {_show(args)} (expected exactly {', '.join(MODEL_ARGS)})")
-    # Bounds from the catalog: the dataset's classes, its (grayscale, square) image size.
+    # Bounds from the catalog: the dataset's classes, its (grayscale, square) image sizes (the
+    # published one; KKanji's smaller ones too).
     _int(args["num_classes"], "num_classes", 1, info.num_classes)
     _int(args["in_chans"], "in_chans", 1, 1)
-    side = info.image_shape[0]
-    _int(args["img_size"], f"img_size for {info.name}", side, side)
+    sizes = info.sizes
+    _int(args["img_size"], f"img_size for {info.name}", min(sizes), max(sizes))
+    if args["img_size"] not in sizes:
+        raise _Bad(
+            f"img_size for {info.name} {args['img_size']} (expected one of "
+            f"{', '.join(map(str, sizes))})"
+        )
     n, c, s = args["num_classes"], args["in_chans"], args["img_size"]
     for key, want in (("image_size", s), ("channels", c), ("num_classes", n)):
         if type(meta[key]) is not int or meta[key] != want:
@@ -195,9 +201,10 @@ def check_meta(meta: Any, file: str | Path) -> dict[str, Any]:
     """``meta`` when it is the metadata of a model this package can build, checked whole:
     exactly the keys :func:`~kmnist_torch.models.modelfile.model_meta` writes, each of the
     expected type; the architecture one of :func:`~kmnist_torch.models.registry.list_models`;
-    the dataset one of the catalog, the class count at most its classes, the image size its
-    own and one channel; ``classes``, ``codepoints`` and ``romaji`` one short entry per class;
-    the recipe, the data options, the metrics and the versions short mappings of plain values.
+    the dataset one of the catalog, the class count at most its classes, the image size one
+    of its sizes (``catalog.DatasetInfo.sizes``) and one channel; ``classes``, ``codepoints``
+    and ``romaji`` one short entry per class; the recipe, the data options, the metrics and
+    the versions short mappings of plain values.
 
     Raises:
         ModelFileError: naming ``file`` and the first value that is wrong.

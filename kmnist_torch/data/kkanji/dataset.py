@@ -16,7 +16,8 @@ from .archive import read_record
 from .audit import facts
 from .cache import images as load_images
 from .cache import open_source
-from .layout import codepoint_name, expected
+from .layout import SIDE, codepoint_name, expected
+from .resize import check_size, downsample
 from .split import SPLIT_RULE, check_split_args, make_split
 
 
@@ -43,9 +44,12 @@ class KKanji(ImageDataset):
         shots: keep at most this many training images per class (test unchanged).
         verify: require the complete tree and the recorded tar; False accepts a subset of the
             tree and a changed tar, with a :class:`KKanjiWarning`.
+        image_size: 64 (as published), 32 or 16: each image brought to that side by exact 2x2
+            means (:func:`.resize.downsample`). The split, the classes and the audit are those
+            of the 64x64 images, whatever the size.
 
     Attributes:
-        data (torch.Tensor): uint8, N x 64 x 64.
+        data (torch.Tensor): uint8, N x image_size x image_size.
         targets (torch.Tensor): int64, N.
         classes (list[str]): the kanji, ordered by numeric codepoint; ``codepoints`` and
             ``class_to_idx`` alongside.
@@ -63,6 +67,7 @@ class KKanji(ImageDataset):
         min_per_class: int = 1,
         shots: int | None = None,
         verify: bool = True,
+        image_size: int = SIDE,
     ) -> None:
         super().__init__(
             str(resolve_root(root)), transform=transform, target_transform=target_transform
@@ -70,6 +75,7 @@ class KKanji(ImageDataset):
         if split not in ("train", "test", "all"):
             raise ValueError(f"KKanji: split must be 'train', 'test' or 'all', got {split!r}")
         check_split_args(test_fraction, seed, min_per_class, shots)
+        self.image_size = check_size(image_size)
         self.split = split
         self.test_fraction = test_fraction
         self.seed = seed
@@ -86,9 +92,10 @@ class KKanji(ImageDataset):
             index = np.union1d(parts.train, parts.test)
         else:
             index = parts.train if split == "train" else parts.test
-        # Every image, in order: use the memory map as it is rather than copying 575 MB.
+        # Every image, in order: use the memory map as it is rather than copying 575 MB; smaller
+        # images are made a chunk at a time, from the 64x64 ones the split was decided on.
         whole = len(index) == listing.total
-        self.data = torch.from_numpy(images if whole else images[index])
+        self.data = torch.from_numpy(downsample(images, image_size, None if whole else index))
         self.targets = torch.from_numpy(parts.labels[index])
         self.codepoints = [codepoint_name(listing.codepoints[p]) for p in parts.classes]
         self.classes = [chr(listing.codepoints[p]) for p in parts.classes]
@@ -136,6 +143,8 @@ class KKanji(ImageDataset):
             f"{SPLIT_RULE}",
             f"Classes: {len(self.classes)}, images per class here: {lo} to {hi}",
             f"Tree: {checked}, every image checked to be 64x64 L",
+            f"Images: {self.image_size}x{self.image_size}"
+            + (" (exact 2x2 means of the 64x64 ones)" if self.image_size != SIDE else ""),
             f"Tar: {tar} (no official checksum exists)",
             f"Licence: {catalog.LICENSE}",
         ])  # fmt: skip
