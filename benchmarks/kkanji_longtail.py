@@ -232,13 +232,14 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for r, rec in rows.items():
         lines.append(
-            f"| {ROWS[r]}{_size(rec)} | {rec['seconds']:,.0f} | "
+            f"| {ROWS[r]}{_size(rec)} | {rec['seconds']:,.1f} | "
             f"{_load(rec['load_before'])} → {_load(rec['load_after'])} | {_note(rec)} |"
         )
     lines += [
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads).",
+        f"({m['torch_threads']} threads); load average {_load(doc['load_at_start'])} at the "
+        f"start, {_load(doc['load_at_end'])} at the end.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -257,10 +258,11 @@ def _load(avg: list[float]) -> str:
 
 def _note(rec: dict[str, Any]) -> str:
     if "epoch_seconds_estimate" in rec:
+        epoch = rec["epoch_seconds_estimate"]
         return (
             f"not trained: {rec['images_per_second']:,.1f} img/s over {rec['steps']} steps of "
             f"{rec['batch_size']}; one epoch of {rec['num_train']:,} images ≈ "
-            f"{rec['epoch_seconds_estimate'] / 3600:,.2f} h"
+            f"{epoch:,.0f} s ({epoch / 3600:,.2f} h)"
         )
     if "epochs" in rec:
         return f"{rec['epochs']} epochs, {rec['images_per_second']:,.1f} training img/s"
