@@ -94,10 +94,13 @@ def run_meta(
 
 def rerun_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a rerun must share with an earlier run in its ``--out`` to keep its finished cells."""
-    keys = ("quick", "epochs", "limit_train", "limit_test", "recipe", "seed", "verify", "root",
-            "image_size")  # fmt: skip
-    return {**{k: getattr(args, k, None) for k in keys}, "resplit": args.resplit is not None,
-            "resplit_seed": args.resplit_seed}  # fmt: skip
+    keys = ("quick", "epochs", "limit_train", "limit_test", "recipe", "seed", "verify", "root")
+    settings = {**{k: getattr(args, k) for k in keys}, "resplit": args.resplit is not None,
+                "resplit_seed": args.resplit_seed}  # fmt: skip
+    # Only when given, so a run from before --image-size existed keeps its finished cells.
+    if getattr(args, "image_size", None) is not None:
+        settings["image_size"] = args.image_size
+    return settings
 
 
 def still_to_run(cells: list[dict[str, Any]], out: Path, settings: dict) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.neighbors import NearestCentroid
 
 from kmnist_torch import reproduce
+from kmnist_torch._harness import rerun_settings
 from kmnist_torch.models.knn import knn_predict
 from kmnist_torch.models.ncm import class_means, ncm_predict
 from kmnist_torch.reporting.longtail import class_groups, longtail_scores, longtail_table
@@ -158,6 +159,9 @@ def test_harness_kkanji_cells_get_a_longtail_record(tree_root, tmp_path, capsys)
     assert reproduce.run(argv) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["image_size"] == 16
+    # Without --image-size the settings are those of a run from before it existed.
+    plain = reproduce.build_parser().parse_args(["--datasets", "kkanji"])
+    assert "image_size" not in rerun_settings(plain)
     cells = {c["row"]: c for c in doc["cells"]}
     assert cells["ncm"]["title"] == "Nearest Class Mean (pixels)" and cells["ncm"]["target"] is None
     assert "--image-size" in cells["cnn"]["train_argv"]
