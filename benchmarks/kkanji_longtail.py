@@ -101,7 +101,7 @@ def data(args: argparse.Namespace, train_part: bool) -> Any:
     return load_split("kkanji", args.root, train_part, None, False, args.verify)
 
 
-def pixel_row(row: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def pixel_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     """4-NN or NCM on the 64x64 pixels of the default split."""
     tr, te = data(args, True), data(args, False)
     counts = torch.bincount(tr.targets, minlength=len(tr.classes))
@@ -210,7 +210,7 @@ def preact_speed(args: argparse.Namespace, out: Path, n_train: int) -> dict[str,
 
 def run_row(row: str, args: argparse.Namespace, out: Path, n_train: int) -> dict[str, Any]:
     if row in ("knn", "ncm"):
-        return pixel_row(row, args, out)
+        return pixel_row(row, args)
     if row == "cnn":
         return trained_row("simple_cnn", args, out / "runs" / "cnn", args.cnn_epochs)
     if args.preact_epochs:
