@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_write
+from .reporting.longtail import longtail_table
 from .reporting.table import (
     check_cells,
     dataset_title,
@@ -41,7 +42,8 @@ def write_outputs(
         f"# Reproduction of the Kuzushiji benchmark table\n\n"
         f"{meta['command']}\n\nMachine: {meta['machine']}; torch {meta['torch']}.\n\n"
     )
-    atomic_write(out / "table.md", header + render_table(cells, tolerance), fsync=False)
+    table = header + render_table(cells, tolerance) + longtail_section(cells)
+    atomic_write(out / "table.md", table, fsync=False)
     payload = {
         **meta,
         "targets": targets_record(tolerance),
@@ -50,6 +52,15 @@ def write_outputs(
     }
     atomic_write(out / "results.json", json.dumps(payload, indent=2) + "\n", fsync=False)
     return failures
+
+
+def longtail_section(cells: list[dict[str, Any]]) -> str:
+    """The table's long-tail section: one row per cell with a long-tail record (KKanji's),
+    empty where there is none."""
+    rows = [(c["title"], c["longtail"]) for c in cells if c.get("longtail") and not c["error"]]
+    if not rows:
+        return ""
+    return "\n## KKanji long tail\n\n" + longtail_table(rows)
 
 
 def machine(device: str | None) -> str:
@@ -84,8 +95,12 @@ def run_meta(
 def rerun_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a rerun must share with an earlier run in its ``--out`` to keep its finished cells."""
     keys = ("quick", "epochs", "limit_train", "limit_test", "recipe", "seed", "verify", "root")
-    return {**{k: getattr(args, k) for k in keys}, "resplit": args.resplit is not None,
-            "resplit_seed": args.resplit_seed}  # fmt: skip
+    settings = {**{k: getattr(args, k) for k in keys}, "resplit": args.resplit is not None,
+                "resplit_seed": args.resplit_seed}  # fmt: skip
+    # Only when given, so a run from before --image-size existed keeps its finished cells.
+    if getattr(args, "image_size", None) is not None:
+        settings["image_size"] = args.image_size
+    return settings
 
 
 def still_to_run(cells: list[dict[str, Any]], out: Path, settings: dict) -> list[dict[str, Any]]:

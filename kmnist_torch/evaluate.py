@@ -30,8 +30,8 @@ from .data.splits import load_run_split
 from .errors import DataFilesError, RunFolderError
 from .models.modelfile import find_model_file, load_model
 from .reporting import plots
+from .reporting.scores import accuracy, balanced_accuracy
 from .training import cpu
-from .training.metrics import accuracy, balanced_accuracy
 
 __all__ = ["build_parser", "class_report", "main", "predict_split", "run"]
 

@@ -6,7 +6,8 @@ upstream's figures, written to OUT/table.md and OUT/results.json.
     python -m kmnist_torch.reproduce --datasets kmnist --rows knn cnn --out smoke --quick
     python -m kmnist_torch.reproduce --resplit SOURCE_DIR --rows knn cnn --out resplit-out
 
-Rows: ``knn`` is kmnist_torch.models.knn.knn_predict (scikit-learn's 4-NN, exactly); the others
+Rows: ``knn`` is kmnist_torch.models.knn.knn_predict (scikit-learn's 4-NN, exactly), ``ncm``
+the nearest class mean on the pixels (kmnist_torch.models.ncm, no upstream figure); the others
 train with kmnist_torch.train (``cnn``: the Keras benchmark network and recipe; ``preact18*``:
 PreActResNet-18, no mixup / input mixup / manifold mixup, recipe ``--recipe``, default
 ``paper``). The metric is top-1 accuracy, balanced accuracy for K49 (as upstream) and KKanji.
@@ -49,12 +50,12 @@ import torch
 
 from . import catalog
 from ._args import Parser, Stopped, add_data_options, run_main
+from ._cells import PIXEL_ROWS, dataset_options, run_longtail, run_pixels
 from ._fanout import spread
-from ._harness import report, run_meta, still_to_run, write_outputs
+from ._harness import longtail_section, report, run_meta, still_to_run, write_outputs
 from .data.arrays import raw_folder
 from .data.registry import DATASETS
 from .data.resplit import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
-from .data.splits import load_split
 from .errors import DataFilesError, UserError, WriteError
 from .reporting.table import (
     ROWS,
@@ -65,10 +66,10 @@ from .reporting.table import (
     render_table,
 )
 from .training.recipes import RECIPES
-from .training.runtime import device_name, stop_signal
+from .training.runtime import stop_signal
 
-# --quick: sizes for a CPU smoke run of a few minutes over every cell.
-QUICK_KNN = {"limit_train": 2000, "limit_test": 500}
+# --quick: sizes for a CPU smoke run of a few minutes over every cell (the pixel rows':
+# kmnist_torch._cells.QUICK_PIXELS).
 QUICK_TRAIN = (
     "--epochs 1 --limit-train 256 --limit-test 256 --batch-size 32 --eval-batch-size 256"
 ).split()
@@ -101,39 +102,6 @@ def _prepare_resplit(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- running cells
 
 
-def _load(dataset: str, args: argparse.Namespace, train: bool, limit: int | None) -> Any:
-    # The KKanji class's default split, as the trained rows use.
-    return load_split(dataset, args.root, train, limit, args.download, args.verify)
-
-
-def run_knn(cell: dict[str, Any], args: argparse.Namespace) -> None:
-    """Score the 4-NN baseline on one dataset (device seconds: the prediction only)."""
-    from .models.knn import default_device, knn_predict
-    from .training.metrics import accuracy, balanced_accuracy
-
-    limit_train = args.limit_train or (QUICK_KNN["limit_train"] if args.quick else None)
-    limit_test = args.limit_test or (QUICK_KNN["limit_test"] if args.quick else None)
-    train_set = _load(cell["dataset"], args, True, limit_train)
-    test_set = _load(cell["dataset"], args, False, limit_test)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    pred = knn_predict(
-        train_set.data, train_set.targets, test_set.data, k=4, weights="distance", device=device
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    cell.update(
-        device_seconds=time.perf_counter() - t0,
-        device=device_name(device),
-        num_train=len(train_set.data),
-        num_test=len(test_set.data),
-    )
-    y = test_set.targets
-    finish_cell(cell, accuracy(pred, y), balanced_accuracy(pred, y))
-
-
 def train_argv(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> list[str]:
     """The ``python -m kmnist_torch.train`` arguments of a trained cell."""
     spec = ROWS[cell["row"]]
@@ -157,7 +125,9 @@ def train_argv(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> lis
         argv += QUICK_TRAIN
         if args.device is None:
             argv += ["--device", "cpu"]
+    options = dataset_options(cell["dataset"], args)  # KKanji's --image-size
     for flag, value in (
+        *((f"--{k.replace('_', '-')}", v) for k, v in options.items()),
         ("--epochs", args.epochs),
         ("--limit-train", args.limit_train),
         ("--limit-test", args.limit_test),
@@ -182,6 +152,7 @@ def run_trained(cell: dict[str, Any], args: argparse.Namespace) -> None:
     cell["run_dir"] = str(out)
     # The last epoch, not the best: picking the best epoch on the test set flatters a run.
     finish_cell(cell, res["test_accuracy"], res["test_balanced_accuracy"])
+    run_longtail(cell, args, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe of the preact18 rows (default paper; cnn has its own)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
+    p.add_argument("--image-size", type=int, default=None, choices=(64, 32, 16),
+                   help="KKanji cells: images brought to this size (KKanji's image_size; "
+                   "default 64, as published)")  # fmt: skip
     for which, text in (("train", "training images (kmnist_torch.data.splits)"),
                         ("test", "test images")):  # fmt: skip
         p.add_argument(f"--limit-{which}", type=int, default=None, metavar="N",
@@ -240,7 +214,7 @@ def _run_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
     the next cells would meet too: it stops the harness with one line)."""
     t0 = time.perf_counter()
     try:
-        (run_knn if cell["row"] == "knn" else run_trained)(cell, args)
+        (run_pixels if cell["row"] in PIXEL_ROWS else run_trained)(cell, args)
     except KeyboardInterrupt as exc:
         _interrupted(cell, exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
         raise
@@ -384,7 +358,7 @@ def run(argv: list[str] | None = None) -> int:
               f"{out / 'results.json'} hold them", file=sys.stderr)  # fmt: skip
         raise
     print()
-    print(render_table(cells, tolerance))
+    print(render_table(cells, tolerance) + longtail_section(cells))
     print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
     errors = [c for c in cells if c["error"]]
     if args.check and failures:

@@ -22,9 +22,9 @@ from kmnist_torch import train
 from kmnist_torch.data.resplit import write_split
 from kmnist_torch.data.splits import LIMIT_SEED, load_split, stratified_subset
 from kmnist_torch.errors import RecipeError, TrainError
+from kmnist_torch.reporting.scores import accuracy, balanced_accuracy
 from kmnist_torch.training import engine
 from kmnist_torch.training.augment import random_translate
-from kmnist_torch.training.metrics import accuracy, balanced_accuracy
 from kmnist_torch.training.recipes import RECIPES, Recipe
 from kmnist_torch.training.runtime import CHECKPOINT
 

@@ -134,5 +134,8 @@ def test_reproduce_runs_the_kkanji_rows_on_request_without_check():
     (harness,) = [r for r in runs if "python -m kmnist_torch.reproduce" in r]
     args = harness.split()
     assert args[args.index("--datasets") + 1] == "kkanji" and "--check" not in args
+    # Nearest class mean too: with 4-NN, the long-tail benchmark's pixel rows.
+    rows = args[args.index("--rows") + 1 : args.index("--rows") + 7]
+    assert rows == ["knn", "ncm", "cnn", "preact18", "preact18-input", "preact18-manifold"]
     caches = [s for s in steps if s.get("uses", "").startswith("actions/cache/")]
     assert {s["with"]["path"] for s in caches} == {".kmnist-data/KKanji"}

@@ -275,10 +275,15 @@ def _prepare(
     integers of ``int_dtype`` on the byte path, float64 otherwise."""
     if exact:
         # Shift to [-128, 127] (distances unchanged) so each block's dot products fit float32.
-        shifted = x.to(device).to(torch.float32).sub_(128.0)
+        # Block by block from the input, so the float32 copy exists once (the full KKanji
+        # train part: 1.9 GB, not twice that while a whole shifted copy is cut into blocks),
+        # and always a copy: float32 images given by the caller are never shifted in place.
         blocks = [
-            shifted[:, s : s + EXACT_BLOCK].contiguous()
-            for s in range(0, shifted.shape[1], EXACT_BLOCK)
+            x[:, s : s + EXACT_BLOCK]
+            .to(device=device, dtype=torch.float32, copy=True)
+            .sub_(128.0)
+            .contiguous()
+            for s in range(0, x.shape[1], EXACT_BLOCK)
         ]
         # Each block's row sum of squares is within 2**24 too, so exact in float32.
         sq = sum(b.square().sum(dim=1).to(int_dtype) for b in blocks)
