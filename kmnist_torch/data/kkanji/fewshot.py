@@ -42,6 +42,7 @@ from .cache import images as load_images
 from .cache import open_source
 from .layout import codepoint_name
 from .resize import check_size, downsample
+from .tree import Listing
 
 # Named in every partition file and in its rank key: a change of the algorithm changes it.
 PARTITION_VERSION = "kkanji-fewshot-v1"
@@ -174,7 +175,14 @@ def partition_text(doc: dict) -> str:
     return json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
 
 
-def _document(listing, counts: np.ndarray, found_blank: int, part: Partition, args: dict):
+def partition_document(
+    listing: Listing, counts: np.ndarray, blank: int, part: Partition, args: dict
+) -> dict:
+    """The partition file's content: arguments, rule, what the tree is (classes, images, a
+    sha256 of its file names, blank and usable images), the three parts as codepoints and the
+    usable images of every class. Nothing in it depends on the machine or on the run (not
+    whether a digest was checked, not where the tree came from), so the same tree and
+    arguments give the same sha256 everywhere."""
     cps = [codepoint_name(cp) for cp in listing.codepoints]
     paths = listing.relpaths()
     return {
@@ -191,7 +199,7 @@ def _document(listing, counts: np.ndarray, found_blank: int, part: Partition, ar
             "images": listing.total,
             # Of the sorted file list: the same on any machine that has the same files.
             "files_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
-            "blank_images": found_blank,
+            "blank_images": blank,
             "usable_images": int(counts.sum()),
         },
         "licence": catalog.LICENSE,
@@ -228,7 +236,7 @@ def load_fewshot(
     part = make_partition(counts.tolist(), cps, seed, n_val, n_novel, min_images)
     args = {"seed": int(seed), "n_val": int(n_val), "n_novel": int(n_novel),
             "min_images": int(min_images)}  # fmt: skip
-    doc = _document(listing, counts, int(found.blank.sum()), part, args)
+    doc = partition_document(listing, counts, int(found.blank.sum()), part, args)
     return FewShotData(
         # At 64 the memory map as it is, not a 575 MB copy.
         data=torch.from_numpy(downsample(arr, image_size)),
