@@ -10,14 +10,14 @@ streams, on the order episodes are drawn in, or on the library versions.
 
 Default partition sizes (``n_novel=200``, ``n_val=100``, ``min_images=20``), and why. A novel
 or validation class must give 5 shots + 15 queries (the usual 5-shot episode), so only classes
-with at least 20 usable images are eligible: 1,080 of the 3,832 (126,720 of the 140,424
-images). Omniglot's usual split keeps 1,200 of its 1,623 characters (74%) for training and
+with at least 20 usable images are eligible: 1,080 of the 3,832 (126,694 of the 140,396
+usable images). Omniglot's usual split keeps 1,200 of its 1,623 characters (74%) for training and
 miniImageNet 64 of its 100 classes; here 200 novel classes (ten times the 20-way episode, so
 two 20-way episodes share 2 classes on average and the mean over 600 episodes is not the mean
 over a few classes) and 100 validation classes (five times the 20-way episode, for model
 selection, as miniImageNet's 16 validation classes are fewer than its 20 novel ones) leave 780
-eligible classes and every class with fewer than 20 images to base: about three quarters of
-the images, for the base classifier and the episodic training.
+eligible classes and every class with fewer than 20 images to base: 75% of the usable images
+(seed 0), for the base classifier and the episodic training.
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ def make_partition(
         counts: usable images of each class (blank images left out), in class order.
         codepoints: each class's codepoint (an int or ``"U+XXXX"``), in the same order.
         seed: which classes are drawn.
-        n_val, n_novel: validation and novel classes, drawn among the classes with at least
-            ``min_images`` usable images; every other class is base.
+        n_val: validation classes, drawn among the classes with at least ``min_images``
+            usable images.
+        n_novel: novel classes, drawn among the same; every class not drawn is base.
         min_images: the fewest usable images of a validation or novel class (default 20: 5
             shots + 15 queries).
 
@@ -290,7 +291,9 @@ class EpisodeSampler(Sampler[list[int]]):
     Args:
         labels: every image's class (tensor, array or list of ints), dataset order.
         classes: the class indices episodes may use (for example ``partition.novel``).
-        n_way, k_shot, q_query: classes per episode, support and query images per class.
+        n_way: classes per episode.
+        k_shot: support images per class.
+        q_query: query images per class.
         episodes: ``len(sampler)``; iteration yields episodes ``0 .. episodes - 1``.
         seed: which episodes.
         exclude: images never used: dataset indices, or a bool mask of every image (True:
