@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -306,14 +306,14 @@ class EpisodeSampler(Sampler[list[int]]):
 
     def __init__(
         self,
-        labels,
+        labels: torch.Tensor | np.ndarray | Sequence[int],
         classes: Sequence[int],
         n_way: int,
         k_shot: int,
         q_query: int,
         episodes: int,
         seed: int = 0,
-        exclude=None,
+        exclude: torch.Tensor | np.ndarray | Iterable[int] | None = None,
     ) -> None:
         super().__init__()
         self.n_way = _whole("n_way", n_way, 1)
