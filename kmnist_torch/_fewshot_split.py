@@ -39,8 +39,12 @@ def cmd_fewshot_split(args: argparse.Namespace) -> int:
     from .data.kkanji.fewshot import write_partition
 
     out = Path(args.out)
-    if out.is_dir():
-        print(f"error: --out {out} is a folder; name a file in it", file=sys.stderr)
+    problem = f"--out {out} is a folder; name a file in it" if out.is_dir() else None
+    above = next((p for p in out.parents if p.exists()), None)
+    if problem is None and above is not None and not above.is_dir():
+        problem = f"--out {out}: {above} is a file, not a folder"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         if not args.verify:

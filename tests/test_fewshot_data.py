@@ -422,6 +422,9 @@ def test_cli_writes_the_partition_and_prints_its_sha256(tmp_path, capsys):
     ]
     assert main([*args, "--out", str(tmp_path)]) == 2
     assert "is a folder; name a file in it" in capsys.readouterr().err
+    assert main([*args, "--out", str(out / "p.json")]) == 2
+    said = f"error: --out {out / 'p.json'}: {out} is a file, not a folder"
+    assert capsys.readouterr().err.splitlines() == [said]
     with pytest.raises(SystemExit):
         main(["kkanji-fewshot-split", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # its defaults are the real ones
