@@ -111,6 +111,25 @@ def test_partition_refuses_inconsistent_classes_and_an_empty_base():
         make_partition([20] * 3, CPS[:3], n_val=1, n_novel=2)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=15), st.integers(-1, 5),
+       st.integers(-1, 5), st.integers(-1, 25), st.integers(0, 2**40))  # fmt: skip
+def test_partition_invariants_hold_or_a_value_error_says_why(counts, n_val, n_novel, low, seed):
+    eligible = {c for c, n in enumerate(counts) if n >= low}
+    valid = (n_val >= 0 and n_novel >= 1 and low >= 1 and n_val + n_novel <= len(eligible)
+             and n_val + n_novel < len(counts))  # fmt: skip
+    try:
+        p = make_partition(counts, [0x4E00 + k for k in range(len(counts))], seed,
+                           n_val, n_novel, low)  # fmt: skip
+    except ValueError:
+        assert not valid
+        return
+    assert valid and (len(p.val), len(p.novel)) == (n_val, n_novel)
+    assert sorted(p.base + p.val + p.novel) == list(range(len(counts)))
+    assert set(p.val) | set(p.novel) <= eligible
+    assert all(list(part) == sorted(part) for part in (p.base, p.val, p.novel))
+
+
 # ------------------------------------------------------------------------------ the sampler
 
 TINY = [k % 4 for k in range(24)]  # 4 classes of 6 images, interleaved
