@@ -139,3 +139,14 @@ def test_reproduce_runs_the_kkanji_rows_on_request_without_check():
     assert rows == ["knn", "ncm", "cnn", "preact18", "preact18-input", "preact18-manifold"]
     caches = [s for s in steps if s.get("uses", "").startswith("actions/cache/")]
     assert {s["with"]["path"] for s in caches} == {".kmnist-data/KKanji"}
+
+
+@pytest.mark.parametrize("path", [CI, REPRODUCE], ids=["ci", "reproduce"])
+def test_every_cache_key_hashes_files_that_exist(path):
+    # hashFiles of a path that matches nothing is the empty string: the key then never changes
+    # (reproduce.yml hashed kmnist_torch/kkanji.py for months after the file moved).
+    text = path.read_text(encoding="utf-8")
+    patterns = [p for call in re.findall(r"hashFiles\(([^)]*)\)", text)
+                for p in re.findall(r"'([^']+)'", call)]  # fmt: skip
+    missing = [p for p in patterns if not list(ROOT.glob(p))]
+    assert not missing, f"{path.name} hashes files that do not exist: {missing}"
