@@ -216,6 +216,9 @@ def test_copy_artefacts_are_set_aside_by_their_bytes_not_their_names(tmp_path, m
     err = capfd.readouterr().err
     assert len(ds) == 12 and "set aside 2 copy artefacts" in err and err.count("\n") == 1
     assert "copy artefacts set aside" in repr(ds)
+    again = KKanji(tmp_path, split="train")  # the same tree again: said once per process
+    assert "copy artefacts" not in capfd.readouterr().err
+    assert "2 copy artefacts set aside" in repr(again)
     # Named like a copy but not the same bytes as its sibling: no name the tar could hold,
     # so verification refuses it, naming it.
     odd = f"{third.name[:-4]} (1).png"

@@ -120,6 +120,10 @@ class Listing:
         return [f"{TREE_NAME}/{f}/{n}" for f, names in zip(self.folders, self.names) for n in names]
 
 
+# The (tree, artefacts) whose copy artefacts this process has already reported.
+_TOLD: set[tuple[str, tuple[str, ...]]] = set()
+
+
 def scan_tree(tree: Path, verify: bool) -> Listing:
     """List and fingerprint the tree (stat only; only nominated copy artefacts and their
     siblings are read); set the artefacts aside; check its counts."""
@@ -151,7 +155,9 @@ def scan_tree(tree: Path, verify: bool) -> Listing:
         [stamps[i] for i in keep],
         artefacts,
     )
-    if artefacts:
+    told = (str(tree), tuple(artefacts))
+    if artefacts and told not in _TOLD:  # once per process: a script builds several splits
+        _TOLD.add(told)
         say(
             f"KKanji: set aside {len(artefacts)} copy artefacts in {shown(str(tree))}: files "
             "named like <name>(1).png or '<name> copy.png' holding the same bytes as <name>.png "
