@@ -38,7 +38,15 @@ from .errors import TrainError
 from .models.protonet import flat
 from .reporting.fewshot_table import render
 from .training import cpu
-from .training.fewshot import Setting, class_members, embed_all, evaluate_cell, require_classes
+from .training.fewshot import (
+    Setting,
+    class_members,
+    draw_episodes,
+    embed_all,
+    evaluate_cell,
+    require_classes,
+    used_rows,
+)
 from .training.fewshot_train import (
     TRAINED,
     Budget,
@@ -195,16 +203,16 @@ def _trained(method: str, args: argparse.Namespace, budget: Budget, parts: dict,
     return {**doc, "resumed": False}
 
 
-def _evaluate(method: str, embed: Any, novel: Part, settings: list[Setting], seed: int,
+def _evaluate(method: str, embed: Any, novel: Part, episodes: dict[Setting, list],
               device: torch.device) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
     """Every setting's cell for one method; the seconds the novel features took."""
     start = time.perf_counter()
-    features = embed_all(embed, novel.images, device, progress=f"{method} features")
+    rows = used_rows(*episodes.values())
+    features = embed_all(embed, novel.images, device, f"{method} features", rows)
     embed_seconds = time.perf_counter() - start
     cells = []
-    for setting in settings:
-        cell = {"method": method, **evaluate_cell(features, novel.labels, novel.classes,
-                                                  setting, seed)}  # fmt: skip
+    for setting, drawn in episodes.items():
+        cell = {"method": method, **evaluate_cell(features, novel.labels, drawn, setting)}
         cells.append(cell)
         print(
             f"{method} {setting.name}: {100 * cell['mean']:.2f} ± {100 * cell['ci95']:.2f}% "
@@ -253,11 +261,14 @@ def _benchmark(args: argparse.Namespace, budget: Budget, episodes: int,
         f"{device_name(device)}",
         flush=True,
     )
+    novel = parts["novel"]
+    # The same episodes for every method: the methods are compared on paired episodes.
+    episodes = {s: draw_episodes(novel.labels, novel.classes, s, args.seed) for s in settings}
     cells, methods = [], {}
     for method in args.methods:
         doc = _trained(method, args, budget, parts, fs, device) if method in TRAINED else None
         embed = flat if doc is None else embedding_from(doc, args.image_size, device)
-        got, embed_seconds = _evaluate(method, embed, parts["novel"], settings, args.seed, device)
+        got, embed_seconds = _evaluate(method, embed, novel, episodes, device)
         cells += got
         methods[method] = _summary(method, doc, embed_seconds)
     return {

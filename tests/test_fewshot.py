@@ -22,7 +22,7 @@ from kmnist_torch.models.conv4 import Conv4
 from kmnist_torch.models.protonet import distance_logits, flat, protonet_logits
 from kmnist_torch.reporting.fewshot_table import render
 from kmnist_torch.training.fewshot import Setting, episode_accuracies, mean_ci, to_input
-from kmnist_torch.training.fewshot_train import Budget, Part, train_protonet
+from kmnist_torch.training.fewshot_train import Budget, Part, train_baseline, train_protonet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,16 +134,18 @@ def test_distance_logits_squared_and_plain():
     assert distance_logits(q, p, squared=False).tolist() == [[0.0, -10.0], [-5.0, -5.0]]
 
 
-def test_protonet_training_is_seeded(loaded):
+def test_training_is_seeded(loaded):
     classes = sorted({int(c) for c in loaded.targets.tolist()})
     part = Part(loaded.data, loaded.targets, classes)
-    budget = Budget(train_way=3, train_shot=1, train_query=2, train_episodes=3, val_way=2,
-                    val_shot=1, val_query=2, val_episodes=2, val_checks=2)  # fmt: skip
-    runs = [train_protonet(part, part, budget, 5, torch.device("cpu"), 16) for _ in range(2)]
-    assert [h["step"] for h in runs[0]["history"]] == [2, 3]
-    assert runs[0]["history"] == runs[1]["history"]
-    for k, v in runs[0]["embedding"].items():
-        assert torch.equal(v, runs[1]["embedding"][k]), k
+    budget = Budget(train_way=3, train_shot=1, train_query=2, train_episodes=3, base_steps=3,
+                    base_batch=16, val_way=2, val_shot=1, val_query=2, val_episodes=2,
+                    val_checks=2)  # fmt: skip
+    for train in (train_protonet, train_baseline):
+        runs = [train(part, part, budget, 5, torch.device("cpu"), 16) for _ in range(2)]
+        assert [h["step"] for h in runs[0]["history"]] == [2, 3]
+        assert runs[0]["history"] == runs[1]["history"]
+        for k, v in runs[0]["embedding"].items():
+            assert torch.equal(v, runs[1]["embedding"][k]), k
 
 
 def test_table_rows_are_methods_and_columns_the_four_settings():

@@ -95,35 +95,81 @@ def require_classes(
         )
 
 
+def draw_episodes(
+    labels: torch.Tensor, classes: Sequence[int], setting: Setting, seed: int
+) -> list[torch.Tensor]:
+    """The seeded episodes of ``setting`` over ``classes``: for each, the indices (into
+    ``labels``) of its images, class by class, each class's support then its queries."""
+    sampler = EpisodeSampler(
+        labels.cpu(), list(classes), setting.way, setting.shot, setting.query,
+        setting.episodes, seed=seed,
+    )  # fmt: skip
+    return [torch.as_tensor(idx, dtype=torch.long) for idx in sampler]
+
+
+def used_rows(*episode_lists: list[torch.Tensor]) -> torch.Tensor:
+    """The images (sorted indices) that any of the episodes use: the only ones whose
+    features are needed."""
+    every = [idx for episodes in episode_lists for idx in episodes]
+    return torch.unique(torch.cat(every)) if every else torch.empty(0, dtype=torch.long)
+
+
 @torch.no_grad()
 def embed_all(
     embed: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     device: torch.device,
     progress: str | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Features (float32, N x D, on ``device``) of uint8 ``images`` (N x H x W), in batches,
-    with a module ``embed`` in evaluation mode (put back as it was)."""
+    """Features (float32, N x D, on ``device``) of uint8 ``images`` (N x H x W), computed in
+    batches with a module ``embed`` in evaluation mode (put back as it was afterwards). With
+    ``rows``, only those images' features are computed; the other rows are 0."""
     module = embed if isinstance(embed, torch.nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
         module.eval()
-    out = []
-    bar = Progress(progress or "features", math.ceil(len(images) / EMBED_BATCH), "batch",
+    rows = torch.arange(len(images)) if rows is None else rows.cpu()
+    out = None
+    bar = Progress(progress or "features", math.ceil(len(rows) / EMBED_BATCH), "batch",
                    enabled=progress is not None)  # fmt: skip
     try:
-        for start in range(0, len(images), EMBED_BATCH):
-            x = to_input(images[start : start + EMBED_BATCH].to(device))
-            out.append(embed(x).flatten(1).float())
-            bar.update(1, len(x))
+        for start in range(0, len(rows), EMBED_BATCH):
+            part = rows[start : start + EMBED_BATCH]
+            feats = embed(to_input(images[part].to(device))).flatten(1).float()
+            if out is None:
+                out = torch.zeros(len(images), feats.shape[1], device=device)
+            out[part.to(device)] = feats
+            bar.update(1, len(part))
     finally:
         bar.close()
         if module is not None:
             module.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0, device=device)
+    return out if out is not None else torch.empty(len(images), 0, device=device)
 
 
 @torch.no_grad()
+def score(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    episodes: list[torch.Tensor],
+    setting: Setting,
+    squared: bool = True,
+) -> np.ndarray:
+    """The accuracy of nearest class mean on each episode (``features`` and ``labels``
+    indexed as the episodes' indices are)."""
+    accs = np.empty(len(episodes), dtype=np.float64)
+    labels = labels.to(features.device)
+    for e, idx in enumerate(episodes):
+        index = idx.to(features.device)
+        sx, sy, qx, qy = split_episode(
+            features[index], labels[index], setting.way, setting.shot, setting.query
+        )
+        logits = distance_logits(qx, prototypes(sx, sy.to(sx.device), setting.way), squared)
+        accs[e] = (logits.argmax(1) == qy.to(logits.device)).double().mean().item()
+    return accs
+
+
 def episode_accuracies(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -142,34 +188,16 @@ def episode_accuracies(
         seed: the episodes' seed (the same for every method: paired episodes).
         squared: minus the squared distance (default) or the plain one; the same predictions.
     """
-    sampler = EpisodeSampler(
-        labels.cpu(), list(classes), setting.way, setting.shot, setting.query,
-        setting.episodes, seed=seed,
-    )  # fmt: skip
-    accs = np.empty(setting.episodes, dtype=np.float64)
-    for e, idx in enumerate(sampler):
-        index = torch.as_tensor(idx, dtype=torch.long, device=features.device)
-        sx, sy, qx, qy = split_episode(
-            features[index], labels.to(features.device)[index], setting.way, setting.shot,
-            setting.query,
-        )  # fmt: skip
-        logits = distance_logits(qx, prototypes(sx, sy.to(sx.device), setting.way), squared)
-        accs[e] = (logits.argmax(1) == qy.to(logits.device)).double().mean().item()
-    return accs
+    return score(features, labels, draw_episodes(labels, classes, setting, seed), setting, squared)
 
 
 def evaluate_cell(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    classes: Sequence[int],
-    setting: Setting,
-    seed: int,
+    features: torch.Tensor, labels: torch.Tensor, episodes: list[torch.Tensor], setting: Setting
 ) -> dict[str, Any]:
     """One table cell: mean accuracy and 95% CI over the setting's episodes, with the time
     the episodes took (features already computed)."""
     start = time.perf_counter()
-    accs = episode_accuracies(features, labels, classes, setting, seed)
-    mean, ci = mean_ci(accs)
+    mean, ci = mean_ci(score(features, labels, episodes, setting))
     return {
         "way": setting.way,
         "shot": setting.shot,
@@ -179,18 +207,3 @@ def evaluate_cell(
         "ci95": ci,
         "seconds": round(time.perf_counter() - start, 3),
     }
-
-
-def validation_score(
-    embed: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    classes: Sequence[int],
-    setting: Setting,
-    seed: int,
-    device: torch.device,
-) -> float:
-    """Mean accuracy of ``embed``'s features on the validation episodes (the same episodes at
-    every check, so checks compare)."""
-    features = embed_all(embed, images, device)
-    return mean_ci(episode_accuracies(features, labels, classes, setting, seed))[0]

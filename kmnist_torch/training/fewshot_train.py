@@ -31,7 +31,16 @@ from ..errors import DivergedError, ModelFileError, TrainError
 from ..models.conv4 import Classifier, Conv4
 from ..models.protonet import protonet_logits
 from ..settings import Progress
-from .fewshot import Setting, eligible, to_input, validation_score
+from .fewshot import (
+    Setting,
+    draw_episodes,
+    eligible,
+    embed_all,
+    mean_ci,
+    score,
+    to_input,
+    used_rows,
+)
 
 MODEL_FORMAT = "kmnist_torch-fewshot-model-v1"
 MODEL_MAX_BYTES = 256 << 20
@@ -130,19 +139,19 @@ class Keeper:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, torch.Tensor] | None = None
         self.best_score = -1.0
-        self.val_classes = val_classes(val, setting)
+        # The same episodes at every check, so checks compare; features only of their images.
+        self.episodes = draw_episodes(val.labels, val_classes(val, setting), setting, seed)
+        self.rows = used_rows(self.episodes)
 
     def check(self, step: int, loss: float, embedding: torch.nn.Module) -> float:
         """Score ``embedding`` on the validation episodes; keep its weights if best."""
-        score = validation_score(
-            embedding, self.val.images, self.val.labels, self.val_classes, self.setting,
-            self.seed, self.device,
-        )  # fmt: skip
-        self.history.append({"step": step, "loss": round(loss, 6), "val_accuracy": score})
-        if score > self.best_score:
-            self.best_score = score
+        features = embed_all(embedding, self.val.images, self.device, rows=self.rows)
+        score_ = mean_ci(score(features, self.val.labels, self.episodes, self.setting))[0]
+        self.history.append({"step": step, "loss": round(loss, 6), "val_accuracy": score_})
+        if score_ > self.best_score:
+            self.best_score = score_
             self.best = {k: v.detach().cpu().clone() for k, v in embedding.state_dict().items()}
-        return score
+        return score_
 
     def result(self, seconds: float, unit: str, extra: dict[str, Any]) -> dict[str, Any]:
         """The model file's document (without settings)."""
