@@ -1,5 +1,6 @@
 """Command line: ``python -m kmnist_torch available | info | download | verify | resplit | subset
-| montage | kkanji-split | audit``. Every command reads the catalog; nothing here repeats it."""
+| montage | kkanji-split | kkanji-fewshot-split | audit``. Every command reads the catalog;
+nothing here repeats it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from . import catalog
 from ._args import ROOT_HELP, Parser, add_data_options, run_main
 from ._audit import add_parser as add_audit_parser
+from ._fewshot_split import add_parser as add_fewshot_split_parser
 from .download.fetch import Target
 from .download.sources import NO_SOURCE, default_root, mirrors, resolve_root
 from .errors import USAGE, DataFilesError, FormatError
@@ -390,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="which random images per class")
     add_data_options(s, download=False, device_help=None)
     s.set_defaults(func=cmd_montage)
+    add_kkanji_parsers(sub)
+    add_audit_parser(sub)
+    return p
+
+
+def add_kkanji_parsers(sub: Any) -> None:
+    """The ``kkanji-split`` and ``kkanji-fewshot-split`` subcommands."""
     s = sub.add_parser("kkanji-split", help="write the KKanji train/test split as JSON")
     s.add_argument("--out", required=True)
     s.add_argument("--test-fraction", type=float, default=0.2)
@@ -398,8 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shots", type=int, default=None)
     add_data_options(s, download=False, device_help=None)
     s.set_defaults(func=cmd_kkanji_split)
-    add_audit_parser(sub)
-    return p
+    add_fewshot_split_parser(sub)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import torch
 
 from ._args import Parser, add_data_options, run_main
 from ._io import atomic_write, folder_lock, write_json
-from .data.kkanji.fewshot import load_fewshot
+from .data.kkanji.fewshot import MIN_IMAGES, N_NOVEL, N_VAL, load_fewshot
 from .data.kkanji.resize import SIZES
 from .errors import TrainError
 from .models.protonet import flat
@@ -125,7 +125,13 @@ def _add_budget_options(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, choices=["squared", "euclidean"], default=None, help=text)
         else:
             kind = _positive_float if isinstance(default, float) else _positive
-            group.add_argument(flag, type=kind, default=None, metavar="N", help=text)
+            group.add_argument(
+                flag,
+                type=kind,
+                default=None,
+                metavar="X" if kind is _positive_float else "N",
+                help=text,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate N-way K-shot episodes of the novel classes; writes results.json and table.md.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for models and results")
-    add_data_options(p, download=None, device_help="torch device (default: cuda if available)")
+    add_data_options(p, download=False, device_help="torch device (default: cuda if available)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--ways", nargs="+", type=_positive, default=[5, 20], metavar="N")
     p.add_argument("--shots", nargs="+", type=_positive, default=[1, 5], metavar="K")
@@ -145,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=_positive, default=None, metavar="N", help=episodes)
     p.add_argument("--image-size", type=int, choices=SIZES, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the episodes")
-    p.add_argument("--partition-seed", type=int, default=0, help="seed of the class partition")
+    part = p.add_argument_group("the class partition (kkanji-fewshot-split's arguments)")
+    part.add_argument("--partition-seed", type=int, default=0, help="its seed (default 0)")
+    part.add_argument("--n-val", type=int, default=N_VAL, help=f"validation classes ({N_VAL})")
+    part.add_argument("--n-novel", type=_positive, default=N_NOVEL,
+                      help=f"novel classes ({N_NOVEL})")  # fmt: skip
+    needs = f"usable images a validation or novel class needs ({MIN_IMAGES})"
+    part.add_argument("--min-images", type=_positive, default=MIN_IMAGES, help=needs)
     p.add_argument("--threads", type=cpu.thread_count, default=None,
                    help="CPU threads (default: the cores the load leaves free)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and episodes")
@@ -247,8 +259,8 @@ def _benchmark(args: argparse.Namespace, budget: Budget, episodes: int,
                device: torch.device) -> dict[str, Any]:  # fmt: skip
     """Load, train, evaluate: the results document."""
     start = time.perf_counter()
-    fs = load_fewshot(args.root, image_size=args.image_size, seed=args.partition_seed,
-                      verify=args.verify)  # fmt: skip
+    fs = load_fewshot(args.root, args.image_size, args.partition_seed, args.verify, args.download,
+                      args.n_val, args.n_novel, args.min_images)  # fmt: skip
     parts = _parts(fs)
     settings = [Setting(w, k, args.queries, episodes) for w in args.ways for k in args.shots]
     for setting in settings:  # before any training: a cell that cannot be measured says so now

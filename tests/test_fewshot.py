@@ -28,7 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 24 classes of 22 images: every class can give 5 support + 15 query images.
 N_CLASSES, PER_CLASS = 24, 22
-SMALL = ["--image-size", "16", "--no-verify", "--device", "cpu", "--threads", "1"]
+# 8 novel and 6 validation classes: the other 10 are base.
+PARTITION = {"n_val": 6, "n_novel": 8}
+SMALL = ["--image-size", "16", "--no-verify", "--device", "cpu", "--threads", "1",
+         "--n-val", "6", "--n-novel", "8"]  # fmt: skip
 QUICK = ["--quick", "--ways", "2", "3", "--shots", "1", "5", *SMALL]
 
 
@@ -42,7 +45,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(root):
     with pytest.warns(UserWarning):  # verify=False on a subset of the tree says so
-        return load_fewshot(root, image_size=16, seed=0, verify=False)
+        return load_fewshot(root, image_size=16, seed=0, verify=False, **PARTITION)
 
 
 def test_conv4_gives_64_channels_at_a_sixteenth_of_the_side():
