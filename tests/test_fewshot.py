@@ -19,7 +19,12 @@ from kmnist_torch import fewshot
 from kmnist_torch.data.kkanji.fewshot import EpisodeSampler, load_fewshot, split_episode
 from kmnist_torch.errors import INTERRUPTED
 from kmnist_torch.models.conv4 import Conv4
-from kmnist_torch.models.protonet import distance_logits, flat, protonet_logits
+from kmnist_torch.models.protonet import (
+    distance_logits,
+    flat,
+    protonet_logits,
+    squared_distances,
+)
 from kmnist_torch.reporting.fewshot_table import render
 from kmnist_torch.training.fewshot import Setting, episode_accuracies, mean_ci, to_input
 from kmnist_torch.training.fewshot_train import Budget, Part, train_baseline, train_protonet
@@ -135,6 +140,11 @@ def test_distance_logits_squared_and_plain():
     q, p = torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [6.0, 8.0]])
     assert distance_logits(q, p).tolist() == [[0.0, -100.0], [-25.0, -25.0]]
     assert distance_logits(q, p, squared=False).tolist() == [[0.0, -10.0], [-5.0, -5.0]]
+    # Evaluation's float64 product form: the same distances, no float32 cancellation.
+    assert squared_distances(q, p).tolist() == [[0.0, 100.0], [25.0, 25.0]]
+    big_q, big_p = torch.rand(50, 1024) + 100, torch.rand(7, 1024) + 100
+    torch.testing.assert_close(squared_distances(big_q, big_p),
+                               -distance_logits(big_q.double(), big_p.double()))  # fmt: skip
 
 
 def test_training_is_seeded(loaded):

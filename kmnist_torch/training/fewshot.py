@@ -19,7 +19,7 @@ import torch
 
 from ..data.kkanji.fewshot import EpisodeSampler, split_episode
 from ..errors import TrainError
-from ..models.protonet import distance_logits, prototypes
+from ..models.protonet import prototypes, squared_distances
 from ..settings import Progress
 
 EMBED_BATCH = 1024
@@ -154,7 +154,6 @@ def score(
     labels: torch.Tensor,
     episodes: list[torch.Tensor],
     setting: Setting,
-    squared: bool = True,
 ) -> np.ndarray:
     """The accuracy of nearest class mean on each episode (``features`` and ``labels``
     indexed as the episodes' indices are)."""
@@ -165,8 +164,8 @@ def score(
         sx, sy, qx, qy = split_episode(
             features[index], labels[index], setting.way, setting.shot, setting.query
         )
-        logits = distance_logits(qx, prototypes(sx, sy.to(sx.device), setting.way), squared)
-        accs[e] = (logits.argmax(1) == qy.to(logits.device)).double().mean().item()
+        dist = squared_distances(qx, prototypes(sx, sy.to(sx.device), setting.way))
+        accs[e] = (dist.argmin(1) == qy.to(dist.device)).double().mean().item()
     return accs
 
 
@@ -176,7 +175,6 @@ def episode_accuracies(
     classes: Sequence[int],
     setting: Setting,
     seed: int,
-    squared: bool = True,
 ) -> np.ndarray:
     """The accuracy of nearest class mean on each of ``setting.episodes`` seeded episodes.
 
@@ -186,9 +184,8 @@ def episode_accuracies(
         classes: the classes episodes are drawn from.
         setting: way, shot, query and the number of episodes.
         seed: the episodes' seed (the same for every method: paired episodes).
-        squared: minus the squared distance (default) or the plain one; the same predictions.
     """
-    return score(features, labels, draw_episodes(labels, classes, setting, seed), setting, squared)
+    return score(features, labels, draw_episodes(labels, classes, setting, seed), setting)
 
 
 def evaluate_cell(
