@@ -306,6 +306,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, train and evaluate, write ``results.json`` and ``table.md``; returns
     the results document."""
     args = build_parser().parse_args(argv)
+    # Each asked for once, in the order given.
+    args.methods = list(dict.fromkeys(args.methods))
+    args.ways, args.shots = list(dict.fromkeys(args.ways)), list(dict.fromkeys(args.shots))
     budget, episodes = resolve(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu.configure(threads=args.threads, device=device)
