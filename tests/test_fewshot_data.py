@@ -412,6 +412,10 @@ def test_load_fewshot_uses_the_audit_and_publishes_the_partition(tmp_path):
     assert doc["novel"] == [fs.codepoints[c] for c in fs.partition.novel]
     assert doc["usable_per_class"]["U+4E03"] == 22 and doc["source"]["blank_images"] == 1
     assert full.partition_sha256 == sha  # the image size is not part of the partition
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = write_partition(tmp_path / "ds.json", ds, n_val=1, n_novel=2)  # verify=False
+    assert again[1] == sha
 
 
 def test_cli_writes_the_partition_and_prints_its_sha256(tmp_path, capsys):

@@ -40,6 +40,7 @@ from ...download.sources import resolve_root
 from .audit import facts
 from .cache import images as load_images
 from .cache import open_source
+from .dataset import KKanji
 from .layout import codepoint_name
 from .resize import check_size, downsample
 from .tree import Listing
@@ -253,7 +254,7 @@ def load_fewshot(
 
 def write_partition(
     path: str | os.PathLike,
-    source: FewShotData | str | os.PathLike | None = None,
+    source: FewShotData | KKanji | str | os.PathLike | None = None,
     seed: int = 0,
     n_val: int = N_VAL,
     n_novel: int = N_NOVEL,
@@ -263,7 +264,10 @@ def write_partition(
 ) -> tuple[Path, str]:
     """Write the partition as JSON to ``path`` (atomically) and return ``(path, sha256 of
     the file)``. ``source`` is a :class:`FewShotData` (its partition is written; the other
-    arguments are not used) or a data root (None: the default root), loaded with them."""
+    arguments are not used), a :class:`KKanji` dataset (its root, with its ``verify``) or a
+    data root (None: the default root), loaded with the other arguments."""
+    if isinstance(source, KKanji):
+        source, verify = source.root, source.verify
     if not isinstance(source, FewShotData):
         source = load_fewshot(source, 64, seed, verify, download, n_val, n_novel, min_images)
     out = Path(path)
