@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_write
+from .reporting.fewshot_table import render as render_fewshot
 from .reporting.longtail import longtail_table
 from .reporting.table import (
     check_cells,
@@ -43,6 +44,7 @@ def write_outputs(
         f"{meta['command']}\n\nMachine: {meta['machine']}; torch {meta['torch']}.\n\n"
     )
     table = header + render_table(cells, tolerance) + longtail_section(cells)
+    table += fewshot_section(meta)
     atomic_write(out / "table.md", table, fsync=False)
     payload = {
         **meta,
@@ -61,6 +63,13 @@ def longtail_section(cells: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     return "\n## KKanji long tail\n\n" + longtail_table(rows)
+
+
+def fewshot_section(meta: dict[str, Any]) -> str:
+    """The table's few-shot section (``--fewshot``): the few-shot command's own table, empty
+    where the run had none."""
+    doc = meta.get("fewshot")
+    return "" if not doc else "\n## KKanji few-shot\n\n" + render_fewshot(doc)
 
 
 def machine(device: str | None) -> str:

@@ -18,7 +18,9 @@ Targets are upstream's figures on today's data where upstream published them, el
 released before 2019-02-05 (MNIST never changed). ``--check`` exits 1 when a cell falls more
 than its row's tolerance below its target, or when a cell fails to run. ``--quick`` is a CPU
 smoke test on a few hundred images (no targets apply). KKanji (``--datasets kkanji``) is our
-own extension of the table, with the KKanji class's default split: no targets.
+own extension of the table, with the KKanji class's default split: no targets; each KKanji
+cell gets a long-tail record (head / middle / tail classes), and ``--fewshot`` adds the KKanji
+few-shot benchmark (:mod:`kmnist_torch.fewshot`) and its table.
 
 ``--resplit SOURCE_DIR`` runs the KMNIST rows on real images where the official training
 images are out of reach: the real KMNIST test split (SOURCE_DIR holds
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import shlex
 import signal
 import sys
 import time
@@ -52,7 +55,14 @@ from . import catalog
 from ._args import Parser, Stopped, add_data_options, run_main
 from ._cells import PIXEL_ROWS, dataset_options, run_longtail, run_pixels
 from ._fanout import spread
-from ._harness import longtail_section, report, run_meta, still_to_run, write_outputs
+from ._harness import (
+    fewshot_section,
+    longtail_section,
+    report,
+    run_meta,
+    still_to_run,
+    write_outputs,
+)
 from .data.arrays import raw_folder
 from .data.registry import DATASETS
 from .data.resplit import RESPLIT_TEST, RESPLIT_TRAIN, write_resplit
@@ -191,8 +201,32 @@ def build_parser() -> argparse.ArgumentParser:
                         ("test", "test images")):  # fmt: skip
         p.add_argument(f"--limit-{which}", type=int, default=None, metavar="N",
                        help=f"a stratified subset of N {text}")  # fmt: skip
+    p.add_argument("--fewshot", action="store_true",
+                   help="also run the KKanji few-shot benchmark (kmnist_torch.fewshot; "
+                   "a smoke run with --quick) into OUT/fewshot, and add its table")  # fmt: skip
+    p.add_argument("--fewshot-args", default="", metavar="ARGS",
+                   help="more arguments for the few-shot command, as one string: its budget "
+                   "or partition (e.g. \"--train-episodes 600 --base-steps 700\")")  # fmt: skip
     _add_resplit_options(p.add_argument_group("real-image re-split (KMNIST rows only)"))
     return p
+
+
+def fewshot_argv(args: argparse.Namespace) -> list[str]:
+    """The ``python -m kmnist_torch.fewshot`` arguments of ``--fewshot``: the harness's data
+    options, device, seed and (KKanji's) image size; a smoke run with ``--quick``."""
+    argv = ["--out", str(Path(args.out) / "fewshot"), "--seed", str(args.seed)]
+    if args.root is not None:
+        argv += ["--root", str(args.root)]
+    argv.append("--download" if args.download else "--no-download")
+    if not args.verify:
+        argv.append("--no-verify")
+    if args.device is not None:
+        argv += ["--device", args.device]
+    if args.image_size is not None:
+        argv += ["--image-size", str(args.image_size)]
+    if args.quick:
+        argv.append("--quick")
+    return argv + shlex.split(args.fewshot_args)
 
 
 def _add_resplit_options(rs: argparse._ArgumentGroup) -> None:
@@ -357,8 +391,14 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{finished} of {len(cells)} cells done: {out / 'table.md'} and "
               f"{out / 'results.json'} hold them", file=sys.stderr)  # fmt: skip
         raise
+    if args.fewshot:
+        from . import fewshot
+
+        print("== KKanji few-shot: python -m kmnist_torch.fewshot " + " ".join(fewshot_argv(args)))
+        meta["fewshot"] = fewshot.run(fewshot_argv(args))
+        failures = write_outputs(out, cells, meta, tolerance)
     print()
-    print(render_table(cells, tolerance) + longtail_section(cells))
+    print(render_table(cells, tolerance) + longtail_section(cells) + fewshot_section(meta))
     print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
     errors = [c for c in cells if c["error"]]
     if args.check and failures:

@@ -273,3 +273,23 @@ def test_ctrl_c_exits_130_keeps_the_trained_models_and_writes_no_results(
     doc = json.loads((out / "results.json").read_text())
     assert doc["methods"]["baseline"]["training"]["resumed"] is True
     assert doc["methods"]["protonet"]["training"]["resumed"] is False
+
+
+def test_the_harness_runs_the_few_shot_benchmark_into_its_table(root, tmp_path, capsys):
+    from kmnist_torch import reproduce
+
+    out = tmp_path / "harness"
+    argv = ["--datasets", "kkanji", "--rows", "ncm", "--quick", "--root", str(root),
+            "--no-verify", "--no-download", "--device", "cpu", "--out", str(out),
+            "--image-size", "16", "--fewshot",
+            "--fewshot-args", "--methods ncm --ways 2 --shots 1 --n-val 6 --n-novel 8"]  # fmt: skip
+    assert reproduce.run(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    own = json.loads((out / "fewshot" / "results.json").read_text())
+    # results.json holds the few-shot command's own document, the table its table.
+    assert doc["fewshot"]["cells"] == own["cells"] and len(own["cells"]) == 1
+    assert own["arguments"]["quick"] is True and own["image_size"] == 16
+    table = (out / "table.md").read_text()
+    assert "## KKanji few-shot" in table and "| Nearest class mean (pixels) |" in table
+    assert (out / "fewshot" / "table.md").read_text() in table
+    assert "== KKanji few-shot: python -m kmnist_torch.fewshot --out" in capsys.readouterr().out

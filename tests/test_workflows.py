@@ -137,6 +137,7 @@ def test_reproduce_runs_the_kkanji_rows_on_request_without_check():
     # Nearest class mean too: with 4-NN, the long-tail benchmark's pixel rows.
     rows = args[args.index("--rows") + 1 : args.index("--rows") + 7]
     assert rows == ["knn", "ncm", "cnn", "preact18", "preact18-input", "preact18-manifold"]
+    assert "--fewshot" in args  # and the few-shot benchmark, into the same table
     caches = [s for s in steps if s.get("uses", "").startswith("actions/cache/")]
     assert {s["with"]["path"] for s in caches} == {".kmnist-data/KKanji"}
 
