@@ -184,7 +184,7 @@ def _parts(fs: Any) -> dict[str, Part]:
     for name in ("base", "val", "novel"):
         classes = sorted(int(c) for c in getattr(fs.partition, name))
         idx = class_members(fs.targets, classes, fs.usable)
-        parts[name] = Part(fs.data[idx], fs.targets[idx], classes)
+        parts[name] = Part(fs.data[idx], fs.targets[idx], classes, idx)
     return parts
 
 
@@ -275,7 +275,10 @@ def _benchmark(args: argparse.Namespace, budget: Budget, episodes: int,
     )
     novel = parts["novel"]
     # The same episodes for every method: the methods are compared on paired episodes.
-    episodes = {s: draw_episodes(novel.labels, novel.classes, s, args.seed) for s in settings}
+    # Keyed on the dataset's indices: the episodes EpisodeSampler(fs.targets, novel classes,
+    # exclude=~fs.usable) draws, as the docs say.
+    episodes = {s: draw_episodes(novel.labels, novel.classes, s, args.seed, novel.index)
+                for s in settings}  # fmt: skip
     cells, methods = [], {}
     for method in args.methods:
         doc = _trained(method, args, budget, parts, fs, device) if method in TRAINED else None

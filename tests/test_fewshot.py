@@ -293,3 +293,21 @@ def test_the_harness_runs_the_few_shot_benchmark_into_its_table(root, tmp_path, 
     assert "## KKanji few-shot" in table and "| Nearest class mean (pixels) |" in table
     assert (out / "fewshot" / "table.md").read_text() in table
     assert "== KKanji few-shot: python -m kmnist_torch.fewshot --out" in capsys.readouterr().out
+
+
+def test_the_command_draws_the_documented_episodes(loaded):
+    # The command draws from each part's own rows; keyed on the dataset's indices, those are
+    # the episodes of EpisodeSampler over the whole dataset, as the docs tell users to draw.
+    from kmnist_torch.data.kkanji.fewshot import EpisodeSampler as Sampler
+
+    novel = fewshot._parts(loaded)["novel"]
+    setting = Setting(3, 5, 15, 4)
+    drawn = fewshot.draw_episodes(novel.labels, novel.classes, setting, 7, novel.index)
+    documented = Sampler(loaded.targets, list(loaded.partition.novel), 3, 5, 15, 4, seed=7,
+                         exclude=~loaded.usable)  # fmt: skip
+    assert [novel.index[ep].tolist() for ep in drawn] == list(documented)
+    # Keyed on the part's own positions instead, the images differ (the bug this guards).
+    unkeyed = fewshot.draw_episodes(novel.labels, novel.classes, setting, 7)
+    assert [novel.index[ep].tolist() for ep in unkeyed] != list(documented)
+    with pytest.raises(ValueError, match="increasing dataset indices"):
+        Sampler([0, 0, 1], [0], 1, 1, 0, 1, ids=[5, 3, 9])

@@ -96,13 +96,19 @@ def require_classes(
 
 
 def draw_episodes(
-    labels: torch.Tensor, classes: Sequence[int], setting: Setting, seed: int
+    labels: torch.Tensor,
+    classes: Sequence[int],
+    setting: Setting,
+    seed: int,
+    ids: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The seeded episodes of ``setting`` over ``classes``: for each, the indices (into
-    ``labels``) of its images, class by class, each class's support then its queries."""
+    ``labels``) of its images, class by class, each class's support then its queries.
+    ``ids``: the dataset indices of ``labels`` (a part of the dataset), so the episodes are
+    the dataset's own (:class:`EpisodeSampler`'s ``ids``)."""
     sampler = EpisodeSampler(
         labels.cpu(), list(classes), setting.way, setting.shot, setting.query,
-        setting.episodes, seed=seed,
+        setting.episodes, seed=seed, ids=None if ids is None else ids.cpu(),
     )  # fmt: skip
     return [torch.as_tensor(idx, dtype=torch.long) for idx in sampler]
 

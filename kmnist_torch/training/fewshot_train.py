@@ -79,12 +79,14 @@ class Budget:
 
 
 class Part(NamedTuple):
-    """Some classes' images: uint8 ``images`` (N x S x S), their global ``labels`` and the
-    ``classes`` (global indices)."""
+    """Some classes' images: uint8 ``images`` (N x S x S), their global ``labels``, the
+    ``classes`` (global indices) and the images' dataset ``index`` (increasing; None: the
+    images are the dataset), which keys the episodes' image ranks."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[int]
+    index: torch.Tensor | None = None
 
 
 def val_classes(val: Part, setting: Setting) -> list[int]:
@@ -140,7 +142,9 @@ class Keeper:
         self.best: dict[str, torch.Tensor] | None = None
         self.best_score = -1.0
         # The same episodes at every check, so checks compare; features only of their images.
-        self.episodes = draw_episodes(val.labels, val_classes(val, setting), setting, seed)
+        self.episodes = draw_episodes(
+            val.labels, val_classes(val, setting), setting, seed, val.index
+        )
         self.rows = used_rows(self.episodes)
 
     def check(self, step: int, loss: float, embedding: torch.nn.Module) -> float:
@@ -186,7 +190,7 @@ def train_protonet(
     opt = torch.optim.Adam(model.parameters(), lr=b.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, b.lr_halve_every, gamma=0.5)
     sampler = EpisodeSampler(base.labels, classes, b.train_way, b.train_shot, b.train_query,
-                             b.train_episodes, seed=seed)  # fmt: skip
+                             b.train_episodes, seed=seed, ids=base.index)  # fmt: skip
     images, labels = base.images.to(device), base.labels.to(device)
     checks = check_points(b.train_episodes, b.val_checks)
     with Progress("protonet training", b.train_episodes, "episode") as bar:

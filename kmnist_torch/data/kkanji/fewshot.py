@@ -302,6 +302,9 @@ class EpisodeSampler(Sampler[list[int]]):
         seed: which episodes.
         exclude: images never used: dataset indices, or a bool mask of every image (True:
             excluded; for example ``~data.usable`` of :func:`load_fewshot`).
+        ids: the dataset index each of ``labels`` stands for (default: its position), used in
+            the image ranks, increasing. Given a subset's labels with their dataset indices,
+            the sampler draws the dataset's own episodes, as positions into the subset.
 
     Raises:
         ValueError: an argument out of range, or a class of ``classes`` with fewer than
@@ -318,6 +321,7 @@ class EpisodeSampler(Sampler[list[int]]):
         episodes: int,
         seed: int = 0,
         exclude: torch.Tensor | np.ndarray | Iterable[int] | None = None,
+        ids: torch.Tensor | np.ndarray | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.n_way = _whole("n_way", n_way, 1)
@@ -332,6 +336,11 @@ class EpisodeSampler(Sampler[list[int]]):
         if self.n_way > len(self.classes):
             raise ValueError(f"n_way={self.n_way} but only {len(self.classes)} classes given")
         keep = _kept(len(lab), exclude)
+        self._ids = None if ids is None else _int_array("ids", ids)
+        if self._ids is not None and (
+            len(self._ids) != len(lab) or (len(lab) > 1 and (np.diff(self._ids) <= 0).any())
+        ):
+            raise ValueError(f"ids must be {len(lab)} increasing dataset indices, one per label")
         order = np.argsort(lab, kind="stable")
         order = order[keep[order]]
         sorted_lab = lab[order]
@@ -375,8 +384,9 @@ class EpisodeSampler(Sampler[list[int]]):
         for c in self.episode_classes(e):
             start = hashlib.sha256(f"{EPISODE_VERSION}|{self.seed}|{e}|{c}|".encode())
 
-            def key(i: int, start=start) -> tuple[bytes, int]:
+            def key(i: int, start=start, ids=self._ids) -> tuple[bytes, int]:
                 h = start.copy()
+                i = i if ids is None else int(ids[i])  # the dataset index the rank is keyed on
                 h.update(b"%d" % i)
                 return h.digest(), i
 
