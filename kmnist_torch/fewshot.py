@@ -188,18 +188,22 @@ def _parts(fs: Any) -> dict[str, Part]:
     return parts
 
 
-def _trained(method: str, args: argparse.Namespace, budget: Budget, parts: dict, fs: Any,
-             device: torch.device) -> dict[str, Any]:  # fmt: skip
-    """``method``'s model file's document: loaded where it exists with these settings, else
-    trained and written."""
-    settings = {
+def _settings(method: str, args: argparse.Namespace, budget: Budget, fs: Any) -> dict[str, Any]:
+    """What ``method``'s model file must have been trained with to be used again."""
+    return {
         **budget.of(method),
         "image_size": args.image_size,
         "seed": args.seed,
         "partition_sha256": fs.partition_sha256,
     }
+
+
+def _trained(method: str, args: argparse.Namespace, budget: Budget, parts: dict, fs: Any,
+             device: torch.device, doc: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """``method``'s model file's document: ``doc`` (loaded before any training) where its
+    file exists with these settings, else trained and written."""
+    settings = _settings(method, args, budget, fs)
     path = Path(args.out) / f"{method}.pt"
-    doc = load_trained(path, method, settings)
     if doc is not None:
         print(f"{method}: {path} was trained with these settings: not trained again")
         return {**doc, "resumed": True}
@@ -279,9 +283,14 @@ def _benchmark(args: argparse.Namespace, budget: Budget, episodes: int,
     # exclude=~fs.usable) draws, as the docs say.
     episodes = {s: draw_episodes(novel.labels, novel.classes, s, args.seed, novel.index)
                 for s in settings}  # fmt: skip
+    # Every model file is checked before anything trains: a stale one stops the run now.
+    ready = {m: load_trained(Path(args.out) / f"{m}.pt", m, _settings(m, args, budget, fs))
+             for m in args.methods if m in TRAINED}  # fmt: skip
     cells, methods = [], {}
     for method in args.methods:
-        doc = _trained(method, args, budget, parts, fs, device) if method in TRAINED else None
+        doc = None
+        if method in TRAINED:
+            doc = _trained(method, args, budget, parts, fs, device, ready[method])
         embed = flat if doc is None else embedding_from(doc, args.image_size, device)
         got, embed_seconds = _evaluate(method, embed, novel, episodes, device)
         cells += got
@@ -323,8 +332,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     with folder_lock(out, what="running a few-shot benchmark"):
         with determinism(True, device):
             doc = _benchmark(args, budget, episodes, device)
-        write_json(out / "results.json", doc, indent=1)
+        # results.json last: it marks a finished run (each file is written atomically).
         atomic_write(out / "table.md", render(doc))
+        write_json(out / "results.json", doc, indent=1)
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
     return doc
 

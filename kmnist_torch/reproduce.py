@@ -324,6 +324,15 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str] | None
     args = parser.parse_args(argv)
     if args.write_only and args.resplit is None:
         parser.error("--write-only goes with --resplit SOURCE_DIR")
+    if args.fewshot:  # its arguments checked now, not after hours of cells
+        from . import fewshot
+
+        try:
+            fewshot.build_parser().parse_args(fewshot_argv(args))
+        except ValueError as exc:  # shlex: an unbalanced quote
+            parser.error(f"--fewshot-args: {exc}")
+        except SystemExit:
+            parser.error("--fewshot-args: the few-shot command refuses them (its message is above)")
     if args.devices is None:
         return args, None
     if args.device is not None:

@@ -293,6 +293,13 @@ def test_the_harness_runs_the_few_shot_benchmark_into_its_table(root, tmp_path, 
     assert "## KKanji few-shot" in table and "| Nearest class mean (pixels) |" in table
     assert (out / "fewshot" / "table.md").read_text() in table
     assert "== KKanji few-shot: python -m kmnist_torch.fewshot --out" in capsys.readouterr().out
+    # A typo in --fewshot-args stops the harness before its first cell, not after the last.
+    for bad, said in (("--bogus 1", "unrecognized arguments: --bogus 1"),
+                      ("--ways '5", "--fewshot-args: No closing quotation")):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            reproduce.run([*argv[:-1], bad, "--out", str(tmp_path / "never")])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+        assert not (tmp_path / "never").exists()
 
 
 def test_the_command_draws_the_documented_episodes(loaded):

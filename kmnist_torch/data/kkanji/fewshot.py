@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ... import catalog
-from ..._io import write_json
+from ..._io import atomic_write
 from ...download.sources import resolve_root
 from .audit import facts
 from .cache import images as load_images
@@ -272,7 +272,7 @@ def write_partition(
         source = load_fewshot(source, 64, seed, verify, download, n_val, n_novel, min_images)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, source.document)
+    atomic_write(out, partition_text(source.document))  # the very text the sha256 is of
     return out, source.partition_sha256
 
 
