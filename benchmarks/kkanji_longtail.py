@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kmnist_torch import train
+from kmnist_torch import catalog, train
 from kmnist_torch._io import atomic_write, write_json
 from kmnist_torch.data.kkanji.split import write_split_file
 from kmnist_torch.data.splits import load_run_split, load_split
@@ -188,7 +188,7 @@ def preact_speed(args: argparse.Namespace, out: Path, n_train: int) -> dict[str,
     """PreActResNet-18's training img/s over ``--preact-steps`` steps of the trainer (a one
     epoch run on that many batches, a small test part) and one full epoch's seconds from it."""
     batch = RECIPES["paper"].batch_size
-    run = out / "runs" / "preact18-speed"
+    run = out / "runs" / f"preact18-speed-{args.image_size}px-{args.preact_steps}steps"
     argv = train_argv("preact18", args, run, 1)
     argv += ["--limit-train", str(batch * args.preact_steps), "--limit-test", "200"]
     say(f"preact18: {args.preact_steps} training steps of {batch} to measure its speed")
@@ -212,9 +212,12 @@ def run_row(row: str, args: argparse.Namespace, out: Path, n_train: int) -> dict
     if row in ("knn", "ncm"):
         return pixel_row(row, args)
     if row == "cnn":
-        return trained_row("simple_cnn", args, out / "runs" / "cnn", args.cnn_epochs)
+        # A run folder per setting: the trainer resumes only a run with the same settings.
+        run = out / "runs" / f"cnn-{args.image_size}px-{args.cnn_epochs}ep"
+        return trained_row("simple_cnn", args, run, args.cnn_epochs)
     if args.preact_epochs:
-        return trained_row("preact18", args, out / "runs" / "preact18", args.preact_epochs)
+        run = out / "runs" / f"preact18-{args.image_size}px-{args.preact_epochs}ep"
+        return trained_row("preact18", args, run, args.preact_epochs)
     return preact_speed(args, out, n_train)
 
 
@@ -278,7 +281,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--image-size",
         type=int,
         default=32,
-        choices=(64, 32, 16),
+        choices=catalog.KKANJI.sizes,
         help="image size of the trained rows (32; the pixel rows use 64)",
     )
     p.add_argument(
@@ -303,6 +306,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def row_settings(row: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What a row's figures depend on beyond the split: a row of a rerun is reused only when
+    they are the same (the pixel rows: none)."""
+    if row == "cnn":
+        return {"epochs": args.cnn_epochs, "image_size": args.image_size}
+    if row == "preact18":
+        return {"epochs": args.preact_epochs, "steps": args.preact_steps,
+                "image_size": args.image_size}  # fmt: skip
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out)
@@ -324,10 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     doc["rows"] = {}
     for row in (r for r in ROWS if r not in args.skip):
         path = out / "rows" / f"{row}.json"
-        if path.is_file():
+        wanted = {"settings": row_settings(row, args), "split_sha256": doc["split"]["sha256"]}
+        earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if earlier is not None and {k: earlier.get(k, {}) for k in wanted} == wanted:
             say(f"{row}: done in an earlier run ({path})")
-            doc["rows"][row] = json.loads(path.read_text(encoding="utf-8"))
+            doc["rows"][row] = earlier
             continue
+        if earlier is not None:  # a table never mixes settings
+            say(f"{row}: {path} was run with other settings or another split: running it again")
         say(f"== {ROWS[row]}")
         before = load_average()
         rec = run_row(row, args, out, doc["split"]["train"])
@@ -336,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             title=ROWS[row],
             load_before=before,
             load_after=load_average(),
+            settings=wanted["settings"],
             machine=doc["machine"],
             split_sha256=doc["split"]["sha256"],
         )

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe of the preact18 rows (default paper; cnn has its own)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
-    p.add_argument("--image-size", type=int, default=None, choices=(64, 32, 16),
+    p.add_argument("--image-size", type=int, default=None, choices=catalog.KKANJI.sizes,
                    help="KKanji cells: images brought to this size (KKanji's image_size; "
                    "default 64, as published)")  # fmt: skip
     for which, text in (("train", "training images (kmnist_torch.data.splits)"),

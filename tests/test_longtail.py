@@ -222,3 +222,9 @@ def test_benchmark_script_writes_rows_split_and_table_and_resumes(tree_root, tmp
     second = capsys.readouterr().out
     assert second.count("done in an earlier run") == 2 and "==" not in second
     assert json.loads((out / "kkanji_longtail.json").read_text())["rows"] == doc["rows"]
+    # Other settings for a row: that row runs again, so one table never mixes settings.
+    assert script.main([*argv[:-4], "2", *argv[-3:]]) == 0
+    third = capsys.readouterr().out
+    assert "cnn: " in third and "other settings or another split: running it again" in third
+    assert third.count("done in an earlier run") == 1
+    assert json.loads((out / "rows" / "cnn.json").read_text())["settings"]["epochs"] == 2
