@@ -149,21 +149,27 @@ def test_the_features_bound_every_distance():
     assert float((lower / exact.clamp(min=1)).mean()) > 0.5  # a bound that screens
 
 
-def test_the_default_and_its_training_size_threshold(monkeypatch, settled):
+def test_on_by_default_on_a_cpu_from_enough_images(monkeypatch, settled):
     rng = np.random.default_rng(4)
     train, test = _strokes(rng, 300), _strokes(rng, 20)
     state = torch.random.get_rng_state()
-    monkeypatch.setattr(knn, "SCREEN_MIN_TRAIN", 200)
-    kneighbors(train, test)
-    assert settled["screened"] == 0  # off by default (DEFAULT_SCREEN)
-    monkeypatch.setattr(knn, "DEFAULT_SCREEN", True)
-    monkeypatch.setattr(knn, "SCREEN_MIN_TRAIN", 301)
     kneighbors(train, test)
     assert settled["screened"] == 0  # below SCREEN_MIN_TRAIN: the plain scan
     monkeypatch.setattr(knn, "SCREEN_MIN_TRAIN", 300)
+    monkeypatch.setattr(knn, "SCREEN_MIN_TEST", 21)
+    kneighbors(train, test)
+    assert settled["screened"] == 0  # below SCREEN_MIN_TEST
+    monkeypatch.setattr(knn, "SCREEN_MIN_TEST", 20)
     kneighbors(train, test)
     assert settled["screened"] == 20
     kneighbors(train, test, screen=False)
+    assert settled["screened"] == 20
+    monkeypatch.setattr(knn, "SCREEN_MAX_FEATURES", 783)
+    kneighbors(train, test)
+    assert settled["screened"] == 20  # wider images than that: the plain scan
+    monkeypatch.setattr(knn, "SCREEN_MAX_FEATURES", 784)
+    monkeypatch.setattr(knn, "DEFAULT_SCREEN", False)
+    kneighbors(train, test)
     assert settled["screened"] == 20
     # The basis comes from a forked, seeded generator: the caller's stream is untouched.
     assert torch.equal(torch.random.get_rng_state(), state)

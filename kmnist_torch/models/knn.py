@@ -45,14 +45,18 @@ _AUTO_ELEMENTS = {"cuda": 2**27, "cpu": 2**24}
 # the gathered rows cost far more than their share of the product.
 DEFAULT_CANDIDATES = 0
 
-# Whether the projection screen (knn_pca) runs when ``screen`` is not given, and from how many
-# training images (below that the plain scan is quick and the screen's set-up would dominate).
-# Off: on the 2-core AMD EPYC development machine, under a load of 8-9, it measured no faster
-# than the plain scan at KMNIST size (174.9 s against 181.2 s; scikit-learn 236.2 s): its exact
-# step gathers a few hundred rows per test image, and on that machine a gathered row costs
-# about as much as 30 pairs of the plain matrix product.
-DEFAULT_SCREEN = False
-SCREEN_MIN_TRAIN = 4096
+# Whether the projection screen (knn_pca) runs when ``screen`` is not given: on a CPU, from
+# SCREEN_MIN_TRAIN training and SCREEN_MIN_TEST test images (below them its set-up, the
+# training images' features, is a large share of the work). On the 2-core AMD EPYC development
+# machine, under a load of 8-9, one run each: KMNIST size (60,000 / 10,000) 174.9 s against
+# the plain scan's 181.2 s, K49 size (232,365 / 2,000) 154.2 s against 187.1 s; at 8,000 /
+# 500 it was several times slower than the plain scan. On 4,096-pixel KKanji images (16,000 /
+# 2,000, load 6-7) it was slower too (93.2 s against 58.6 s: each survivor's exact distance
+# gathers a 16 KiB row), hence SCREEN_MAX_FEATURES.
+DEFAULT_SCREEN = True
+SCREEN_MIN_TRAIN = 50_000
+SCREEN_MIN_TEST = 1_000
+SCREEN_MAX_FEATURES = 1024
 
 
 def default_device() -> torch.device:
@@ -140,15 +144,15 @@ def kneighbors(
     way; only the time differs. ``progress``: a progress line on long runs (default: when
     test x train exceeds 2**30 pairs).
 
-    ``screen`` (default ``DEFAULT_SCREEN``: off, as it measured no faster on the development
-    machine; when on, for byte-valued images on a CPU with at least ``SCREEN_MIN_TRAIN``
-    training images; ``True``: wherever the images are byte-valued and the search runs on a
-    CPU; ``False``: never): the projection screen of :mod:`kmnist_torch.models.knn_pca`, a
-    provable lower bound from 129 numbers per image, after
-    which only the training images it cannot rule out get an exact distance (test images it
-    cannot settle are scored against all). The answer is the same; only the time differs.
-    Its batches hold ``knn_pca.SCREEN_ELEMENTS`` screen values (``batch_size`` test images
-    when given). When ``candidates`` is given the older screen runs instead."""
+    ``screen`` (default: on for byte-valued images of at most ``SCREEN_MAX_FEATURES`` pixels on
+    a CPU with at least ``SCREEN_MIN_TRAIN`` training and ``SCREEN_MIN_TEST`` test images;
+    ``True``: wherever the images are
+    byte-valued and the search runs on a CPU; ``False``: never): the projection screen of
+    :mod:`kmnist_torch.models.knn_pca`, a provable lower bound from 129 numbers per image,
+    after which only the training images it cannot rule out get an exact distance (test
+    images it cannot settle are scored against all). The answer is the same; only the time
+    differs. Its batches hold ``knn_pca.SCREEN_ELEMENTS`` screen values (``batch_size`` test
+    images when given). When ``candidates`` is given the older screen runs instead."""
     dev = torch.device(device) if device is not None else default_device()
     train = _as_matrix(train_images, "train_images")
     test = _as_matrix(test_images, "test_images")
@@ -180,7 +184,9 @@ def kneighbors(
         layout = knn_screen.image_layout(tuple(torch.as_tensor(train_images).shape[1:]))
         ctx.screen = knn_screen.Screen(train, layout, dev)
     if count == 0 and exact and dev.type == "cpu" and knn_pca.applies(n_train, train.shape[1], k):
-        if screen or (screen is None and DEFAULT_SCREEN and n_train >= SCREEN_MIN_TRAIN):
+        big = n_train >= SCREEN_MIN_TRAIN and test.shape[0] >= SCREEN_MIN_TEST
+        big = big and train.shape[1] <= SCREEN_MAX_FEATURES
+        if screen or (screen is None and DEFAULT_SCREEN and big):
             ctx.pca = knn_pca.PcaScreen(train)
             ctx.pca_batch = given_batch or max(1, knn_pca.SCREEN_ELEMENTS // n_train)
     shown = progress if progress is not None else test.shape[0] * n_train > 2**30
