@@ -344,10 +344,11 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
   KMNIST test images moved by up to 3 px (training images from 5,000 of them, test images
   from the other 5,000). {k49_note} Beside the time: the float32 and bf16 matrix products
   alone at the rates measured in the same run (the last row). On this CPU, which has no bf16
-  units, bf16 is emulated and {bf16_ratio:.1f}x slower than float32, so the 4-NN stays on its
-  exact float32 product; the screen of `kmnist_torch.models.knn_screen` (a provable lower bound
-  from 245 features per image, then exact re-ranking) is off by default because it measured
-  slower here: the rows it gathers cost far more than their share of the product.
+  units, bf16 is emulated and {bf16_ratio:.1f}x slower than float32, so the 4-NN's exact
+  distances stay float32 products. At these sizes `knn_predict` on a CPU screens by default
+  with `kmnist_torch.models.knn_pca` (a provable lower bound from 128 principal directions and
+  the residual norm, then exact distances for the images it cannot rule out; `--knn-screen
+  off` measures the plain scan); the ours cell says where a run forced it on or off.
 - **Threads**: ours runs with the intra-op threads `kmnist_torch.training.cpu` chooses from the
   load average (the CPUs it leaves free, at least 1), as `train`, `evaluate` and `predict` do;
   the alternatives use their defaults (all the CPUs). On a loaded machine that choice is most
