@@ -48,11 +48,11 @@ DEFAULT_CANDIDATES = 0
 # Whether the projection screen (knn_pca) runs when ``screen`` is not given: on a CPU, from
 # SCREEN_MIN_TRAIN training and SCREEN_MIN_TEST test images (below them its set-up, the
 # training images' features, is a large share of the work). On the 2-core AMD EPYC development
-# machine, under a load of 8-9, one run each: KMNIST size (60,000 / 10,000) 174.9 s against
-# the plain scan's 181.2 s, K49 size (232,365 / 2,000) 154.2 s against 187.1 s; at 8,000 /
-# 500 it was several times slower than the plain scan. On 4,096-pixel KKanji images (16,000 /
-# 2,000, load 6-7) it was slower too (93.2 s against 58.6 s: each survivor's exact distance
-# gathers a 16 KiB row), hence SCREEN_MAX_FEATURES.
+# machine under a load of 5-6, one run each: KMNIST size (60,000 / 10,000) 37.0 s against the
+# plain scan's 51.2 s (scikit-learn 124.0 s), K49 size (232,365 / 2,000) 56.2 s against 88.2 s;
+# at 8,000 / 500 real images it took 2.4 s where scikit-learn took 0.9 s. On 4,096-pixel KKanji
+# images (16,000 / 2,000) it was slower than the plain scan (93.2 s against 58.6 s: each
+# survivor's exact distance gathers a 4,096-pixel row), hence SCREEN_MAX_FEATURES.
 DEFAULT_SCREEN = True
 SCREEN_MIN_TRAIN = 50_000
 SCREEN_MIN_TEST = 1_000
