@@ -51,8 +51,9 @@ DEFAULT_CANDIDATES = 0
 # machine under a load of 5-6, one run each: KMNIST size (60,000 / 10,000) 37.0 s against the
 # plain scan's 51.2 s (scikit-learn 124.0 s), K49 size (232,365 / 2,000) 56.2 s against 88.2 s;
 # at 8,000 / 500 real images it took 2.4 s where scikit-learn took 0.9 s. On 4,096-pixel KKanji
-# images (16,000 / 2,000) it was slower than the plain scan (93.2 s against 58.6 s: each
-# survivor's exact distance gathers a 4,096-pixel row), hence SCREEN_MAX_FEATURES.
+# images (16,000 / 2,000) it was slower than the plain scan (41.6 s against 16.9 s: a 4,096 x
+# 128 float64 projection per training image, a 4,096-pixel row per survivor), hence
+# SCREEN_MAX_FEATURES.
 DEFAULT_SCREEN = True
 SCREEN_MIN_TRAIN = 50_000
 SCREEN_MIN_TEST = 1_000
