@@ -145,15 +145,10 @@ def kneighbors(
     way; only the time differs. ``progress``: a progress line on long runs (default: when
     test x train exceeds 2**30 pairs).
 
-    ``screen`` (default: on for byte-valued images of at most ``SCREEN_MAX_FEATURES`` pixels on
-    a CPU with at least ``SCREEN_MIN_TRAIN`` training and ``SCREEN_MIN_TEST`` test images;
-    ``True``: wherever the images are
-    byte-valued and the search runs on a CPU; ``False``: never): the projection screen of
-    :mod:`kmnist_torch.models.knn_pca`, a provable lower bound from 129 numbers per image,
-    after which only the training images it cannot rule out get an exact distance (test
-    images it cannot settle are scored against all). The answer is the same; only the time
-    differs. Its batches hold ``knn_pca.SCREEN_ELEMENTS`` screen values (``batch_size`` test
-    images when given). When ``candidates`` is given the older screen runs instead."""
+    ``screen``: the projection screen of :mod:`kmnist_torch.models.knn_pca` (``None``: on a
+    CPU for byte-valued images from ``SCREEN_MIN_TRAIN`` / ``SCREEN_MIN_TEST`` images of at
+    most ``SCREEN_MAX_FEATURES`` pixels; ``True``: for any byte-valued images on a CPU). The
+    answer is the same; only the time differs. ``candidates`` runs the older screen instead."""
     dev = torch.device(device) if device is not None else default_device()
     train = _as_matrix(train_images, "train_images")
     test = _as_matrix(test_images, "test_images")
@@ -166,12 +161,7 @@ def kneighbors(
         raise ValueError("train_images is empty")
     if not 1 <= k <= n_train:
         raise ValueError(f"k must be between 1 and the {n_train} training images, got {k}")
-    given_batch = batch_size
-    if batch_size is None:
-        budget = _AUTO_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"]
-        batch_size = max(1, budget // n_train)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    given_batch, batch_size = batch_size, _batch_size(batch_size, dev, n_train)
     exact = _is_byte_valued(train) and _is_byte_valued(test)
     count = DEFAULT_CANDIDATES if candidates is None else candidates
     if count < 0:
@@ -184,15 +174,33 @@ def kneighbors(
     if count:
         layout = knn_screen.image_layout(tuple(torch.as_tensor(train_images).shape[1:]))
         ctx.screen = knn_screen.Screen(train, layout, dev)
-    if count == 0 and exact and dev.type == "cpu" and knn_pca.applies(n_train, train.shape[1], k):
-        big = n_train >= SCREEN_MIN_TRAIN and test.shape[0] >= SCREEN_MIN_TEST
-        big = big and train.shape[1] <= SCREEN_MAX_FEATURES
-        if screen or (screen is None and DEFAULT_SCREEN and big):
-            ctx.pca = knn_pca.PcaScreen(train)
-            ctx.pca_batch = given_batch or max(1, knn_pca.SCREEN_ELEMENTS // n_train)
+    if count == 0 and _wants_pca(screen, train, test.shape[0], ctx):
+        ctx.pca = knn_pca.PcaScreen(train)
+        ctx.pca_batch = given_batch or max(1, knn_pca.SCREEN_ELEMENTS // n_train)
     shown = progress if progress is not None else test.shape[0] * n_train > 2**30
     with Progress("4-NN", test.shape[0], unit="test image", enabled=shown) as bar:
         return _search(ctx, test, count, batch_size, bar)
+
+
+def _batch_size(batch_size: int | None, dev: torch.device, n_train: int) -> int:
+    """Test images per batch: as given (at least 1), else as many as fill the budget."""
+    if batch_size is None:
+        budget = _AUTO_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"]
+        batch_size = max(1, budget // n_train)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return batch_size
+
+
+def _wants_pca(screen: bool | None, train: torch.Tensor, n_test: int, ctx: _Context) -> bool:
+    """Whether the projection screen runs (see :func:`kneighbors`'s ``screen``)."""
+    n_train, width = train.shape
+    if not (ctx.exact and ctx.device.type == "cpu" and knn_pca.applies(n_train, width, ctx.k)):
+        return False
+    if screen is not None:
+        return screen
+    big = n_train >= SCREEN_MIN_TRAIN and n_test >= SCREEN_MIN_TEST
+    return DEFAULT_SCREEN and big and width <= SCREEN_MAX_FEATURES
 
 
 class _Context:
