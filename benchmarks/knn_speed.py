@@ -65,7 +65,7 @@ def load_data(
     )
 
 
-def time_ours(train, labels, test, device, batch_size, repeats, candidates=None):
+def time_ours(train, labels, test, device, batch_size, repeats, candidates=None, screen=None):
     """Best wall time over ``repeats`` runs (after one warm-up on CUDA) and the predictions."""
     if device.type == "cuda":
         knn_predict(train[:1000], labels[:1000], test[:100], device=device)
@@ -75,7 +75,13 @@ def time_ours(train, labels, test, device, batch_size, repeats, candidates=None)
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         pred = knn_predict(
-            train, labels, test, batch_size=batch_size, device=device, candidates=candidates
+            train,
+            labels,
+            test,
+            batch_size=batch_size,
+            device=device,
+            candidates=candidates,
+            screen=screen,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -106,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=None, help="test images per batch (auto)")
     p.add_argument("--candidates", type=int, default=None, help="the screen's shortlist (0: off)")
+    p.add_argument(
+        "--screen",
+        choices=["default", "on", "off"],
+        default="default",
+        help="the projection screen (kmnist_torch.models.knn_pca): default, on or off",
+    )
     p.add_argument("--repeats", type=int, default=1, help="best of N runs (default 1)")
     p.add_argument("--sklearn-jobs", type=int, default=-1, help="n_jobs (upstream: -1)")
     p.add_argument("--seed", type=int, default=0)
@@ -116,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device) if args.device else default_device()
     train, labels, test, truth, source = load_data(args.train, args.test, args.synthetic, args.seed)
+    screen = {"default": None, "on": True, "off": False}[args.screen]
     ours_s, ours = time_ours(
-        train, labels, test, device, args.batch_size, args.repeats, args.candidates
+        train, labels, test, device, args.batch_size, args.repeats, args.candidates, screen
     )
     sk_s, ref = time_sklearn(train, labels, test, args.sklearn_jobs, args.repeats)
     mismatches = int((ours != ref).sum())
@@ -144,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "sklearn_jobs": args.sklearn_jobs,
         "repeats": args.repeats,
         "candidates": args.candidates,
+        "screen": args.screen,
     }
     print(f"4-NN (k=4, distance weights) on {source}")
     print(

@@ -1,0 +1,267 @@
+"""The 4-NN's projection screen on a CPU (``screen=True``): a provable lower bound on every
+distance from an orthonormal projection, so that only the training images the bound cannot rule
+out get an exact distance.
+
+**The bound.** Shift the pixels by a fixed vector ``mu`` (no difference changes): ``c_a = a -
+mu``. Let ``V`` (D x d) have orthonormal columns (the top ``d`` principal directions of a sample
+of the training images: any orthonormal ``V`` is correct, a good one is only faster) and ``Pi =
+V V^T`` the projection onto their span. For any images ``a``, ``b`` with ``v = a - b``,
+
+    ||v||^2 = ||Pi v||^2 + ||(I - Pi) v||^2 >= ||V^T c_a - V^T c_b||^2 + (r(a) - r(b))^2,
+
+with ``r(a) = ||(I - Pi) c_a||``: ``||Pi v|| = ||V^T v||`` and ``(I - Pi) v = (I - Pi) c_a -
+(I - Pi) c_b``, whose norm is at least ``|r(a) - r(b)|`` (triangle inequality). So ``f(a) =
+(V^T c_a, r(a))``, ``d + 1`` numbers, satisfies ``||f(a) - f(b)|| <= ||a - b||``, and
+``r(a)^2 = ||c_a||^2 - ||V^T c_a||^2``.
+
+**Rounding.** ``V`` is stored in float64 and is orthonormal only up to ``e``, an upper bound on
+``||V^T V - I||`` (its Frobenius norm, computed, plus a margin): then ``||V^T w||^2 <=
+(1 + e) ||Pi w||^2`` and ``|r(a)^2 - (||c_a||^2 - ||V^T c_a||^2)| <= 2.1 e ||c_a||^2``. The
+features are computed in float64 (every rounding at most ``2^-53`` relative; a product of length
+``n`` errs by at most ``gamma64_n`` times the product of the norms) and rounded once to float32
+(``2^-24`` relative). Using ``|sqrt(x) - sqrt(y)| <= sqrt(|x - y|)`` for ``r``, the computed
+float32 features ``phi(a)`` are within ``eta ||c_a||`` of ``f(a)`` (Euclidean), with
+
+    eta = sqrt(2.1 e + 4 gamma64_(D + d + 2) sqrt(d + 1)) + e + 4 gamma64_D sqrt(d) + 2^-23,
+
+a generous sum of the terms above. Hence, for a test image ``q`` and any training image ``t``,
+``||phi(q) - phi(t)|| <= ||q - t|| + eta M`` with ``M = ||c_q|| + max_t ||c_t||``. The screen
+value ``key_t = ||phi(t)||^2 - 2 phi(q) . phi(t)`` is one float32 matrix product over ``F = d +
+1`` features (``addmm``, at full float32 precision: :func:`knn_screen.full_precision`), so,
+whatever the summation order, ``|key_t + ||phi(q)||^2 - ||phi(q) - phi(t)||^2| <=
+gamma32_(F + 2) M'^2`` with ``M' = ||phi(q)|| + max_t ||phi(t)||`` (as in
+:mod:`kmnist_torch.models.knn_screen`).
+
+**The search.** For a test image ``q``: split the training images into ``G`` runs of
+consecutive indices and take the one of smallest screen value in each (any ``G >= k`` images
+would do); compute their exact squared distances (integers, exact in float32 as
+:mod:`kmnist_torch.models.knn` explains) and let ``U`` be the k-th smallest, rounded up. Those
+``k`` images lie within ``U``, so the true k-th distance ``d_k <= U``, and every training image
+``t`` with ``||q - t|| <= U`` (the true k nearest, and every image tied with the k-th, among
+them) has
+
+    key_t <= (U + eta M)^2 + 2 gamma32_(F + 3) M'^2 - ||phi(q)||^2 =: T_q
+
+(twice the rounding bound, for margin; ``T_q`` computed in float64 and rounded up to float32).
+Every training image with ``key_t <= T_q`` is a *survivor* and gets its exact distance; an image
+that is not is farther than ``U >= d_k``, so it is neither one of the k nearest nor tied with
+the k-th. Choosing the k smallest survivors by (exact distance, index) is therefore choosing
+them among all training images, ties at the k-th distance included: the same answer as the
+plain scan. A test image with more than ``n_train / SURVIVOR_SHARE`` survivors (the bound was
+too weak for it) is scored against every training image by the plain scan instead.
+
+The exact step gathers each test image's survivors (a few hundred on KMNIST-like images) and
+takes one matrix-vector product per feature block; the screen itself is one thin matrix product
+per batch of test images, whose threshold and survivor lists are taken in NumPy (one pass each).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .knn_screen import exact_keys, full_precision, gamma
+
+# Principal directions kept (d); the screen has d + 1 features.
+DIMS = 128
+# Training images the directions are computed from (evenly spaced).
+SAMPLE_ROWS = 1024
+# Runs of training indices whose best-screened images give the first exact distances.
+GROUPS = 32
+# Survivor rows gathered at a time by the exact step (float32 rows: 64 MiB at 784 pixels).
+EXACT_ROWS = 2**14
+# A test image with more than n_train / SURVIVOR_SHARE survivors is scored by the plain scan.
+SURVIVOR_SHARE = 8
+# Elements of one (test batch x train) screen-value matrix (float32: 32 MiB).
+SCREEN_ELEMENTS = 2**23
+# Rows at a time when computing features (float64 intermediates).
+FEATURE_ROWS = 8192
+# float64 unit roundoff.
+U64 = 2.0**-53
+
+
+def gamma64(n: int) -> float:
+    """Higham's ``gamma_n`` for float64."""
+    return n * U64 / (1 - n * U64)
+
+
+def applies(n_train: int, n_features: int, k: int) -> bool:
+    """Whether the screen can run: enough training images for its ``GROUPS`` first candidates
+    (and ``k`` of them) and at least two features per image."""
+    return n_train >= max(GROUPS, k) and n_features >= 2
+
+
+class PcaScreen:
+    """The training images' projected features, ready to screen batches of test images.
+
+    ``train``: N x D CPU tensor of integers in [0, 255]. ``dims``: principal directions kept
+    (at most D - 1)."""
+
+    def __init__(self, train: torch.Tensor, dims: int = DIMS) -> None:
+        n, width = train.shape
+        d = max(1, min(dims, width - 1))
+        step = max(1, n // SAMPLE_ROWS)
+        sample = train[::step][:SAMPLE_ROWS].to(torch.float64)
+        self.mean = sample.mean(dim=0)
+        self.basis = _basis(sample - self.mean, d)
+        eye = torch.eye(d, dtype=torch.float64)
+        # Each computed entry of V^T V errs by at most gamma64_D (unit columns): d^2 entries.
+        e = float((self.basis.T @ self.basis - eye).norm()) + 2 * d * gamma64(width + d)
+        self.eta = (
+            math.sqrt(2.1 * e + 4 * gamma64(width + d + 2) * math.sqrt(d + 1))
+            + e
+            + 4 * gamma64(width) * math.sqrt(d)
+            + 2.0**-23
+        )
+        # The exact step's copy of the rows: shifted to [-128, 127] (as knn shifts them).
+        self.rows8 = train.to(torch.int16).sub_(128).to(torch.int8)
+        self.phi, c_norm = self.features(train)
+        sq = self.phi.to(torch.float64).square().sum(dim=1)
+        self.phi_sq = sq.to(torch.float32)
+        self.phi_max = float(sq.max().sqrt())
+        self.c_max = float(c_norm.max())
+        self.n_feat = self.phi.shape[1]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``phi`` (float32, N x (d + 1)) and ``||c||`` (float64) of each row of ``x``."""
+        phis, norms = [], []
+        for lo in range(0, x.shape[0], FEATURE_ROWS):
+            c = x[lo : lo + FEATURE_ROWS].to(torch.float64) - self.mean
+            y = c @ self.basis
+            c_sq = c.square().sum(dim=1)
+            r = (c_sq - y.square().sum(dim=1)).clamp_(min=0.0).sqrt_()
+            phis.append(torch.cat([y, r[:, None]], dim=1).to(torch.float32))
+            norms.append(c_sq.sqrt())
+        return torch.cat(phis), torch.cat(norms)
+
+    def keys(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Screen values (B x N float32 NumPy) of the byte rows ``query`` and the float64
+        parts of their thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``."""
+        q_phi, q_c = self.features(query)
+        with full_precision():
+            key = torch.addmm(self.phi_sq[None, :], q_phi, self.phi.T, alpha=-2.0)
+        q_sq = q_phi.to(torch.float64).square().sum(dim=1)
+        m = q_c + self.c_max
+        m_phi = q_sq.sqrt() + self.phi_max
+        parts = torch.stack(
+            [q_sq, self.eta * m, 2 * gamma(self.n_feat + 3) * m_phi.square()], dim=1
+        )
+        return key.numpy(), parts.numpy()
+
+    @staticmethod
+    def thresholds(parts: np.ndarray, kth_sq: np.ndarray) -> np.ndarray:
+        """``T_q`` (float32, rounded up) from :meth:`keys`'s parts and the exact k-th squared
+        distance among the first candidates."""
+        u = np.sqrt(kth_sq.astype(np.float64)) * (1 + 2.0**-50)
+        t64 = (u + parts[:, 1]) ** 2 + parts[:, 2] - parts[:, 0]
+        t32 = t64.astype(np.float32)
+        low = t32.astype(np.float64) < t64
+        t32[low] = np.nextafter(t32[low], np.float32(np.inf))
+        return t32
+
+
+def first_candidates(key: np.ndarray) -> np.ndarray:
+    """Per row, the index of the smallest screen value in each of ``GROUPS`` runs of
+    consecutive columns (B x GROUPS int64, distinct within a row)."""
+    n = key.shape[1]
+    width = n // GROUPS
+    head = key[:, : width * GROUPS].reshape(key.shape[0], GROUPS, width)
+    return head.argmin(axis=2) + np.arange(GROUPS) * width
+
+
+def survivors(key: np.ndarray, limit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows the screen settles (a bool per row: at least ``k`` and at most
+    ``n / SURVIVOR_SHARE`` survivors) and the settled rows' survivors as flat positions
+    ``row * n + column`` (ascending: by row, then column)."""
+    below = key <= limit[:, None]
+    counts = np.count_nonzero(below, axis=1)
+    ok = (counts >= k) & (counts <= max(k, key.shape[1] // SURVIVOR_SHARE))
+    return ok, np.flatnonzero(below[ok])
+
+
+def settle(
+    screen: PcaScreen,
+    query: torch.Tensor,
+    query_blocks: list[torch.Tensor],
+    query_sq: torch.Tensor,
+    train_blocks: list[torch.Tensor],
+    train_sq: torch.Tensor,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Screen one batch of test images (``query``: B x D bytes; the blocks and integer squared
+    norms as :mod:`kmnist_torch.models.knn` prepares them). Returns which rows are settled
+    (bool per row) and, for those rows, the k smallest rank keys ``||t||^2 - 2 q.t`` (int64)
+    and their training indices, sorted by (key, index)."""
+    key, parts = screen.keys(query)
+    first = torch.from_numpy(first_candidates(key))
+    first_keys = exact_keys(query_blocks, train_blocks, train_sq, first)
+    kth = first_keys.to(torch.int64).topk(k, dim=1, largest=False).values[:, -1]
+    limit = screen.thresholds(parts, (kth + query_sq.to(torch.int64)).numpy())
+    ok, flat = survivors(key, limit, k)
+    n = key.shape[1]
+    row, col = flat // n, flat % n
+    counts = np.bincount(row, minlength=int(ok.sum()))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    queries = [q[torch.from_numpy(ok)] for q in query_blocks]
+    dots = _exact_dots(screen.rows8, queries, col, starts, EXACT_ROWS)
+    exact = train_sq.numpy().astype(np.int64)[col] - 2 * dots
+    # By row, then exact key, then column: each row's first k are its k nearest.
+    order = np.lexsort((col, exact, row))
+    pick = order[starts[:-1, None] + np.arange(k)]
+    return ok, exact[pick], col[pick]
+
+
+def _exact_dots(
+    rows8: torch.Tensor,
+    queries: list[torch.Tensor],
+    col: np.ndarray,
+    starts: np.ndarray,
+    max_rows: int,
+) -> np.ndarray:
+    """``q_i . t_c`` (int64) for every survivor: the rows ``col[starts[i]:starts[i + 1]]``
+    for query ``i``. Training rows (``rows8``: shifted to [-128, 127], one byte each, a
+    quarter of the memory traffic of float32 rows) are gathered a chunk of queries at a time
+    (at most ``max_rows`` rows, or one query's) into one float32 buffer, then one
+    matrix-vector product per query and feature block: each block's products are integers
+    within 2**24, exact in float32 in any order."""
+    dots = np.zeros(len(col), dtype=np.int64)
+    widths = [q.shape[1] for q in queries]
+    n_q = len(starts) - 1
+    most = int(np.diff(starts).max()) if n_q else 0
+    buffer = torch.empty(min(len(col), max(max_rows, most)), rows8.shape[1])
+    i = 0
+    while i < n_q:
+        j = int(np.searchsorted(starts, starts[i] + max_rows, side="right")) - 1
+        j = min(max(j, i + 1), n_q)
+        lo, hi = int(starts[i]), int(starts[j])
+        rows = buffer[: hi - lo]
+        rows.copy_(rows8.index_select(0, torch.from_numpy(col[lo:hi])))
+        blocks = rows.split(widths, dim=1)
+        for r in range(i, j):
+            a, b = int(starts[r]) - lo, int(starts[r + 1]) - lo
+            for block, q in zip(blocks, queries):
+                dots[lo + a : lo + b] += (block[a:b] @ q[r]).numpy().astype(np.int64)
+        i = j
+    return dots
+
+
+def _basis(centred: torch.Tensor, d: int) -> torch.Tensor:
+    """D x d float64 with orthonormal columns spanning the top ``d`` principal directions of
+    ``centred`` (from the eigenvectors of the smaller of its two Gram matrices), filled up
+    with fixed pseudo-random directions where the sample spans fewer; a QR makes the columns
+    orthonormal to float64 precision. Deterministic, and the caller's random stream is left
+    as it was (a forked generator)."""
+    rows, width = centred.shape
+    if rows >= width:
+        _, vecs = torch.linalg.eigh(centred.T @ centred)
+        top = vecs.flip(1)[:, :d]
+    else:
+        vals, vecs = torch.linalg.eigh(centred @ centred.T)
+        keep = vals.flip(0)[:d] > 0
+        top = (centred.T @ vecs.flip(1)[:, :d])[:, keep]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        extra = torch.randn(width, max(0, d - top.shape[1]), dtype=torch.float64)
+    return torch.linalg.qr(torch.cat([top, extra], dim=1)).Q.contiguous()

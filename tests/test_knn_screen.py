@@ -1,0 +1,183 @@
+"""The projection screen (kmnist_torch.models.knn_pca) never changes the 4-NN's answer: the
+same neighbours, distances and tie order as the plain exact scan, on adversarial images (few
+grey levels, so many equal distances; duplicates; all-zero images; queries equal to training
+images; tiny projections; wide images), with the screen settling the test images itself rather
+than handing them all to the plain scan."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kmnist_torch.models import knn, knn_pca
+from kmnist_torch.models.knn import kneighbors, knn_predict
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Small matrices: one thread (on a loaded 2-core machine two spin against each other)."""
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Counts the test images the screen settles (the rest go to the plain scan)."""
+    count = {"settled": 0, "screened": 0}
+    real = knn_pca.settle
+
+    def spy(*args, **kwargs):
+        ok, keys, index = real(*args, **kwargs)
+        count["settled"] += int(ok.sum())
+        count["screened"] += len(ok)
+        return ok, keys, index
+
+    monkeypatch.setattr(knn_pca, "settle", spy)
+    return count
+
+
+def _strokes(rng, n, shape=(28, 28), levels=256, parts=6):
+    """Images built from a few shared stroke patterns plus sparse noise: structure the
+    projection captures, so the bound is tight enough to settle most test images."""
+    size = math.prod(shape)
+    base = rng.integers(0, 2, (parts, size)) * rng.integers(40, 120, (parts, 1))
+    mix = rng.random((n, parts)) < 0.5
+    x = (mix @ base) + np.where(rng.random((n, size)) < 0.01, rng.integers(0, 60, (n, size)), 0)
+    x = np.clip(x, 0, 255)
+    if levels < 256:
+        step = 255 // (levels - 1)
+        x = (x // step) * step
+    return x.astype(np.uint8).reshape(n, *shape)
+
+
+def _same(a, b):
+    assert torch.equal(a[1], b[1]), "indices differ"
+    assert torch.equal(a[0], b[0]), "distances differ"
+
+
+def test_equals_the_plain_scan_and_settles_most_test_images(settled):
+    rng = np.random.default_rng(0)
+    train, test = _strokes(rng, 1000, (20, 20)), _strokes(rng, 100, (20, 20))
+    test[:3] = train[[5, 17, 999]]  # queries equal to training images (distance 0)
+    train[100:110] = train[100]  # duplicates
+    train[200], test[3] = 0, 0  # all-zero images
+    plain = kneighbors(train, test, screen=False)
+    _same(kneighbors(train, test, screen=True, batch_size=37), plain)
+    assert settled["screened"] == 100
+    assert settled["settled"] >= 90  # the screen, not the fallback, answered
+    labels = rng.integers(0, 10, 1000)
+    screened = knn_predict(train, labels, test, screen=True)
+    assert torch.equal(screened, knn_predict(train, labels, test, screen=False))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    levels=st.sampled_from([2, 3, 5, 256]),
+    k=st.integers(1, 6),
+    dims=st.sampled_from([1, 2, 7, 40]),
+    share=st.sampled_from([1, knn_pca.SURVIVOR_SHARE]),
+    exact_rows=st.sampled_from([1, 50, knn_pca.EXACT_ROWS]),
+    duplicates=st.booleans(),
+)
+def test_equals_the_plain_scan_on_adversarial_images(
+    seed, levels, k, dims, share, exact_rows, duplicates
+):
+    # share 1: every test image with at least k survivors is settled by the screen however
+    # weak the bound, so the exact step over survivors is what is checked; few grey levels
+    # give many exact ties at the k-th distance, which must go to the lowest indices.
+    rng = np.random.default_rng(seed)
+    train = _strokes(rng, 160, (8, 8), levels=levels)
+    test = _strokes(rng, 12, (8, 8), levels=levels)
+    if duplicates:
+        train[40:80] = train[rng.integers(0, 40, 40)]
+        test[:4] = train[rng.integers(0, 160, 4)]
+        train[7] = test[5] = 0
+    plain = kneighbors(train, test, k=k, screen=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_pca, "SURVIVOR_SHARE", share)
+        mp.setattr(knn_pca, "EXACT_ROWS", exact_rows)
+        mp.setattr(knn_pca.PcaScreen.__init__, "__defaults__", (dims,))
+        _same(kneighbors(train, test, k=k, screen=True, batch_size=5), plain)
+
+
+def test_ties_at_the_kth_distance_go_to_the_lowest_indices(monkeypatch, settled):
+    # 30 training images at the same distance 10 from the query (one pixel of 10 each, at
+    # different places), 2 nearer: the 4 neighbours are the 2 nearer and the 2 lowest-indexed
+    # of the tied ones, as the plain scan (and scikit-learn's ArgKmin) choose.
+    monkeypatch.setattr(knn_pca, "SURVIVOR_SHARE", 1)
+    q = np.full((8, 8), 50, np.uint8)
+    train = np.repeat(q[None], 40, 0)
+    for i in range(40):
+        r, c = divmod(i, 8)
+        train[i, r, c] += 10 if i >= 2 else 3
+    train[32:] = 200  # far away
+    order = np.random.default_rng(1).permutation(40)
+    train = train[order]
+    plain = kneighbors(train, q[None], k=4, screen=False)
+    screened = kneighbors(train, q[None], k=4, screen=True)
+    _same(screened, plain)
+    assert settled["settled"] == 1
+    tied = sorted(int(np.flatnonzero(order == i)[0]) for i in range(2, 32))
+    assert screened[1][0, 2:].tolist() == tied[:2]
+
+
+def test_wide_images_are_exact_across_feature_blocks(settled):
+    # 36 x 36 = 1,296 features: two exact blocks of at most 1,024.
+    rng = np.random.default_rng(2)
+    train, test = _strokes(rng, 200, (36, 36)), _strokes(rng, 20, (36, 36))
+    test[0] = train[3]
+    _same(kneighbors(train, test, screen=True), kneighbors(train, test, screen=False))
+    assert settled["settled"] > 0
+
+
+def test_the_features_bound_every_distance():
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(_strokes(rng, 150).reshape(150, -1))
+    x[:20] = torch.from_numpy(rng.integers(0, 256, (20, 784), dtype=np.uint8))  # off the plane
+    for dims in (1, 16, 100):
+        screen = knn_pca.PcaScreen(x, dims=dims)
+        phi, c_norm = screen.features(x)
+        lower = torch.cdist(phi.double(), phi.double())
+        exact = torch.cdist(x.double(), x.double())
+        slack = screen.eta * (c_norm[:, None] + c_norm[None, :])
+        assert bool((lower <= exact + slack).all())
+        assert screen.eta < 1e-5  # the rounding margin is small against pixel distances
+    assert float((lower / exact.clamp(min=1)).mean()) > 0.5  # a bound that screens
+
+
+def test_on_by_default_on_a_cpu_from_enough_images(monkeypatch, settled):
+    rng = np.random.default_rng(4)
+    train, test = _strokes(rng, 300), _strokes(rng, 20)
+    state = torch.random.get_rng_state()
+    kneighbors(train, test)
+    assert settled["screened"] == 0  # below SCREEN_MIN_TRAIN: the plain scan
+    monkeypatch.setattr(knn, "SCREEN_MIN_TRAIN", 300)
+    monkeypatch.setattr(knn, "SCREEN_MIN_TEST", 21)
+    kneighbors(train, test)
+    assert settled["screened"] == 0  # below SCREEN_MIN_TEST
+    monkeypatch.setattr(knn, "SCREEN_MIN_TEST", 20)
+    kneighbors(train, test)
+    assert settled["screened"] == 20
+    kneighbors(train, test, screen=False)
+    assert settled["screened"] == 20
+    monkeypatch.setattr(knn, "SCREEN_MAX_FEATURES", 783)
+    kneighbors(train, test)
+    assert settled["screened"] == 20  # wider images than that: the plain scan
+    monkeypatch.setattr(knn, "SCREEN_MAX_FEATURES", 784)
+    monkeypatch.setattr(knn, "DEFAULT_SCREEN", False)
+    kneighbors(train, test)
+    assert settled["screened"] == 20
+    # The basis comes from a forked, seeded generator: the caller's stream is untouched.
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_non_byte_images_and_the_older_screen_bypass_it(settled):
+    rng = np.random.default_rng(5)
+    train, test = _strokes(rng, 100), _strokes(rng, 10)
+    kneighbors(train / 255.0, test / 255.0, screen=True)  # not byte-valued: float64 scan
+    kneighbors(train, test, screen=True, candidates=16)  # the older screen asked for
+    assert settled["screened"] == 0
