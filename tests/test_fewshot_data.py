@@ -188,7 +188,9 @@ def test_excluded_images_are_never_drawn():
     banned = set(range(0, 120, 7))
     mask = torch.zeros(120, dtype=torch.bool)
     mask[sorted(banned)] = True
-    for exclude in (sorted(banned), banned, torch.tensor(sorted(banned)), mask, mask.numpy()):
+    forms = (sorted(banned), banned, torch.tensor(sorted(banned)), mask, mask.numpy(),
+             (i for i in sorted(banned)))  # fmt: skip
+    for exclude in forms:
         s = EpisodeSampler(labels, range(6), 4, 5, 10, episodes=40, exclude=exclude)
         for ep in s:
             _check_episode(ep, labels, range(6), 4, 5, 10, banned)

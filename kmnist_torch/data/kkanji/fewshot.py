@@ -402,13 +402,15 @@ def _kept(n: int, exclude) -> np.ndarray:
         return keep
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.detach().cpu().numpy()
-    mask = np.asarray(exclude) if not isinstance(exclude, (set, frozenset)) else None
+    if not isinstance(exclude, (np.ndarray, Sequence)):  # a set, a generator: its indices
+        exclude = list(exclude)
+    mask = np.asarray(exclude)
     if mask is not None and mask.dtype == bool:
         if mask.shape != (n,):
             raise ValueError(f"exclude as a mask must have one bool per image ({n}), got "
                              f"{mask.shape}")  # fmt: skip
         return ~mask
-    ex = _int_array("exclude", list(exclude) if mask is None else exclude)
+    ex = _int_array("exclude", exclude)
     if ex.size and (ex.min() < 0 or ex.max() >= n):
         raise ValueError(f"exclude holds indices outside 0..{n - 1}")
     keep[ex] = False
