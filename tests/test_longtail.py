@@ -76,7 +76,12 @@ def test_an_empty_group_has_no_score_and_the_table_says_so():
     table = longtail_table([("NCM", rec)])
     assert "| NCM | 66.67% | 75.00% | 100.00% / 100.00% | 50.00% / 50.00% | — / — |" in table
     assert "Head (≥ 25)" in table and "Tail (≤ 5)" in table
-    assert "| NCM | 1 classes, 1 test images | 1 classes, 2 test images |" in table
+    sizes = "head (≥ 25): 1 classes, 1 test images; middle: 1 classes, 2 test images"
+    assert f"Groups: {sizes}; tail (≤ 5): 0 classes, 0 test images." in table
+    # Rows with other groups (other splits) each say theirs.
+    other = longtail_scores([0, 1], [0, 1], [30, 30], head_min=25, tail_max=5)
+    both = longtail_table([("NCM", rec), ("4-NN", other)])
+    assert f"- NCM: {sizes}" in both and "- 4-NN: head (≥ 25): 2 classes, 2 test images" in both
 
 
 def test_bad_inputs_say_what_is_wrong():

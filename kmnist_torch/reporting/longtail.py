@@ -139,18 +139,21 @@ def longtail_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
             + " | ".join(cells)
             + " |"
         )
-    out += [
-        "",
-        "| Model | " + " | ".join(names[g] for g in GROUPS) + " |",
-        "| --- |" + " ---: |" * len(GROUPS),
-    ]
-    for title, rec in rows:
-        cells = [
-            f"{rec['groups'][g]['classes']:,} classes, {rec['groups'][g]['test_images']:,} "
-            f"test images"
+
+    def sizes(rec: dict[str, Any]) -> str:
+        return "; ".join(
+            f"{names[g].lower()}: {rec['groups'][g]['classes']:,} classes, "
+            f"{rec['groups'][g]['test_images']:,} test images"
             for g in GROUPS
-        ]
-        out.append(f"| {title} | " + " | ".join(cells) + " |")
+        )
+
+    # Each row's groups, once where every row has the same (rows of one split).
+    told = list(dict.fromkeys(sizes(rec) for _, rec in rows))
+    out.append("")
+    if len(told) == 1:
+        out.append(f"Groups: {told[0]}.")
+    else:
+        out += [f"- {title}: {sizes(rec)}" for title, rec in rows]
     out += [
         "",
         f"Groups by training images per class: head ≥ {th['head_min']}, tail ≤ "
