@@ -403,9 +403,13 @@ def _kept(n: int, exclude) -> np.ndarray:
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.detach().cpu().numpy()
     if not isinstance(exclude, (np.ndarray, Sequence)):  # a set, a generator: its indices
-        exclude = list(exclude)
+        try:
+            exclude = list(exclude)
+        except TypeError:
+            what = f"exclude must be image indices or a bool mask, got {exclude!r}"
+            raise ValueError(what) from None
     mask = np.asarray(exclude)
-    if mask is not None and mask.dtype == bool:
+    if mask.dtype == bool:
         if mask.shape != (n,):
             raise ValueError(f"exclude as a mask must have one bool per image ({n}), got "
                              f"{mask.shape}")  # fmt: skip
