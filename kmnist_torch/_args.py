@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ._io import started
@@ -130,3 +132,21 @@ def run_main(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return status(result)
+
+
+def output_problem(out: Path, suffixes: tuple[str, ...] | None = None) -> str | None:
+    """Why ``out`` cannot be written as a file (before any work is done), or None."""
+    if out.is_dir():
+        return f"--out {out} is a folder; name a file in it"
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        return f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use one of " + (
+            ", ".join(suffixes)
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"--out {out}: {parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK):
+                return f"--out {out}: {parent} is not writable"
+            break
+    return None

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ._args import add_data_options
+from ._args import add_data_options, output_problem
 from .errors import DataFilesError, FormatError
 
 
@@ -39,10 +39,7 @@ def cmd_fewshot_split(args: argparse.Namespace) -> int:
     from .data.kkanji.fewshot import write_partition
 
     out = Path(args.out)
-    problem = f"--out {out} is a folder; name a file in it" if out.is_dir() else None
-    above = next((p for p in out.parents if p.exists()), None)
-    if problem is None and above is not None and not above.is_dir():
-        problem = f"--out {out}: {above} is a file, not a folder"
+    problem = output_problem(out)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -5,7 +5,6 @@ nothing here repeats it."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import catalog
-from ._args import ROOT_HELP, Parser, add_data_options, run_main
+from ._args import ROOT_HELP, Parser, add_data_options, output_problem, run_main
 from ._audit import add_parser as add_audit_parser
 from ._fewshot_split import add_parser as add_fewshot_split_parser
 from .download.fetch import Target
@@ -224,30 +223,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _output_problem(out: Path, suffixes: tuple[str, ...] | None = None) -> str | None:
-    """Why ``out`` cannot be written as a file (before any work is done), or None."""
-    if out.is_dir():
-        return f"--out {out} is a folder; name a file in it"
-    if suffixes is not None and out.suffix.lower() not in suffixes:
-        return f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use one of " + (
-            ", ".join(suffixes)
-        )
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"--out {out}: {parent} is a file, not a folder"
-            if not os.access(parent, os.W_OK):
-                return f"--out {out}: {parent} is not writable"
-            break
-    return None
-
-
 MAX_PER_CLASS = 200  # images in one montage row
 
 
 def _montage_problem(args: argparse.Namespace) -> str | None:
     """Why montage's arguments cannot work (before any data is read), or None."""
-    problem = _output_problem(Path(args.out), IMAGE_SUFFIXES)
+    problem = output_problem(Path(args.out), IMAGE_SUFFIXES)
     if problem is None and args.per_class < 1:
         problem = f"--per-class must be a whole number >= 1, got {args.per_class}"
     if problem is None and args.max_classes < 1:
@@ -326,7 +307,7 @@ def cmd_kkanji_split(args: argparse.Namespace) -> int:
     """Write the KKanji split's file names as JSON, so a split can be published and reused."""
     from .data.kkanji.split import write_split_file
 
-    problem = _output_problem(Path(args.out))
+    problem = output_problem(Path(args.out))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
