@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from fakedata import kkanji_files, png_bytes, write_kkanji_tree
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -354,6 +354,7 @@ def test_sampler_invariants_hold_or_a_value_error_says_why(case, n, k, q, episod
                  st.booleans(), st.lists(st.lists(st.integers(), max_size=2), max_size=3)),
        st.sampled_from(["labels", "classes", "n_way", "k_shot", "q_query", "episodes", "seed",
                         "exclude"]))  # fmt: skip
+@example(0.0, "exclude")  # once a TypeError: list() of a float
 def test_sampler_bad_values_are_value_errors_never_anything_else(value, which):
     args = {"labels": TINY, "classes": [0, 1], "n_way": 2, "k_shot": 1, "q_query": 1,
             "episodes": 2, "seed": 0, "exclude": None}  # fmt: skip
