@@ -150,3 +150,15 @@ def output_problem(out: Path, suffixes: tuple[str, ...] | None = None) -> str | 
                 return f"--out {out}: {parent} is not writable"
             break
     return None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--threads``, ``--ways``, ...;
+    argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ._args import Parser, add_data_options, run_main
+from ._args import Parser, add_data_options, positive_int, run_main
 from ._io import atomic_write, folder_lock, write_json
 from .data.kkanji.fewshot import MIN_IMAGES, N_NOVEL, N_VAL, load_fewshot
 from .data.kkanji.resize import SIZES
@@ -94,16 +94,6 @@ _HELP = {
 }
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -124,7 +114,7 @@ def _add_budget_options(p: argparse.ArgumentParser) -> None:
         if field.name == "distance":
             group.add_argument(flag, choices=["squared", "euclidean"], default=None, help=text)
         else:
-            kind = _positive_float if isinstance(default, float) else _positive
+            kind = _positive_float if isinstance(default, float) else positive_int
             group.add_argument(
                 flag,
                 type=kind,
@@ -144,21 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for models and results")
     add_data_options(p, download=False, device_help="torch device (default: cuda if available)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--ways", nargs="+", type=_positive, default=[5, 20], metavar="N")
-    p.add_argument("--shots", nargs="+", type=_positive, default=[1, 5], metavar="K")
-    p.add_argument("--queries", type=_positive, default=15, metavar="Q")
+    p.add_argument("--ways", nargs="+", type=positive_int, default=[5, 20], metavar="N")
+    p.add_argument("--shots", nargs="+", type=positive_int, default=[1, 5], metavar="K")
+    p.add_argument("--queries", type=positive_int, default=15, metavar="Q")
     episodes = f"evaluation episodes per cell (default {EPISODES}; 5 with --quick)"
-    p.add_argument("--episodes", type=_positive, default=None, metavar="N", help=episodes)
+    p.add_argument("--episodes", type=positive_int, default=None, metavar="N", help=episodes)
     p.add_argument("--image-size", type=int, choices=SIZES, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the episodes")
     part = p.add_argument_group("the class partition (kkanji-fewshot-split's arguments)")
     part.add_argument("--partition-seed", type=int, default=0, help="its seed (default 0)")
     part.add_argument("--n-val", type=int, default=N_VAL, help=f"validation classes ({N_VAL})")
-    part.add_argument("--n-novel", type=_positive, default=N_NOVEL,
+    part.add_argument("--n-novel", type=positive_int, default=N_NOVEL,
                       help=f"novel classes ({N_NOVEL})")  # fmt: skip
     needs = f"usable images a validation or novel class needs ({MIN_IMAGES})"
-    part.add_argument("--min-images", type=_positive, default=MIN_IMAGES, help=needs)
-    p.add_argument("--threads", type=cpu.thread_count, default=None,
+    part.add_argument("--min-images", type=positive_int, default=MIN_IMAGES, help=needs)
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: the cores the load leaves free)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and episodes")
     _add_budget_options(p)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._args import Parser, add_data_options, run_main
+from ._args import Parser, add_data_options, positive_int, run_main
 from .data import registry
 from .data.registry import dataset_options, list_datasets
 from .data.splits import load_split
@@ -112,7 +112,7 @@ def _add_run_options(run: argparse._ArgumentGroup) -> None:
     )
     run.add_argument(
         "--threads",
-        type=cpu.thread_count,
+        type=positive_int,
         default=None,
         metavar="N",
         help="CPU intra-op threads (default: the CPUs the load average leaves free)",

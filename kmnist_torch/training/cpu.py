@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -74,17 +73,6 @@ def choose_threads(
     cpus = cpus or os.cpu_count() or 1
     load = os.getloadavg()[0] if load is None else load
     return max(1, min(cpus, int(cpus - load + 0.5)))
-
-
-def thread_count(text: str) -> int:
-    """``--threads``' argument: a whole number of at least 1 (argparse names the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def configure(
