@@ -31,12 +31,11 @@ from typing import Any
 import torch
 
 from kmnist_torch import catalog, train
+from kmnist_torch._cells import longtail_of_run
 from kmnist_torch._io import atomic_write, write_json
 from kmnist_torch.data.kkanji.split import write_split_file
-from kmnist_torch.data.splits import load_run_split, load_split
-from kmnist_torch.evaluate import predict_split
+from kmnist_torch.data.splits import load_split
 from kmnist_torch.models.knn import knn_predict
-from kmnist_torch.models.modelfile import find_model_file, load_model
 from kmnist_torch.models.ncm import class_means, ncm_predict
 from kmnist_torch.reporting.longtail import longtail_scores, longtail_table
 from kmnist_torch.training.recipes import RECIPES
@@ -164,18 +163,13 @@ def trained_row(model: str, args: argparse.Namespace, run: Path, epochs: int) ->
     seconds = time.perf_counter() - t0
     if res.get("interrupted"):
         raise SystemExit(f"{model}: stopped; run the same command again to continue")
-    model_file = find_model_file(run)
-    net = load_model(model_file, torch.device("cpu"))
-    te, _ = load_run_split(model_file, net.meta, "test", args.root, args.verify, False)
-    tr, _ = load_run_split(model_file, net.meta, "train", args.root, args.verify, False)
-    counts = torch.bincount(tr.targets, minlength=len(tr.classes))
-    _, pred = predict_split(net, te, torch.device("cpu"), net.meta.get("recipe"))
+    longtail, te, tr = longtail_of_run(run, torch.device("cpu"), args.root, args.verify, False)
     return {
         "seconds": seconds,
         "train_seconds": res.get("wall_seconds"),
         "epochs": epochs,
         "images_per_second": res.get("images_per_second"),
-        "longtail": longtail_scores(pred, te.targets, counts),
+        "longtail": longtail,
         "argv": argv,
         "num_train": len(tr.targets),
         "num_test": len(te.targets),

@@ -89,20 +89,28 @@ def run_pixels(cell: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def run_longtail(cell: dict[str, Any], args: argparse.Namespace, run_dir: Path) -> None:
-    """The long-tail record of a trained KKanji cell: its run's ``model.pt`` on the images the
-    run tested on (:func:`kmnist_torch.evaluate.predict_split`), the groups from the images
-    it trained on."""
+    """The long-tail record of a trained KKanji cell (see :func:`longtail_of_run`)."""
+    if cell["dataset"] not in LONGTAIL_DATASETS:
+        return
+    device = torch.device(args.device) if args.device else None
+    cell["longtail"] = longtail_of_run(run_dir, device, args.root, args.verify, args.download)[0]
+
+
+def longtail_of_run(
+    run_dir: Path, device: torch.device | None, root: Any, verify: bool, download: bool
+) -> tuple[dict[str, Any], Any, Any]:
+    """A trained run's long-tail record: its ``model.pt`` on the images the run tested on
+    (:func:`kmnist_torch.evaluate.predict_split`), the groups from the images it trained on;
+    with those test and training images (:func:`load_run_split`'s namespaces)."""
     from .evaluate import predict_split
     from .models.knn import default_device
     from .models.modelfile import find_model_file, load_model
 
-    if cell["dataset"] not in LONGTAIL_DATASETS:
-        return
-    device = torch.device(args.device) if args.device else default_device()
+    device = device or default_device()
     model_file = find_model_file(run_dir)
     model = load_model(model_file, device)
-    split = {"root": args.root, "verify": args.verify, "download": args.download}
+    split = {"root": root, "verify": verify, "download": download}
     test_set, _ = load_run_split(model_file, model.meta, "test", **split)
     train_set, _ = load_run_split(model_file, model.meta, "train", **split)
     _, pred = predict_split(model, test_set, device, model.meta.get("recipe"))
-    cell["longtail"] = longtail_scores(pred, test_set.targets, train_counts(train_set))
+    return longtail_scores(pred, test_set.targets, train_counts(train_set)), test_set, train_set
