@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     needs = f"usable images a validation or novel class needs ({MIN_IMAGES})"
     part.add_argument("--min-images", type=positive_int, default=MIN_IMAGES, help=needs)
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default: the cores the load leaves free)")  # fmt: skip
+                   help="CPU threads (default: the cores other processes leave free)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and episodes")
     _add_budget_options(p)
     return p

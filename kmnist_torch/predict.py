@@ -316,7 +316,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # PIL warns about damaged tags it skips (Corrupt EXIF data ...): the image then decodes or
     # fails with its own error line; the warnings would only be noise between the answers.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    cpu.configure(device=args.device)  # threads from the load, as in training
+    cpu.configure(device=args.device)  # threads: the CPUs others leave free, as in training
     model = load_model(args.model, args.device)
     results = predict(model, image_files(args.images), args.top_k, args.invert)
     if args.json:

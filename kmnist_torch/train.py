@@ -115,7 +115,7 @@ def _add_run_options(run: argparse._ArgumentGroup) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="CPU intra-op threads (default: the CPUs the load average leaves free)",
+        help="CPU intra-op threads (default: the CPUs other processes leave free now)",
     )
     run.add_argument(
         "--deterministic",

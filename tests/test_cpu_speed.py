@@ -4,6 +4,11 @@ CPU twin of the GPU path; torch.compile's twin is test_train's test_compile_trai
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,12 +57,16 @@ def test_bf16_is_used_where_the_cpu_has_the_units_or_when_forced(monkeypatch):
         cpu.configure("maybe")
 
 
-def test_threads_follow_the_load_unless_set(monkeypatch):
+def test_threads_follow_the_cpus_busy_elsewhere_unless_set(monkeypatch):
     assert cpu.choose_threads(cpus=2, load=0.2) == 2
-    assert cpu.choose_threads(cpus=2, load=1.6) == 1  # one core already busy elsewhere
+    assert cpu.choose_threads(cpus=2, load=1.0) == 1  # one core already busy elsewhere
     assert cpu.choose_threads(cpus=2, load=9.0) == 1
     assert cpu.choose_threads(cpus=16, load=3.4) == 13
     assert cpu.choose_threads(3, cpus=2, load=9.0) == 3
+    # Unreadable /proc: the load average decides, as before.
+    monkeypatch.setattr(cpu, "busy_elsewhere", lambda: None)
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.6, 0.0, 0.0))
+    assert cpu.choose_threads(cpus=2) == 1
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu, "START_THREADS", 2)
     monkeypatch.setattr(cpu, "choose_threads", lambda n=None: n or 1)  # as under load
@@ -75,6 +84,58 @@ def test_threads_follow_the_load_unless_set(monkeypatch):
     torch.set_num_threads(3)  # the harness's workers set theirs first
     cpu.configure("auto", None)
     assert torch.get_num_threads() == 3
+
+
+def _proc(tmp_path, readings):
+    """Fake /proc/stat and /proc/self/stat that change between busy_elsewhere's two reads:
+    ``readings`` is two (cpu line ticks, own utime, own stime, CPUs) tuples."""
+    stat, own = tmp_path / "stat", tmp_path / "self-stat"
+
+    def write(i):
+        ticks, utime, stime, cpus = readings[i]
+        lines = ["cpu  " + " ".join(map(str, ticks))]
+        lines += [f"cpu{c} 1 2 3 4 5 6 7 8 0 0" for c in range(cpus)] + ["intr 1 2 3"]
+        stat.write_text("\n".join(lines) + "\n", encoding="ascii")
+        # A command name with spaces and a parenthesis, as a process may have.
+        rest = ["S"] + ["0"] * 10 + [str(utime), str(stime)] + ["0"] * 30
+        own.write_text("4242 (python (x) y) " + " ".join(rest) + "\n", encoding="ascii")
+
+    write(0)
+    return stat, own, lambda seconds: write(1)
+
+
+def test_busy_elsewhere_counts_other_processes_and_not_this_one(tmp_path, monkeypatch):
+    # Over the sample, 190 ticks of the 2 CPUs: 140 busy (user, system, irq, softirq, steal),
+    # 20 idle and 30 waiting on I/O (idle too); 50 of the busy ones are this process's own.
+    before = (1000, 10, 500, 9000, 100, 5, 5, 0, 0, 0)
+    after = (1090, 10, 520, 9020, 130, 15, 15, 10, 0, 0)
+    stat, own, tick = _proc(tmp_path, [(before, 300, 100, 2), (after, 340, 110, 2)])
+    monkeypatch.setattr(cpu.time, "sleep", tick)
+    assert cpu.busy_elsewhere(0.1, stat, own) == pytest.approx((140 - 50) / 190 * 2)
+    # All the busy time this process's own: nobody else is busy, 2 threads.
+    stat, own, tick = _proc(tmp_path, [(before, 300, 100, 2), (after, 400, 150, 2)])
+    monkeypatch.setattr(cpu.time, "sleep", tick)
+    assert cpu.busy_elsewhere(0.1, stat, own) == 0.0
+    # Malformed or missing files, or no time passed: None, and the caller falls back.
+    stat, own, tick = _proc(tmp_path, [(before, 300, 100, 2), (before, 300, 100, 2)])
+    monkeypatch.setattr(cpu.time, "sleep", tick)
+    assert cpu.busy_elsewhere(0.1, stat, own) is None
+    own.write_text("4242 (python) S 1 2\n", encoding="ascii")
+    assert cpu.busy_elsewhere(0.1, stat, own) is None
+    stat.write_bytes(b"\xff\xfe")
+    assert cpu.busy_elsewhere(0.1, stat, own) is None
+    assert cpu.busy_elsewhere(0.1, tmp_path / "missing", own) is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
+def test_a_spinning_process_counts_as_busy_elsewhere():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert cpu.busy_elsewhere(0.5) >= 0.4
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])

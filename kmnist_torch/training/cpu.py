@@ -7,9 +7,16 @@
   recipe's ``amp`` decides, as before.
 - **channels_last**: on CUDA as the recipe says; on a CPU only together with bf16 (oneDNN's
   bf16 convolutions want it; in float32 it measured no faster).
-- **threads**: intra-op threads for the CPUs not already busy, ``cpus - load average``
-  rounded, at least 1: on the loaded 2-core machine the simple CNN's training steps on 1
-  thread ran 1.94x a plain loop's on 2 (docs/benchmarks.md). ``--threads N`` sets it.
+- **threads**: intra-op threads for the CPUs no other process is using now: the CPUs this
+  process may run on, less the CPU time other processes took over a 0.1 s sample of
+  ``/proc/stat`` (this process's own time, from ``/proc/self/stat``, is not counted), rounded,
+  at least 1. The 1-minute load average, used before, counts this process's own recent work
+  and tasks waiting on disk: on the idle 2-core machine, right after a benchmark step, it read
+  1.3 and gave 1 thread, and the simple CNN's steps ran at 374 img/s against 619 img/s on 2
+  (the training-steps row of benchmarks/cpu_speed.py, two runs).
+  On a machine really busy elsewhere 1 thread is right: there the CNN's steps on 1 thread ran
+  1.94x a plain loop's on 2 (docs/benchmarks.md). The load average remains the fallback where
+  ``/proc`` cannot be read. ``--threads N`` sets it.
 - **torch.compile** on a CPU needs a C++ compiler for the generated kernels:
   :func:`compile_available` says whether there is one.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +36,10 @@ import torch
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_MODES = ("auto", "on", "off")
 CPUINFO = Path("/proc/cpuinfo")
+PROC_STAT = Path("/proc/stat")
+PROC_SELF_STAT = Path("/proc/self/stat")
+# Seconds between the two readings of /proc/stat that tell how busy the other processes are.
+SAMPLE_SECONDS = 0.1
 
 
 @dataclass
@@ -65,14 +77,66 @@ def bf16_units(flags: frozenset[str] | None = None) -> list[str]:
 def choose_threads(
     requested: int | None = None, cpus: int | None = None, load: float | None = None
 ) -> int:
-    """Intra-op threads: ``requested``, else the CPUs the load average leaves free (>= 1)."""
+    """Intra-op threads: ``requested``, else the CPUs other processes leave free (>= 1):
+    ``cpus`` (default: those this process may run on) less ``load``, the CPUs busy elsewhere
+    (default: :func:`busy_elsewhere`, or the 1-minute load average where it cannot tell)."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"threads must be at least 1, got {requested}")
         return requested
-    cpus = cpus or os.cpu_count() or 1
-    load = os.getloadavg()[0] if load is None else load
+    cpus = cpus or usable_cpus()
+    if load is None:
+        load = busy_elsewhere()
+    if load is None:
+        load = os.getloadavg()[0]
     return max(1, min(cpus, int(cpus - load + 0.5)))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_elsewhere(
+    interval: float = SAMPLE_SECONDS, stat: Path = PROC_STAT, own: Path = PROC_SELF_STAT
+) -> float | None:
+    """CPUs' worth of time other processes used over ``interval`` seconds, from two readings of
+    ``/proc/stat`` (user, nice, system, irq, softirq, steal; not idle or I/O wait) less this
+    process's own user and system time (``/proc/self/stat``). None where either is unreadable
+    or malformed, or no time passed."""
+    first = _busy_ticks(stat, own)
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _busy_ticks(stat, own)
+    if second is None:
+        return None
+    busy, total, mine = (b - a for a, b in zip(first[:3], second[:3]))
+    if total <= 0:
+        return None
+    return max(0.0, (busy - mine) / total * second[3])
+
+
+def _busy_ticks(stat: Path, own: Path) -> tuple[int, int, int, int] | None:
+    """(busy ticks of all CPUs, all ticks of all CPUs, this process's ticks, CPUs listed)."""
+    try:
+        lines = stat.read_text(encoding="ascii").splitlines()
+        # After the command name (which may hold spaces and parentheses): state is field 3,
+        # utime and stime are fields 14 and 15.
+        fields = own.read_text(encoding="ascii").rpartition(")")[2].split()
+        mine = int(fields[11]) + int(fields[12])
+        ticks = [int(v) for v in lines[0].split()[1:9]]
+    except (OSError, UnicodeDecodeError, IndexError, ValueError):
+        return None
+    if not lines[0].startswith("cpu ") or len(ticks) < 8:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    cpus = sum(1 for line in lines[1:] if line.startswith("cpu"))
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait, mine, max(1, cpus)
 
 
 def configure(
