@@ -181,3 +181,17 @@ def test_non_byte_images_and_the_older_screen_bypass_it(settled):
     kneighbors(train / 255.0, test / 255.0, screen=True)  # not byte-valued: float64 scan
     kneighbors(train, test, screen=True, candidates=16)  # the older screen asked for
     assert settled["screened"] == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(-50, 50)), max_size=60))
+def test_the_combined_sort_orders_as_a_lexsort(pairs):
+    # Survivors come by row, then column; the combined int64 sort and the lexsort it falls
+    # back to (for spans that would overflow) give the same (row, key, column) order.
+    pairs.sort(key=lambda p: p[0])
+    row = np.array([p[0] for p in pairs], dtype=np.int64)
+    key = np.array([p[1] for p in pairs], dtype=np.int64)
+    col = np.arange(len(pairs), dtype=np.int64)
+    fast = knn_pca.by_row_key_column(row, key, col)
+    slow = knn_pca.by_row_key_column(row, key, col, fits=0)
+    assert fast.tolist() == slow.tolist() == np.lexsort((col, key, row)).tolist()

@@ -261,9 +261,7 @@ def _pca_phase(
         rows = torch.arange(lo, min(test.shape[0], lo + ctx.pca_batch))
         query = test[rows]
         query_blocks, query_sq = _prepare(query, True, ctx.device, ctx.int_dtype)
-        ok, keys, index = knn_pca.settle(
-            ctx.pca, query, query_blocks, query_sq, ctx.blocks, ctx.sq, ctx.k
-        )
+        ok, keys, index = knn_pca.settle(ctx.pca, query, query_blocks, query_sq, ctx.k)
         done = torch.from_numpy(ok)
         dists[rows[done]] = _distances(torch.from_numpy(keys), query_sq[done])
         inds[rows[done]] = torch.from_numpy(index)

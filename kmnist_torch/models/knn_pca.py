@@ -62,7 +62,7 @@ import math
 import numpy as np
 import torch
 
-from .knn_screen import exact_keys, full_precision, gamma
+from .knn_screen import full_precision, gamma
 
 # Principal directions kept (d); the screen has d + 1 features.
 DIMS = 128
@@ -123,6 +123,11 @@ class PcaScreen:
         self.phi_max = float(sq.max().sqrt())
         self.c_max = float(c_norm.max())
         self.n_feat = self.phi.shape[1]
+        self.phi_t = self.phi.T.contiguous()
+        self.sq64 = train_sq64(self.rows8)
+        self._key = torch.empty(0, n)
+        # The survivors' mask, reused from batch to batch (see keys).
+        self.below = np.empty((0, n), dtype=bool)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``phi`` (float32, N x (d + 1)) and ``||c||`` (float64) of each row of ``x``."""
@@ -130,18 +135,23 @@ class PcaScreen:
         for lo in range(0, x.shape[0], FEATURE_ROWS):
             c = x[lo : lo + FEATURE_ROWS].to(torch.float64) - self.mean
             y = c @ self.basis
-            c_sq = c.square().sum(dim=1)
-            r = (c_sq - y.square().sum(dim=1)).clamp_(min=0.0).sqrt_()
+            c_norm = torch.linalg.vector_norm(c, dim=1)
+            r = (c_norm.square() - y.square().sum(dim=1)).clamp_(min=0.0).sqrt_()
             phis.append(torch.cat([y, r[:, None]], dim=1).to(torch.float32))
-            norms.append(c_sq.sqrt())
+            norms.append(c_norm)
         return torch.cat(phis), torch.cat(norms)
 
     def keys(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Screen values (B x N float32 NumPy) of the byte rows ``query`` and the float64
         parts of their thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``."""
         q_phi, q_c = self.features(query)
+        # One buffer for every batch: a fresh 30-MiB matrix per batch costs its page faults
+        # again each time (measured: 4.1 s against 2.6 s for the products at KMNIST size).
+        if self._key.shape[0] < len(query):
+            self._key = torch.empty(len(query), len(self.phi_sq))
+        key = self._key[: len(query)]
         with full_precision():
-            key = torch.addmm(self.phi_sq[None, :], q_phi, self.phi.T, alpha=-2.0)
+            torch.addmm(self.phi_sq[None, :], q_phi, self.phi_t, alpha=-2.0, out=key)
         q_sq = q_phi.to(torch.float64).square().sum(dim=1)
         m = q_c + self.c_max
         m_phi = q_sq.sqrt() + self.phi_max
@@ -171,11 +181,14 @@ def first_candidates(key: np.ndarray) -> np.ndarray:
     return head.argmin(axis=2) + np.arange(GROUPS) * width
 
 
-def survivors(key: np.ndarray, limit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def survivors(
+    key: np.ndarray, limit: np.ndarray, k: int, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Which rows the screen settles (a bool per row: at least ``k`` and at most
     ``n / SURVIVOR_SHARE`` survivors) and the settled rows' survivors as flat positions
-    ``row * n + column`` (ascending: by row, then column)."""
-    below = key <= limit[:, None]
+    ``row * n + column`` (ascending: by row, then column). ``out``: a bool buffer of
+    ``key``'s shape to use."""
+    below = np.less_equal(key, limit[:, None], out=out)
     counts = np.count_nonzero(below, axis=1)
     ok = (counts >= k) & (counts <= max(k, key.shape[1] // SURVIVOR_SHARE))
     return ok, np.flatnonzero(below[ok])
@@ -186,31 +199,66 @@ def settle(
     query: torch.Tensor,
     query_blocks: list[torch.Tensor],
     query_sq: torch.Tensor,
-    train_blocks: list[torch.Tensor],
-    train_sq: torch.Tensor,
     k: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Screen one batch of test images (``query``: B x D bytes; the blocks and integer squared
-    norms as :mod:`kmnist_torch.models.knn` prepares them). Returns which rows are settled
-    (bool per row) and, for those rows, the k smallest rank keys ``||t||^2 - 2 q.t`` (int64)
-    and their training indices, sorted by (key, index)."""
+    """Screen one batch of test images (``query``: B x D bytes; its shifted float32 feature
+    blocks and integer squared norms as :mod:`kmnist_torch.models.knn` prepares them). Returns
+    which rows are settled (bool per row) and, for those rows, the k smallest rank keys
+    ``||t||^2 - 2 q.t`` (int64) and their training indices, sorted by (key, index)."""
     key, parts = screen.keys(query)
-    first = torch.from_numpy(first_candidates(key))
-    first_keys = exact_keys(query_blocks, train_blocks, train_sq, first)
-    kth = first_keys.to(torch.int64).topk(k, dim=1, largest=False).values[:, -1]
-    limit = screen.thresholds(parts, (kth + query_sq.to(torch.int64)).numpy())
-    ok, flat = survivors(key, limit, k)
+    first = first_candidates(key)
+    first_keys = screen.sq64[first] - 2 * _first_dots(screen.rows8, query_blocks, first)
+    kth = np.partition(first_keys, k - 1, axis=1)[:, k - 1]
+    limit = screen.thresholds(parts, kth + query_sq.numpy().astype(np.int64))
+    if screen.below.shape[0] < len(query):
+        screen.below = np.empty(key.shape, dtype=bool)
+    ok, flat = survivors(key, limit, k, out=screen.below[: len(query)])
     n = key.shape[1]
-    row, col = flat // n, flat % n
+    row, col = np.divmod(flat, n)
     counts = np.bincount(row, minlength=int(ok.sum()))
     starts = np.concatenate([[0], np.cumsum(counts)])
     queries = [q[torch.from_numpy(ok)] for q in query_blocks]
     dots = _exact_dots(screen.rows8, queries, col, starts, EXACT_ROWS)
-    exact = train_sq.numpy().astype(np.int64)[col] - 2 * dots
+    exact = screen.sq64[col] - 2 * dots
     # By row, then exact key, then column: each row's first k are its k nearest.
-    order = np.lexsort((col, exact, row))
+    order = by_row_key_column(row, exact, col)
     pick = order[starts[:-1, None] + np.arange(k)]
     return ok, exact[pick], col[pick]
+
+
+def train_sq64(rows8: torch.Tensor) -> np.ndarray:
+    """``||t||^2`` (int64) of each shifted training row: the same integers as the plain scan's
+    squared norms."""
+    return rows8.to(torch.int32).square_().sum(dim=1, dtype=torch.int64).numpy()
+
+
+def _first_dots(
+    rows8: torch.Tensor, query_blocks: list[torch.Tensor], first: np.ndarray
+) -> np.ndarray:
+    """``q_i . t_c`` (int64, B x G) for the ``first`` candidates (B x G) of each query: one
+    batched product per feature block, each exact in float32 (integers within 2**24)."""
+    b, g = first.shape
+    rows = rows8.index_select(0, torch.from_numpy(first.reshape(-1))).view(b, g, -1).float()
+    widths = [q.shape[1] for q in query_blocks]
+    dots = torch.zeros(b, g, dtype=torch.int64)
+    for block, q in zip(rows.split(widths, dim=2), query_blocks):
+        dots += torch.bmm(block, q[:, :, None]).squeeze(2).to(torch.int64)
+    return dots.numpy()
+
+
+def by_row_key_column(
+    row: np.ndarray, key: np.ndarray, col: np.ndarray, fits: int = 2**62
+) -> np.ndarray:
+    """Positions ordered by (row, key, column), for ``row`` and then ``col`` ascending as given
+    (int64 arrays). One stable sort of a combined int64 (row, key) where it stays below
+    ``fits``, else a lexsort: the same order."""
+    if len(key) == 0:
+        return np.arange(0)
+    low = int(key.min())
+    span = int(key.max()) - low + 1
+    if (int(row[-1]) + 1) * span < fits:
+        return np.argsort(row * span + (key - low), kind="stable")
+    return np.lexsort((col, key, row))
 
 
 def _exact_dots(
@@ -223,28 +271,31 @@ def _exact_dots(
     """``q_i . t_c`` (int64) for every survivor: the rows ``col[starts[i]:starts[i + 1]]``
     for query ``i``. Training rows (``rows8``: shifted to [-128, 127], one byte each, a
     quarter of the memory traffic of float32 rows) are gathered a chunk of queries at a time
-    (at most ``max_rows`` rows, or one query's) into one float32 buffer, then one
+    (at most ``max_rows`` rows, or one query's) into reused buffers, made float32, then one
     matrix-vector product per query and feature block: each block's products are integers
     within 2**24, exact in float32 in any order."""
-    dots = np.zeros(len(col), dtype=np.int64)
+    dots = torch.zeros(len(col), dtype=torch.int64)
     widths = [q.shape[1] for q in queries]
     n_q = len(starts) - 1
     most = int(np.diff(starts).max()) if n_q else 0
-    buffer = torch.empty(min(len(col), max(max_rows, most)), rows8.shape[1])
+    size = min(len(col), max(max_rows, most))
+    raw = torch.empty(size, rows8.shape[1], dtype=torch.int8)
+    buffer = torch.empty(size, rows8.shape[1])
+    index = torch.from_numpy(col)
     i = 0
     while i < n_q:
         j = int(np.searchsorted(starts, starts[i] + max_rows, side="right")) - 1
         j = min(max(j, i + 1), n_q)
         lo, hi = int(starts[i]), int(starts[j])
-        rows = buffer[: hi - lo]
-        rows.copy_(rows8.index_select(0, torch.from_numpy(col[lo:hi])))
+        torch.index_select(rows8, 0, index[lo:hi], out=raw[: hi - lo])
+        rows = buffer[: hi - lo].copy_(raw[: hi - lo])
         blocks = rows.split(widths, dim=1)
         for r in range(i, j):
-            a, b = int(starts[r]) - lo, int(starts[r + 1]) - lo
+            a, b = int(starts[r]), int(starts[r + 1])
             for block, q in zip(blocks, queries):
-                dots[lo + a : lo + b] += (block[a:b] @ q[r]).numpy().astype(np.int64)
+                dots[a:b] += torch.mv(block[a - lo : b - lo], q[r]).to(torch.int64)
         i = j
-    return dots
+    return dots.numpy()
 
 
 def _basis(centred: torch.Tensor, d: int) -> torch.Tensor:
