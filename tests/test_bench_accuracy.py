@@ -58,9 +58,15 @@ def test_accuracy_row_trains_both_sides_on_the_same_images(bench, one_thread):
     json.dumps(row)  # goes into the run's JSON as it is
 
 
-def test_the_split_is_fixed_and_disjoint(bench):
+@pytest.mark.parametrize("shared", ["as found", "absent"])
+def test_the_split_is_fixed_and_disjoint(bench, monkeypatch, shared):
     _, acc = bench
+    if shared == "absent":
+        monkeypatch.setattr(acc._shared, "real_kmnist_test_npz", lambda: None)
     a, b = acc.split(300, 100), acc.split(300, 100)
+    real = acc._shared.real_kmnist_test_npz() is not None
+    assert a.source == ("real KMNIST test images" if real else
+                        "random images and labels (../shared absent)")  # fmt: skip
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert a.train_x.dtype == torch.uint8 and a.train_x.shape == (300, 28, 28)
     seen = {bytes(x.numpy()) for x in a.train_x}
@@ -122,6 +128,7 @@ def test_page_and_table_carry_the_accuracy_row_from_json(bench, tmp_path, capsys
     assert cpu_speed.main(["--from-json", str(run_json(tmp_path, ROW)), "--docs", str(page)]) == 0
     printed = capsys.readouterr().out
     text = page.read_text()
+    words = " ".join(text.split())  # the page's paragraphs are wrapped
     line = next(row for row in text.splitlines() if row.startswith("| simple CNN recipe"))
     assert line in printed  # the table printed is the page's
     for shown in ("2 of its 12 epochs on 8,000 images, batch 128, top-1 on 2,000 others",
@@ -130,9 +137,9 @@ def test_page_and_table_carry_the_accuracy_row_from_json(bench, tmp_path, capsys
                   "1.53x; top-1 +1.6 points, inside +/-2.4", "| 1.1-1.9 |"):  # fmt: skip
         assert shown in line, shown
     assert "The accuracy of whole runs was not measured" not in text
-    assert "2 of the recipe's 12 epochs (`--acc-epochs`: all 12 take 6 times as long)" in text
-    assert "adadelta lr 1, batch 128" in text and "8,000 real KMNIST test images" in text
-    assert "two binomial standard errors" in text
+    assert "2 of the recipe's 12 epochs (`--acc-epochs`: all 12 take 6 times as long)" in words
+    assert "adadelta lr 1, batch 128" in words and "8,000 real KMNIST test images" in words
+    assert "two binomial standard errors" in words
 
     outside = {**ROW, "accuracy_diff": -0.031, "equal": False, "ratio": 0.8}
     cpu_speed.main(["--from-json", str(run_json(tmp_path, outside)), "--docs", str(page)])
@@ -142,3 +149,13 @@ def test_page_and_table_carry_the_accuracy_row_from_json(bench, tmp_path, capsys
     text = page.read_text()
     assert "The accuracy of whole runs was not measured" in text
     assert "simple CNN recipe, whole runs" not in text
+
+
+def test_bad_acc_epochs_are_one_line(bench, capsys):
+    cpu_speed, _ = bench
+    with pytest.raises(SystemExit) as stop:
+        cpu_speed.main(["--acc-epochs", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--acc-epochs: expected a whole number of at least 1, got '0'" in err
+    assert "Traceback" not in err
