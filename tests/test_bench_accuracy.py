@@ -29,10 +29,22 @@ def tiny_split(acc, n_train: int = 256, n_test: int = 32):
     return acc.Split(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "random test images")
 
 
-def test_accuracy_row_trains_both_sides_on_the_same_images(bench, one_thread):
+def test_accuracy_row_trains_both_sides_on_the_same_images(bench, one_thread, monkeypatch):
     cpu_speed, acc = bench
     data = tiny_split(acc)
+    made = []  # each model's initial weights, in the order the runs build them
+
+    def create_model(*args, **kw):
+        model = real_create(*args, **kw)
+        made.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+        return model
+
+    real_create = acc.create_model
+    monkeypatch.setattr(acc, "create_model", create_model)
     row = cpu_speed.accuracy_row(1, 2, data=data)
+    # Per seed, ours then the plain loop: the same initial weights; another seed, others.
+    assert len(made) == 4 and torch.equal(made[0], made[1]) and torch.equal(made[2], made[3])
+    assert not torch.equal(made[0], made[2])
     assert (row["epochs"], row["recipe_epochs"], row["batch"]) == (1, 12, 128)
     assert (row["train"], row["test"], row["source"]) == (256, 32, "random test images")
     assert [(r["ours"]["seed"], r["peer"]["seed"]) for r in row["runs"]] == [(0, 0), (1, 1)]
