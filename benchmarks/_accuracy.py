@@ -52,7 +52,7 @@ def split(n_train: int, n_test: int, seed: int = 0) -> Split:
     else:
         x = rng.integers(0, 256, (n_train + n_test, 28, 28), dtype=np.uint8)
         y = rng.integers(0, NUM_CLASSES, n_train + n_test)
-        source = "random images and labels (../shared absent)"
+        source = "random images with random labels (../shared absent: top-1 stays near chance)"
     if n_train + n_test > len(x):
         raise ValueError(f"{n_train} + {n_test} images asked for, {len(x)} there")
     order = rng.permutation(len(x))

@@ -254,7 +254,7 @@ def accuracy_row(
     errors of the difference on ``n_test`` images). ``data``: an ``_accuracy.Split`` to use
     instead of the fixed split of the real images."""
     recipe = RECIPES["cnn"] if epochs is None else RECIPES["cnn"].override(epochs=epochs)
-    data = data or _accuracy.split(n_train, n_test)
+    data = _accuracy.split(n_train, n_test) if data is None else data
     runs = []
     for seed in range(repeats):
         runs.append({"ours": _accuracy.ours(recipe, data, seed)})

@@ -77,8 +77,8 @@ def test_the_split_is_fixed_and_disjoint(bench, monkeypatch, shared):
         monkeypatch.setattr(acc._shared, "real_kmnist_test_npz", lambda: None)
     a, b = acc.split(300, 100), acc.split(300, 100)
     real = acc._shared.real_kmnist_test_npz() is not None
-    assert a.source == ("real KMNIST test images" if real else
-                        "random images and labels (../shared absent)")  # fmt: skip
+    absent = "random images with random labels (../shared absent: top-1 stays near chance)"
+    assert a.source == ("real KMNIST test images" if real else absent)
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert a.train_x.dtype == torch.uint8 and a.train_x.shape == (300, 28, 28)
     seen = {bytes(x.numpy()) for x in a.train_x}
