@@ -3,9 +3,11 @@ docs/benchmarks.md, with the float32 and bf16 matrix-product rates measured in t
 
 Rows: exact 4-NN against scikit-learn (KMNIST size, K49 size on a slice of its test images),
 simple-CNN training steps against a plain torchvision-style loop, PreActResNet-18 + manifold
-mixup steps against the reference loop, and inference (eager against onnxruntime). Ours and the
-peer alternate, best of ``--repeats``; the load average is recorded beside each row, because the
-machine may be shared. Writes JSON (--out) and the docs page (--docs).
+mixup steps against the reference loop, whole simple-CNN recipe runs against the plain loop
+(images/s and top-1 on held-out images, benchmarks/_accuracy.py; one pair per seed), and
+inference (eager against onnxruntime). Ours and the peer alternate, best of ``--repeats``; the
+load average is recorded beside each row, because the machine may be shared. Writes JSON
+(--out) and the docs page (--docs).
 
     python benchmarks/cpu_speed.py                       # everything (tens of minutes)
     python benchmarks/cpu_speed.py --quick               # small sizes: the plumbing
@@ -19,10 +21,12 @@ import os
 import platform
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import _accuracy
 import _shared
 import numpy as np
 import torch
@@ -33,6 +37,7 @@ from kmnist_torch.data import formats
 from kmnist_torch.models.knn import knn_predict
 from kmnist_torch.models.registry import create_model
 from kmnist_torch.training import cpu
+from kmnist_torch.training.recipes import RECIPES
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -111,6 +116,11 @@ def shifted_images(n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray
 
     return (*draw(0, n_train), *draw(5000, n_test))
 
+
+# Whole simple-CNN runs: one epoch of 8,000 images took 23.0 s (ours, 1 thread) and 17.9 s (the
+# plain loop) at load 1.3 on the 2-core development machine, so the default 2 epochs x 2 seeds
+# is about 3 min; the recipe's 12 epochs would be about 16 min there.
+ACC_EPOCHS = 2
 
 SCREENS = {"default": None, "on": True, "off": False}
 
@@ -232,6 +242,50 @@ def train_row(model_name: str, batch: int, steps: int, repeats: int) -> dict[str
     }
 
 
+def accuracy_row(
+    epochs: int | None, repeats: int, n_train: int = 8000, n_test: int = 2000, data=None
+) -> dict[str, Any]:
+    """Whole runs of the simple CNN recipe (``RECIPES["cnn"]``; ``epochs`` cuts its epochs):
+    ours (the trainer's engine on device-resident batches, its thread policy) against the
+    plain loop (PIL dataset + DataLoader, 2 workers, torch's default threads), the same
+    ``n_train`` images and initial weights; top-1 on the same ``n_test`` held-out images.
+    One pair per seed (0 .. repeats - 1), ours first; images/s best of the seeds, accuracy
+    their mean, ``equal`` when the mean difference is inside ``band`` (two binomial standard
+    errors of the difference on ``n_test`` images). ``data``: an ``_accuracy.Split`` to use
+    instead of the fixed split of the real images."""
+    recipe = RECIPES["cnn"] if epochs is None else RECIPES["cnn"].override(epochs=epochs)
+    data = _accuracy.split(n_train, n_test) if data is None else data
+    runs = []
+    for seed in range(repeats):
+        runs.append({"ours": _accuracy.ours(recipe, data, seed)})
+        runs[-1]["peer"] = _accuracy.plain(recipe, data, seed, workers=2)
+    mean = {k: sum(r[k]["accuracy"] for r in runs) / len(runs) for k in ("ours", "peer")}
+    best = {k: max(r[k]["img_s"] for r in runs) for k in ("ours", "peer")}
+    band = _accuracy.band(mean["ours"], mean["peer"], len(data.test_y))
+    diff = mean["ours"] - mean["peer"]
+    return {
+        "recipe": "cnn",
+        "epochs": recipe.epochs,
+        "recipe_epochs": RECIPES["cnn"].epochs,
+        "batch": recipe.batch_size,
+        "optimizer": recipe.optimizer,
+        "lr": recipe.lr,
+        "train": len(data.train_y),
+        "test": len(data.test_y),
+        "source": data.source,
+        "runs": runs,
+        "ours_img_s": best["ours"],
+        "peer_img_s": best["peer"],
+        "ratio": best["ours"] / best["peer"],
+        "ours_accuracy": mean["ours"],
+        "peer_accuracy": mean["peer"],
+        "accuracy_diff": diff,
+        "band": band,
+        "equal": abs(diff) <= band,
+        "loads": [r[k]["load"] for r in runs for k in ("ours", "peer")],
+    }
+
+
 def _crop():
     from torchvision import transforms
 
@@ -302,6 +356,8 @@ def table(res: dict[str, Any]) -> list[str]:
             f"({row['peer_threads']} threads) | {row['ours_img_s'] / row['peer_img_s']:.2f}x | "
             f"{_loads(row)} |"
         )
+    if "accuracy" in res:
+        lines.append(_accuracy_line(res["accuracy"]))
     inf = res["inference"]
     lines.append(
         f"| simple CNN inference, {inf['images']:,} images, eager | "
@@ -314,6 +370,61 @@ def table(res: dict[str, Any]) -> list[str]:
         f"bf16 {rates['bf16']:.1f} GFLOP/s | {rates['float32'] / rates['bf16']:.2f}x | |"
     )
     return lines
+
+
+def _accuracy_line(acc: dict[str, Any]) -> str:
+    """The table row of whole simple-CNN runs: images/s, seconds and top-1 of each side."""
+
+    def side(key: str) -> str:
+        runs = [r[key] for r in acc["runs"]]
+        best = max(runs, key=lambda r: r["img_s"])
+        each = ", ".join(f"{100 * r['accuracy']:.1f}%" for r in runs)
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        spread = f" (seeds {seeds}: {each})" if len(runs) > 1 else ""
+        plural = "s" if best["threads"] > 1 else ""
+        return (
+            f"{best['img_s']:.1f} img/s ({best['threads']} thread{plural}, "
+            f"{best['train_s']:.1f} s), top-1 {100 * acc[key + '_accuracy']:.1f}%{spread}"
+        )
+
+    verdict = "inside" if acc["equal"] else "outside"
+    return (
+        f"| simple CNN recipe, whole runs: {acc['epochs']} of its {acc['recipe_epochs']} epochs "
+        f"on {acc['train']:,} images, batch {acc['batch']}, top-1 on {acc['test']:,} others | "
+        f"{side('ours')} | plain loop, PIL dataset + DataLoader (2 workers): {side('peer')} | "
+        f"{acc['ratio']:.2f}x; top-1 {100 * acc['accuracy_diff']:+.1f} points, {verdict} "
+        f"+/-{100 * acc['band']:.1f} | {_loads(acc)} |"
+    )
+
+
+def _accuracy_note(res: dict[str, Any]) -> str:
+    """The page's words on the accuracy row: its data, epochs, seeds and the noise rule."""
+    acc = res.get("accuracy")
+    if acc is None:
+        return "The accuracy of whole runs was not measured in this run."
+    cut = (
+        f"{acc['epochs']} of the recipe's {acc['recipe_epochs']} epochs (`--acc-epochs`: all "
+        f"{acc['recipe_epochs']} take {acc['recipe_epochs'] / acc['epochs']:.0f} times as long)"
+        if acc["epochs"] != acc["recipe_epochs"]
+        else f"all {acc['epochs']} of the recipe's epochs"
+    )
+    return (
+        f"The whole-runs row trains the `cnn` recipe ({acc['optimizer']} lr {acc['lr']:g}, "
+        f"batch {acc['batch']}) for "
+        f"{cut} on {acc['train']:,} {acc['source']} and scores top-1 on {acc['test']:,} others "
+        "(one fixed split, the same images for both sides, checked by a digest of what each "
+        "side was handed). Ours is the trainer's engine (`train_one_epoch`) on device-resident "
+        "batches with the thread policy `train` applies; the plain loop is a PIL dataset + "
+        "`DataLoader(num_workers=2)` + `torch.optim.Adadelta`, cross-entropy, torch's default "
+        "threads; both drop the last partial batch, so both take the same steps. Each seed "
+        "gives both sides the same initial weights; images/s is the best seed, over the "
+        "training epochs only (no evaluation inside), and top-1 is the mean over seeds. "
+        "Rule for equal accuracy: the difference is inside two binomial standard errors of "
+        f"a difference of two accuracies on {acc['test']:,} images, "
+        "2 sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), the +/- beside it. That band covers the "
+        "test sample only, not the spread between training runs (other shuffles and dropout "
+        "draws), which after few epochs can be larger: the per-seed figures show it."
+    )
 
 
 def _screen(knn: dict[str, Any]) -> str:
@@ -357,7 +468,8 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
   batch and PreActResNet-18 + manifold mixup on batch 32, on the real KMNIST test images.
   Ours runs the trainer's step on device-resident batches with the threads
   `kmnist_torch.training.cpu` chose from the load; the alternatives use torch's default
-  threads. The accuracy of whole runs was not measured in this run.
+  threads.
+{accuracy_note}
 - **Inference**: the simple CNN (random weights) on random images, eager under
   `kmnist_torch.training.cpu.inference` against onnxruntime on the ONNX export.
 """
@@ -383,10 +495,19 @@ def write_page(res: dict[str, Any], path: Path) -> None:
             torch=m["torch"],
             table="\n".join(table(res)),
             k49_note=note,
+            accuracy_note=textwrap.fill(
+                _accuracy_note(res), 94, initial_indent="  ", subsequent_indent="  "
+            ),
             bf16_ratio=res["gemm_gflops"]["float32"] / res["gemm_gflops"]["bf16"],
         ),  # fmt: skip
         encoding="utf-8",
     )
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(SCREENS),
         default="default",
         help="the 4-NN's projection screen: knn_predict's default, or forced on or off",
+    )
+    p.add_argument(
+        "--acc-epochs",
+        type=_at_least_one,
+        default=ACC_EPOCHS,
+        help=f"epochs of the whole simple-CNN runs (default {ACC_EPOCHS}; the recipe's: 12)",
     )
     p.add_argument("--out", default="bench-out/cpu_speed.json")
     p.add_argument("--docs", default=None, help="write the docs page here (docs/benchmarks.md)")
@@ -430,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         "preact18": train_row("preact18", 32, max(2, steps // 4), args.repeats),
     }
     print(res["train"])
+    acc = (1, 500, 500) if args.quick else (args.acc_epochs, 8000, 2000)
+    res["accuracy"] = accuracy_row(acc[0], args.repeats, acc[1], acc[2])
+    print(_accuracy_line(res["accuracy"]))
     res["inference"] = inference_row(2000 if args.quick else 10000, args.repeats)
     res["load_at_end"] = os.getloadavg()
     print("\n".join(table(res)))

@@ -1,0 +1,173 @@
+"""benchmarks/cpu_speed.py's accuracy row (whole simple-CNN recipe runs, ours against the plain
+loop; benchmarks/_accuracy.py): the row on tiny random data, and the table and page written
+from a run's JSON (``--from-json``) with the numbers it holds."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """cpu_speed and _accuracy as the script imports them (its folder first on sys.path)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("cpu_speed"), importlib.import_module("_accuracy")
+
+
+def tiny_split(acc, n_train: int = 256, n_test: int = 32):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (n_train + n_test, 28, 28), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    return acc.Split(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "random test images")
+
+
+def test_accuracy_row_trains_both_sides_on_the_same_images(bench, one_thread, monkeypatch):
+    cpu_speed, acc = bench
+    data = tiny_split(acc)
+    made = []  # each model's initial weights, in the order the runs build them
+
+    def create_model(*args, **kw):
+        model = real_create(*args, **kw)
+        made.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+        return model
+
+    real_create = acc.create_model
+    monkeypatch.setattr(acc, "create_model", create_model)
+    row = cpu_speed.accuracy_row(1, 2, data=data)
+    # Per seed, ours then the plain loop: the same initial weights; another seed, others.
+    assert len(made) == 4 and torch.equal(made[0], made[1]) and torch.equal(made[2], made[3])
+    assert not torch.equal(made[0], made[2])
+    assert (row["epochs"], row["recipe_epochs"], row["batch"]) == (1, 12, 128)
+    assert (row["train"], row["test"], row["source"]) == (256, 32, "random test images")
+    assert [(r["ours"]["seed"], r["peer"]["seed"]) for r in row["runs"]] == [(0, 0), (1, 1)]
+    handed = acc.digest(data.train_x, data.train_y)
+    for run in row["runs"]:
+        for side in run.values():
+            assert side["data"] == handed  # each side trained on exactly the split's images
+            assert side["images"] == 256  # 1 epoch of 2 whole batches of 128
+            assert 0 < side["train_s"] and side["img_s"] == pytest.approx(256 / side["train_s"])
+            assert 0.0 <= side["accuracy"] <= 1.0
+            assert side["accuracy"] * 32 == pytest.approx(round(side["accuracy"] * 32))
+            assert side["threads"] >= 1 and side["load"] >= 0
+    for key in ("ours", "peer"):
+        runs = [r[key] for r in row["runs"]]
+        assert row[f"{key}_img_s"] == max(r["img_s"] for r in runs)
+        assert row[f"{key}_accuracy"] == pytest.approx(sum(r["accuracy"] for r in runs) / 2)
+    assert row["ratio"] == pytest.approx(row["ours_img_s"] / row["peer_img_s"])
+    assert row["accuracy_diff"] == pytest.approx(row["ours_accuracy"] - row["peer_accuracy"])
+    p, q = row["ours_accuracy"], row["peer_accuracy"]
+    assert row["band"] == pytest.approx(2 * math.sqrt((p * (1 - p) + q * (1 - q)) / 32))
+    assert row["equal"] == (abs(row["accuracy_diff"]) <= row["band"])
+    assert len(row["loads"]) == 4
+    json.dumps(row)  # goes into the run's JSON as it is
+
+
+@pytest.mark.parametrize("shared", ["as found", "absent"])
+def test_the_split_is_fixed_and_disjoint(bench, monkeypatch, shared):
+    _, acc = bench
+    if shared == "absent":
+        monkeypatch.setattr(acc._shared, "real_kmnist_test_npz", lambda: None)
+    a, b = acc.split(300, 100), acc.split(300, 100)
+    real = acc._shared.real_kmnist_test_npz() is not None
+    absent = "random images with random labels (../shared absent: top-1 stays near chance)"
+    assert a.source == ("real KMNIST test images" if real else absent)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.dtype == torch.uint8 and a.train_x.shape == (300, 28, 28)
+    seen = {bytes(x.numpy()) for x in a.train_x}
+    assert not any(bytes(x.numpy()) in seen for x in a.test_x)
+
+
+def test_the_plain_loop_refuses_a_recipe_it_does_not_write(bench):
+    _, acc = bench
+    from kmnist_torch.training.recipes import RECIPES
+
+    with pytest.raises(ValueError, match="simple CNN recipe's"):
+        acc.plain(RECIPES["paper"], tiny_split(acc), 0)
+
+
+def side(seed, img_s, seconds, accuracy, threads):
+    return {"seed": seed, "train_s": seconds, "images": 15872, "img_s": img_s,
+            "accuracy": accuracy, "threads": threads, "load": 1.25, "data": "ab"}  # fmt: skip
+
+
+def run_json(tmp_path: Path, accuracy: dict | None) -> Path:
+    res = {
+        "command": "python benchmarks/cpu_speed.py --repeats 2",
+        "repeats": 2,
+        "machine": {
+            "cpu": "Test CPU",
+            "cpus": 2,
+            "flags": ["avx2"],
+            "bf16_units": [],
+            "torch": "2.x",
+        },  # fmt: skip
+        "gemm_gflops": {"float32": 15.0, "bf16": 2.5},
+        "knn": {},
+        "train": {},
+        "inference": {"images": 2000, "ours_s": 0.5, "peer_s": 0.25, "loads": [1.0, 1.5]},
+    }
+    if accuracy is not None:
+        res["accuracy"] = accuracy
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(res))
+    return path
+
+
+ROW = {
+    "recipe": "cnn", "epochs": 2, "recipe_epochs": 12, "batch": 128, "optimizer": "adadelta",
+    "lr": 1.0, "train": 8000, "test": 2000, "source": "real KMNIST test images",
+    "runs": [
+        {"ours": side(0, 612.34, 25.9, 0.8123, 1), "peer": side(0, 401.27, 39.6, 0.8011, 2)},
+        {"ours": side(1, 598.0, 26.5, 0.8201, 1), "peer": side(1, 399.9, 39.7, 0.7989, 2)},
+    ],
+    "ours_img_s": 612.34, "peer_img_s": 401.27, "ratio": 1.526, "ours_accuracy": 0.8162,
+    "peer_accuracy": 0.8, "accuracy_diff": 0.0162, "band": 0.0243, "equal": True,
+    "loads": [1.1, 1.2, 1.3, 1.9],
+}  # fmt: skip
+
+
+def test_page_and_table_carry_the_accuracy_row_from_json(bench, tmp_path, capsys):
+    cpu_speed, _ = bench
+    page = tmp_path / "page.md"
+    assert cpu_speed.main(["--from-json", str(run_json(tmp_path, ROW)), "--docs", str(page)]) == 0
+    printed = capsys.readouterr().out
+    text = page.read_text()
+    words = " ".join(text.split())  # the page's paragraphs are wrapped
+    line = next(row for row in text.splitlines() if row.startswith("| simple CNN recipe"))
+    assert line in printed  # the table printed is the page's
+    for shown in ("2 of its 12 epochs on 8,000 images, batch 128, top-1 on 2,000 others",
+                  "612.3 img/s (1 thread, 25.9 s), top-1 81.6% (seeds 0, 1: 81.2%, 82.0%)",
+                  "401.3 img/s (2 threads, 39.6 s), top-1 80.0% (seeds 0, 1: 80.1%, 79.9%)",
+                  "1.53x; top-1 +1.6 points, inside +/-2.4", "| 1.1-1.9 |"):  # fmt: skip
+        assert shown in line, shown
+    assert "The accuracy of whole runs was not measured" not in text
+    assert "2 of the recipe's 12 epochs (`--acc-epochs`: all 12 take 6 times as long)" in words
+    assert "adadelta lr 1, batch 128" in words and "8,000 real KMNIST test images" in words
+    assert "two binomial standard errors" in words
+
+    outside = {**ROW, "accuracy_diff": -0.031, "equal": False, "ratio": 0.8}
+    cpu_speed.main(["--from-json", str(run_json(tmp_path, outside)), "--docs", str(page)])
+    assert "0.80x; top-1 -3.1 points, outside +/-2.4" in page.read_text()
+    # A run from before the row still renders, and says the accuracy was not measured.
+    cpu_speed.main(["--from-json", str(run_json(tmp_path, None)), "--docs", str(page)])
+    text = page.read_text()
+    assert "The accuracy of whole runs was not measured" in text
+    assert "simple CNN recipe, whole runs" not in text
+
+
+def test_bad_acc_epochs_are_one_line(bench, capsys):
+    cpu_speed, _ = bench
+    with pytest.raises(SystemExit) as stop:
+        cpu_speed.main(["--acc-epochs", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--acc-epochs: expected a whole number of at least 1, got '0'" in err
+    assert "Traceback" not in err
