@@ -126,10 +126,17 @@ SCREENS = {"default": None, "on": True, "off": False}
 
 
 def knn_row(
-    n_train: int, n_test: int, repeats: int, rates: dict[str, float], screen: str = "default"
+    n_train: int,
+    n_test: int,
+    repeats: int,
+    rates: dict[str, float],
+    screen: str = "default",
+    plain_scan: bool = False,
 ) -> dict[str, Any]:
     """Exact 4-NN: knn_predict (``screen``: its default, or the projection screen forced on
-    or off) against KNeighborsClassifier(4, "distance", n_jobs=-1)."""
+    or off) against KNeighborsClassifier(4, "distance", n_jobs=-1); with ``plain_scan``, the
+    plain scan (``screen=False``) timed once as well."""
+    torch_default = torch.get_num_threads()
     from sklearn.neighbors import KNeighborsClassifier
 
     train, labels, test, truth = shifted_images(n_train, n_test)
@@ -151,8 +158,19 @@ def knn_row(
     res = _interleaved(ours, peer, repeats)
     flops = 2.0 * n_train * n_test * 784
     ours, theirs = res.pop("ours"), res.pop("peer")
+    plain: dict[str, Any] = {}
+    if plain_scan:
+        # The plain scan (one float32 product per test batch) once, for the screen's gain.
+        cpu.configure("auto", None)
+        plain["plain_load"] = os.getloadavg()[0]
+        plain["plain_s"], scanned = _timed(
+            lambda: knn_predict(train, labels, test, screen=False).numpy()
+        )
+        plain["plain_mismatches"] = int((scanned != theirs).sum())
+        torch.set_num_threads(torch_default)
     return {
         **res,
+        **plain,
         "train": n_train,
         "test": n_test,
         "screen": screen,
@@ -293,8 +311,9 @@ def _crop():
 
 
 def inference_row(images: int, repeats: int) -> dict[str, Any]:
-    """Images/s of the simple CNN, eager (kmnist_torch.training.cpu.inference) against the
-    same model exported to ONNX and run by onnxruntime, batches of 1,000."""
+    """Images/s of the simple CNN, eager (kmnist_torch.training.cpu.inference, in the batches
+    evaluate and predict feed on a CPU) against the same model exported to ONNX and run by
+    onnxruntime, at the better for it of that batch and 1,000."""
     import onnxruntime
 
     torch.manual_seed(0)
@@ -309,23 +328,38 @@ def inference_row(images: int, repeats: int) -> dict[str, Any]:
         program.save(str(path))
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
+    step = cpu.eval_batch(torch.device("cpu"), 1000)  # what evaluate and predict feed
+
     def eager() -> torch.Tensor:
         default = torch.get_num_threads()
         cpu.configure("auto", None)  # what evaluate and predict do
         try:
             with cpu.inference(torch.device("cpu")):
-                return torch.cat([model(x[i : i + 1000]) for i in range(0, images, 1000)])
+                return torch.cat([model(x[i : i + step]) for i in range(0, images, step)])
         finally:
             torch.set_num_threads(default)
 
-    def onnx() -> torch.Tensor:
-        parts = [session.run(None, {"images": x[i : i + 1000].numpy()})[0]
-                 for i in range(0, images, 1000)]  # fmt: skip
+    def ort(batch: int) -> torch.Tensor:
+        parts = [session.run(None, {"images": x[i : i + batch].numpy()})[0]
+                 for i in range(0, images, batch)]  # fmt: skip
         return torch.from_numpy(np.concatenate(parts))
+
+    # onnxruntime at its better batch here: the eager path's, or 1,000.
+    peer_batch = min((step, 1000), key=lambda b: _timed(lambda: ort(b))[0])
+
+    def onnx() -> torch.Tensor:
+        return ort(peer_batch)
 
     res = _interleaved(eager, onnx, repeats)
     diff = float((res.pop("ours") - res.pop("peer")).abs().max())
-    return {**res, "images": images, "max_abs_diff": diff, "threads": torch.get_num_threads()}
+    return {
+        **res,
+        "images": images,
+        "max_abs_diff": diff,
+        "threads": torch.get_num_threads(),
+        "ours_batch": step,
+        "peer_batch": peer_batch,
+    }
 
 
 def table(res: dict[str, Any]) -> list[str]:
@@ -339,7 +373,8 @@ def table(res: dict[str, Any]) -> list[str]:
         lines.append(
             f"| exact 4-NN, {key} ({knn['train']:,} / {knn['test']:,}); float32 product alone "
             f"{knn['floor_float32_s']:.1f} s, bf16 {knn['floor_bf16_s']:.1f} s | "
-            f"{knn['ours_s']:.1f} s{_screen(knn)} | scikit-learn {knn['peer_s']:.1f} s | "
+            f"{knn['ours_s']:.1f} s{_screen(knn)}{_plain(knn)} | "
+            f"scikit-learn {knn['peer_s']:.1f} s | "
             f"{knn['peer_s'] / knn['ours_s']:.2f}x, {knn['mismatches']} predictions differ | "
             f"{_loads(knn)} |"
         )
@@ -352,7 +387,7 @@ def table(res: dict[str, Any]) -> list[str]:
     for key, row in res["train"].items():
         lines.append(
             f"| {names[key]}, batch {row['batch']} | {row['ours_img_s']:.1f} img/s "
-            f"({row['ours_threads']} thread) | {peers[key]}: {row['peer_img_s']:.1f} img/s "
+            f"({_threads(row['ours_threads'])}) | {peers[key]}: {row['peer_img_s']:.1f} img/s "
             f"({row['peer_threads']} threads) | {row['ours_img_s'] / row['peer_img_s']:.2f}x | "
             f"{_loads(row)} |"
         )
@@ -361,8 +396,9 @@ def table(res: dict[str, Any]) -> list[str]:
     inf = res["inference"]
     lines.append(
         f"| simple CNN inference, {inf['images']:,} images, eager | "
-        f"{inf['images'] / inf['ours_s']:,.0f} img/s | onnxruntime on the exported model: "
-        f"{inf['images'] / inf['peer_s']:,.0f} img/s | {inf['peer_s'] / inf['ours_s']:.2f}x | "
+        f"{inf['images'] / inf['ours_s']:,.0f} img/s{_batch(inf, 'ours')} | onnxruntime on the "
+        f"exported model: {inf['images'] / inf['peer_s']:,.0f} img/s{_batch(inf, 'peer')} | "
+        f"{inf['peer_s'] / inf['ours_s']:.2f}x | "
         f"{_loads(inf)} |"
     )
     lines.append(
@@ -430,6 +466,22 @@ def _accuracy_note(res: dict[str, Any]) -> str:
 def _screen(knn: dict[str, Any]) -> str:
     """How the 4-NN ran, where a run forced the projection screen on or off."""
     return {"on": " (`screen=True`)", "off": " (`screen=False`)"}.get(knn.get("screen", ""), "")
+
+
+def _plain(knn: dict[str, Any]) -> str:
+    """The plain scan's time beside the default's, where the run measured it."""
+    if "plain_s" not in knn:
+        return ""
+    return f" (plain scan {knn['plain_s']:.1f} s, {knn['plain_mismatches']} differ)"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def _batch(row: dict[str, Any], side: str) -> str:
+    """The batch a side ran, where the run recorded it."""
+    return f" (batches of {row[side + '_batch']:,})" if side + "_batch" in row else ""
 
 
 def _loads(row: dict[str, Any]) -> str:
@@ -548,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     res["knn"] = {}
     for name, (n_train, n_test) in sizes.items():
         res["knn"][name] = knn_row(
-            n_train, n_test, args.repeats, res["gemm_gflops"], args.knn_screen
-        )
+            n_train, n_test, args.repeats, res["gemm_gflops"], args.knn_screen,
+            plain_scan=n_train * n_test <= 60000 * 10000,
+        )  # fmt: skip
         print(name, res["knn"][name])
     steps = 3 if args.quick else 20
     res["train"] = {

@@ -68,7 +68,7 @@ def predict_split(
         ``(probs, pred)``: float32 N x K and int64 N, on the CPU.
     """
     recipe = recipe or {}
-    batch = min(recipe.get("eval_batch_size", 1000), EVAL_BATCH_MAX)
+    batch = cpu.eval_batch(device, min(recipe.get("eval_batch_size", 1000), EVAL_BATCH_MAX))
     loader = TensorLoader(split, batch, shuffle=False, device=device)
     cuda = device.type == "cuda"
     probs, preds = [], []

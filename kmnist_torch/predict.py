@@ -253,8 +253,11 @@ def predict(
                 row["error"] = str(x)
         images = [x for x in decoded if not isinstance(x, ImageError)]
         if images:
+            step = cpu.eval_batch(device, len(images))
             with cpu.inference(device):  # the CPU path evaluation and training use
-                probs = torch.softmax(model(torch.stack(images).to(device)).float(), dim=1).cpu()
+                batch = torch.stack(images).to(device)
+                logits = torch.cat([model(batch[i : i + step]) for i in range(0, len(batch), step)])
+                probs = torch.softmax(logits.float(), dim=1).cpu()
             good = [r for r in rows if "error" not in r]
             for r, t in zip(good, top_k(probs, meta, k)):
                 r["predictions"] = t

@@ -163,3 +163,31 @@ def test_bad_threads_are_one_line(capsys):
     err = capsys.readouterr().err
     assert "--threads: expected a whole number of at least 1, got '0'" in err
     assert "Traceback" not in err
+
+
+def test_evaluation_on_a_cpu_feeds_cache_sized_batches():
+    from kmnist_torch.evaluate import predict_split
+
+    assert cpu.eval_batch(torch.device("cpu"), 1000) == cpu.CPU_EVAL_BATCH
+    assert cpu.eval_batch(torch.device("cpu"), 10) == 10
+    assert cpu.eval_batch(torch.device("cuda"), 1000) == 1000
+    seen = []
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 10, in_chans=1).eval()
+
+    def spy(module, args):
+        seen.append(args[0].shape[0])
+
+    model.register_forward_pre_hook(spy)
+    split = type("Split", (), {})()
+    split.data = torch.randint(0, 256, (150, 28, 28), dtype=torch.uint8)
+    split.targets = torch.randint(0, 10, (150,))
+    with torch.inference_mode():
+        probs, pred = predict_split(model, split, torch.device("cpu"), {"eval_batch_size": 1000})
+    assert seen == [64, 64, 22]
+    # The same answer as one batch of all 150 (each image's output is its own).
+    x = split.data.float().div(255).unsqueeze(1)
+    with torch.inference_mode():
+        whole = torch.softmax(model(x), dim=1)
+    assert torch.equal(pred, whole.argmax(1))
+    assert torch.allclose(probs, whole, atol=1e-5)

@@ -17,6 +17,10 @@
   On a machine really busy elsewhere 1 thread is right: there the CNN's steps on 1 thread ran
   1.94x a plain loop's on 2 (docs/benchmarks.md). The load average remains the fallback where
   ``/proc`` cannot be read. ``--threads N`` sets it.
+- **evaluation batches**: on a CPU the model sees at most ``CPU_EVAL_BATCH`` test images at a
+  time (:func:`eval_batch`), whatever the recipe's ``eval_batch_size`` (sized for a GPU): the
+  activations of a smaller batch stay in the cache. The simple CNN's inference on the 2-core
+  AMD EPYC ran at 2,300 img/s in batches of 32 to 128 against 930 img/s in batches of 1,000.
 - **torch.compile** on a CPU needs a C++ compiler for the generated kernels:
   :func:`compile_available` says whether there is one.
 """
@@ -51,6 +55,8 @@ class CpuPolicy:
 
 
 POLICY = CpuPolicy()
+# Test images per forward pass on a CPU (see eval_batch).
+CPU_EVAL_BATCH = 64
 # torch's intra-op threads when this module was imported: a different number later means the
 # process was told how many to use (the reproduction harness's workers, a test's one core).
 START_THREADS = torch.get_num_threads()
@@ -182,6 +188,12 @@ def channels_last_enabled(device: torch.device, recipe_flag: bool, recipe_amp: b
 def autocast(device: torch.device, recipe_amp: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` when :func:`bf16_enabled`, else nothing."""
     return torch.autocast(device.type, torch.bfloat16, enabled=bf16_enabled(device, recipe_amp))
+
+
+def eval_batch(device: torch.device, batch: int) -> int:
+    """Images per evaluation forward pass on ``device``: ``batch`` (the recipe's), at most
+    ``CPU_EVAL_BATCH`` on a CPU."""
+    return min(batch, CPU_EVAL_BATCH) if device.type == "cpu" else batch
 
 
 def compile_available() -> bool:

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.loader import TensorLoader
 from ..errors import TrainError
+from . import cpu
 from .distributed import Dist, rank_seed
 from .engine import Job
 from .recipes import Recipe
@@ -39,7 +40,12 @@ def loaders(
             "lower --batch-size or raise --limit-train"
         )
     test_loader = TensorLoader(
-        test_set, r.eval_batch_size, shuffle=False, device=device, rank=rank, world_size=world
+        test_set,
+        cpu.eval_batch(torch.device(device), r.eval_batch_size),
+        shuffle=False,
+        device=device,
+        rank=rank,
+        world_size=world,
     )
     return train_loader, test_loader
 
