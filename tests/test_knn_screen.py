@@ -195,3 +195,18 @@ def test_the_combined_sort_orders_as_a_lexsort(pairs):
     fast = knn_pca.by_row_key_column(row, key, col)
     slow = knn_pca.by_row_key_column(row, key, col, fits=0)
     assert fast.tolist() == slow.tolist() == np.lexsort((col, key, row)).tolist()
+
+
+def test_more_neighbours_than_first_candidates_and_a_float64_default_are_exact():
+    # k above the screen's 32 first candidates goes to the plain scan (its threshold is the
+    # k-th of them); a float64 default dtype leaves the screen's float32 buffers float32.
+    rng = np.random.default_rng(4)
+    train, test = _strokes(rng, 300, (8, 8)), _strokes(rng, 9, (8, 8))
+    plain = kneighbors(train, test, k=40, screen=False)
+    _same(kneighbors(train, test, k=40, screen=True), plain)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _same(kneighbors(train, test, k=4, screen=True), kneighbors(train, test, k=4, screen=False))
+    finally:
+        torch.set_default_dtype(before)

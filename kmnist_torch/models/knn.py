@@ -147,7 +147,8 @@ def kneighbors(
 
     ``screen``: the projection screen of :mod:`kmnist_torch.models.knn_pca` (``None``: on a
     CPU for byte-valued images from ``SCREEN_MIN_TRAIN`` / ``SCREEN_MIN_TEST`` images of at
-    most ``SCREEN_MAX_FEATURES`` pixels; ``True``: for any byte-valued images on a CPU). The
+    most ``SCREEN_MAX_FEATURES`` pixels; ``True``: for any byte-valued images on a CPU; never for
+    ``k`` over ``knn_pca.GROUPS``, 32). The
     answer is the same; only the time differs. ``candidates`` runs the older screen instead."""
     dev = torch.device(device) if device is not None else default_device()
     train = _as_matrix(train_images, "train_images")

@@ -18,8 +18,11 @@ with ``r(a) = ||(I - Pi) c_a||``: ``||Pi v|| = ||V^T v||`` and ``(I - Pi) v = (I
 ``||V^T V - I||`` (its Frobenius norm, computed, plus a margin): then ``||V^T w||^2 <=
 (1 + e) ||Pi w||^2`` and ``|r(a)^2 - (||c_a||^2 - ||V^T c_a||^2)| <= 2.1 e ||c_a||^2``. The
 features are computed in float64 (every rounding at most ``2^-53`` relative; a product of length
-``n`` errs by at most ``gamma64_n`` times the product of the norms) and rounded once to float32
-(``2^-24`` relative). Using ``|sqrt(x) - sqrt(y)| <= sqrt(|x - y|)`` for ``r``, the computed
+``n`` errs by at most ``gamma64_n`` times the product of the norms; ``||c_a||`` is a vector norm,
+the square root of such a sum, so its square errs by at most ``gamma64_D + 3 * 2^-53``
+relative, well inside the ``4 gamma64_(D + d + 2)`` term below, and ``M`` below may be low by as
+much, far inside the doubled rounding margin) and rounded once to float32 (``2^-24``
+relative). Using ``|sqrt(x) - sqrt(y)| <= sqrt(|x - y|)`` for ``r``, the computed
 float32 features ``phi(a)`` are within ``eta ||c_a||`` of ``f(a)`` (Euclidean), with
 
     eta = sqrt(2.1 e + 4 gamma64_(D + d + 2) sqrt(d + 1)) + e + 4 gamma64_D sqrt(d) + 2^-23,
@@ -90,9 +93,10 @@ def gamma64(n: int) -> float:
 
 
 def applies(n_train: int, n_features: int, k: int) -> bool:
-    """Whether the screen can run: enough training images for its ``GROUPS`` first candidates
-    (and ``k`` of them) and at least two features per image."""
-    return n_train >= max(GROUPS, k) and n_features >= 2
+    """Whether the screen can run: enough training images for its ``GROUPS`` first candidates,
+    ``k`` at most ``GROUPS`` (the threshold is the k-th of those candidates) and at least two
+    features per image."""
+    return n_train >= GROUPS and k <= GROUPS and n_features >= 2
 
 
 class PcaScreen:
@@ -127,7 +131,7 @@ class PcaScreen:
         self.n_feat = self.phi.shape[1]
         self.phi_t = self.phi.T.contiguous()
         self.sq64 = train_sq64(self.rows8)
-        self._key = torch.empty(0, n)
+        self._key = torch.empty(0, n, dtype=torch.float32)
         # The survivors' mask, reused from batch to batch (see keys).
         self.below = np.empty((0, n), dtype=bool)
 
@@ -145,12 +149,14 @@ class PcaScreen:
 
     def keys(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Screen values (B x N float32 NumPy) of the byte rows ``query`` and the float64
-        parts of their thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``."""
+        parts of their thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``. The
+        values are a view of a buffer the next call overwrites (``settle`` is done with them
+        by then)."""
         q_phi, q_c = self.features(query)
         # One buffer for every batch: a fresh 30-MiB matrix per batch costs its page faults
         # again each time (measured: 4.1 s against 2.6 s for the products at KMNIST size).
         if self._key.shape[0] < len(query):
-            self._key = torch.empty(len(query), len(self.phi_sq))
+            self._key = torch.empty(len(query), len(self.phi_sq), dtype=torch.float32)
         key = self._key[: len(query)]
         with full_precision():
             torch.addmm(self.phi_sq[None, :], q_phi, self.phi_t, alpha=-2.0, out=key)
@@ -282,7 +288,7 @@ def _exact_dots(
     most = int(np.diff(starts).max()) if n_q else 0
     size = min(len(col), max(max_rows, most))
     raw = torch.empty(size, rows8.shape[1], dtype=torch.int8)
-    buffer = torch.empty(size, rows8.shape[1])
+    buffer = torch.empty(size, rows8.shape[1], dtype=torch.float32)
     index = torch.from_numpy(col)
     i = 0
     while i < n_q:

@@ -2,25 +2,27 @@
 
 - **bf16**: autocast to bfloat16 on a CPU only where it has bf16 units (``amx_bf16`` or
   ``avx512_bf16`` in ``/proc/cpuinfo``); elsewhere a bf16 matrix product is emulated and slower
-  than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 2.5 against 15.2
+  than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 15.6 against 82.0
   GFLOP/s in the run of docs/benchmarks.md). ``--bf16 on|off`` forces either way; on CUDA the
   recipe's ``amp`` decides, as before.
 - **channels_last**: on CUDA as the recipe says; on a CPU only together with bf16 (oneDNN's
   bf16 convolutions want it; in float32 it measured no faster).
 - **threads**: intra-op threads for the CPUs no other process is using now: the CPUs this
-  process may run on, less the CPU time other processes took over a 0.1 s sample of
-  ``/proc/stat`` (this process's own time, from ``/proc/self/stat``, is not counted), rounded,
-  at least 1. The 1-minute load average, used before, counts this process's own recent work
-  and tasks waiting on disk: on the idle 2-core machine, right after a benchmark step, it read
-  1.3 and gave 1 thread, and the simple CNN's steps ran at 374 img/s against 619 img/s on 2
-  (the training-steps row of benchmarks/cpu_speed.py, two runs).
-  On a machine really busy elsewhere 1 thread is right: there the CNN's steps on 1 thread ran
-  1.94x a plain loop's on 2 (docs/benchmarks.md). The load average remains the fallback where
+  process may run on (its affinity mask), less the CPU time other processes took on them over
+  a 0.25 s sample of ``/proc/stat`` (this process's own time, from ``/proc/self/stat``, is not
+  counted), rounded, at least 1 and at most what a cgroup ``cpu.max`` quota grants. The
+  1-minute load average, used before, counts this process's own recent work and tasks waiting
+  on disk: on the idle 2-core machine, right after a benchmark step, it read 1.3 and gave 1
+  thread, and the simple CNN's steps ran at 374 img/s against 619 img/s on 2 (the
+  training-steps row of benchmarks/cpu_speed.py, two runs). On a machine busy elsewhere fewer
+  threads are right: a run of that benchmark under a load of 7.6-8.0 measured the CNN's steps
+  on 1 thread at 1.94x a plain loop's on 2. The load average remains the fallback where
   ``/proc`` cannot be read. ``--threads N`` sets it.
 - **evaluation batches**: on a CPU the model sees at most ``CPU_EVAL_BATCH`` test images at a
   time (:func:`eval_batch`), whatever the recipe's ``eval_batch_size`` (sized for a GPU): the
-  activations of a smaller batch stay in the cache. The simple CNN's inference on the 2-core
-  AMD EPYC ran at 2,300 img/s in batches of 32 to 128 against 930 img/s in batches of 1,000.
+  activations of a smaller batch stay in the cache. ``benchmarks/cpu_speed.py --quick``
+  printed the simple CNN's eager inference at 1,045 img/s in batches of 1,000 and 2,321 img/s
+  in batches of 64 on the 2-core AMD EPYC (the full run on docs/benchmarks.md: 2,140 img/s).
 - **torch.compile** on a CPU needs a C++ compiler for the generated kernels:
   :func:`compile_available` says whether there is one.
 """
@@ -28,6 +30,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -42,8 +45,10 @@ BF16_MODES = ("auto", "on", "off")
 CPUINFO = Path("/proc/cpuinfo")
 PROC_STAT = Path("/proc/stat")
 PROC_SELF_STAT = Path("/proc/self/stat")
-# Seconds between the two readings of /proc/stat that tell how busy the other processes are.
-SAMPLE_SECONDS = 0.1
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+# Seconds between the two readings of /proc/stat that tell how busy the other processes are
+# (at 100 ticks a second, 25 ticks per CPU: a neighbour busy for most of it is seen).
+SAMPLE_SECONDS = 0.25
 
 
 @dataclass
@@ -85,39 +90,54 @@ def choose_threads(
 ) -> int:
     """Intra-op threads: ``requested``, else the CPUs other processes leave free (>= 1):
     ``cpus`` (default: those this process may run on) less ``load``, the CPUs busy elsewhere
-    (default: :func:`busy_elsewhere`, or the 1-minute load average where it cannot tell)."""
+    (default: :func:`busy_elsewhere` on those CPUs, or the 1-minute load average where it
+    cannot tell), at most the CPUs' worth of time a cgroup quota grants (:func:`quota_cpus`)."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"threads must be at least 1, got {requested}")
         return requested
-    cpus = cpus or usable_cpus()
+    allowed = allowed_cpus()
+    cpus = cpus or (len(allowed) if allowed else os.cpu_count() or 1)
     if load is None:
-        load = busy_elsewhere()
+        load = busy_elsewhere(cpus=allowed)
     if load is None:
         load = os.getloadavg()[0]
-    return max(1, min(cpus, int(cpus - load + 0.5)))
+    return max(1, min(cpus, quota_cpus() or cpus, int(cpus - load + 0.5)))
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask), else all of them."""
+def allowed_cpus() -> frozenset[int] | None:
+    """The CPUs this process may run on (its affinity mask); None where that is unknown."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        return frozenset(os.sched_getaffinity(0)) or None
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return None
+
+
+def quota_cpus(path: Path = CGROUP_CPU_MAX) -> int | None:
+    """CPUs' worth of time a cgroup v2 quota grants (``cpu.max``: quota and period, rounded
+    up); None without a quota or where it cannot be read."""
+    try:
+        quota, period = path.read_text(encoding="ascii").split()[:2]
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, UnicodeDecodeError, ValueError, ZeroDivisionError):
+        return None  # "max": no quota
 
 
 def busy_elsewhere(
-    interval: float = SAMPLE_SECONDS, stat: Path = PROC_STAT, own: Path = PROC_SELF_STAT
+    interval: float = SAMPLE_SECONDS,
+    stat: Path = PROC_STAT,
+    own: Path = PROC_SELF_STAT,
+    cpus: frozenset[int] | None = None,
 ) -> float | None:
-    """CPUs' worth of time other processes used over ``interval`` seconds, from two readings of
-    ``/proc/stat`` (user, nice, system, irq, softirq, steal; not idle or I/O wait) less this
-    process's own user and system time (``/proc/self/stat``). None where either is unreadable
-    or malformed, or no time passed."""
-    first = _busy_ticks(stat, own)
+    """CPUs' worth of time other processes used over ``interval`` seconds on ``cpus`` (default:
+    all), from two readings of ``/proc/stat``'s per-CPU lines (user, nice, system, irq,
+    softirq, steal; not idle or I/O wait) less this process's own user and system time
+    (``/proc/self/stat``). None where either is unreadable or malformed, or no time passed."""
+    first = _busy_ticks(stat, own, cpus)
     if first is None:
         return None
     time.sleep(interval)
-    second = _busy_ticks(stat, own)
+    second = _busy_ticks(stat, own, cpus)
     if second is None:
         return None
     busy, total, mine = (b - a for a, b in zip(first[:3], second[:3]))
@@ -126,23 +146,29 @@ def busy_elsewhere(
     return max(0.0, (busy - mine) / total * second[3])
 
 
-def _busy_ticks(stat: Path, own: Path) -> tuple[int, int, int, int] | None:
-    """(busy ticks of all CPUs, all ticks of all CPUs, this process's ticks, CPUs listed)."""
+def _busy_ticks(
+    stat: Path, own: Path, cpus: frozenset[int] | None
+) -> tuple[int, int, int, int] | None:
+    """(busy ticks of the CPUs, all their ticks, this process's ticks, how many CPUs)."""
     try:
         lines = stat.read_text(encoding="ascii").splitlines()
         # After the command name (which may hold spaces and parentheses): state is field 3,
         # utime and stime are fields 14 and 15.
         fields = own.read_text(encoding="ascii").rpartition(")")[2].split()
         mine = int(fields[11]) + int(fields[12])
-        ticks = [int(v) for v in lines[0].split()[1:9]]
+        busy = total = count = 0
+        for line in lines:
+            name, *values = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit()):
+                continue
+            if cpus is not None and int(name[3:]) not in cpus:
+                continue
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, values[:8])
+            cpu_busy = user + nice + system + irq + softirq + steal
+            busy, total, count = busy + cpu_busy, total + cpu_busy + idle + iowait, count + 1
     except (OSError, UnicodeDecodeError, IndexError, ValueError):
         return None
-    if not lines[0].startswith("cpu ") or len(ticks) < 8:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = ticks
-    cpus = sum(1 for line in lines[1:] if line.startswith("cpu"))
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait, mine, max(1, cpus)
+    return (busy, total, mine, count) if count else None
 
 
 def configure(

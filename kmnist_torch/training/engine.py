@@ -408,7 +408,7 @@ def _test(
     loader = job.train_loader
     if metrics is None or not hasattr(loader, "data"):  # a benchmark's torch DataLoader
         return metrics
-    sample = TrainSample(loader.data, loader.targets, r.eval_batch_size)
+    sample = TrainSample(loader.data, loader.targets, cpu.eval_batch(job.device, r.eval_batch_size))
     on_train = evaluate(job.eval_forward, sample, r, job.device, stop, job.dist)
     if on_train is None:
         return None
