@@ -265,8 +265,8 @@ def _missing_message(folder: Path) -> str:
     lines += [
         "    (about 310 MB; no checksum is published)",
         f"    put it at: {folder / TAR_NAME}",
-        f"Pass download=True to fetch it, place the tar there by hand, or extract {TREE_NAME}/ "
-        f"into {folder} yourself.",
+        f"Pass download=True (or --download) to fetch it, place the tar there by hand, or "
+        f"extract {TREE_NAME}/ into {folder} yourself.",
     ]
     return "\n".join(lines)
 
