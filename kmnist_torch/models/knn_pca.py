@@ -215,7 +215,10 @@ def settle(
     ``||t||^2 - 2 q.t`` (int64) and their training indices, sorted by (key, index)."""
     key, parts = screen.keys(query)
     first = first_candidates(key)
-    first_keys = screen.sq64[first] - 2 * _first_dots(screen.rows8, query_blocks, first)
+    b, g = first.shape
+    steps = np.arange(0, b * g + 1, g)
+    dots = _exact_dots(screen.rows8, query_blocks, first.reshape(-1), steps, EXACT_ROWS)
+    first_keys = screen.sq64[first] - 2 * dots.reshape(b, g)
     kth = np.partition(first_keys, k - 1, axis=1)[:, k - 1]
     limit = screen.thresholds(parts, kth + query_sq.numpy().astype(np.int64))
     if screen.below.shape[0] < len(query):
@@ -238,20 +241,6 @@ def train_sq64(rows8: torch.Tensor) -> np.ndarray:
     """``||t||^2`` (int64) of each shifted training row: the same integers as the plain scan's
     squared norms."""
     return rows8.to(torch.int32).square_().sum(dim=1, dtype=torch.int64).numpy()
-
-
-def _first_dots(
-    rows8: torch.Tensor, query_blocks: list[torch.Tensor], first: np.ndarray
-) -> np.ndarray:
-    """``q_i . t_c`` (int64, B x G) for the ``first`` candidates (B x G) of each query: one
-    batched product per feature block, each exact in float32 (integers within 2**24)."""
-    b, g = first.shape
-    rows = rows8.index_select(0, torch.from_numpy(first.reshape(-1))).view(b, g, -1).float()
-    widths = [q.shape[1] for q in query_blocks]
-    dots = torch.zeros(b, g, dtype=torch.int64)
-    for block, q in zip(rows.split(widths, dim=2), query_blocks):
-        dots += torch.bmm(block, q[:, :, None]).squeeze(2).to(torch.int64)
-    return dots.numpy()
 
 
 def by_row_key_column(
