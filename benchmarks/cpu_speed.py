@@ -429,9 +429,8 @@ def _accuracy_line(acc: dict[str, Any]) -> str:
         each = ", ".join(f"{100 * r['accuracy']:.1f}%" for r in runs)
         seeds = ", ".join(str(r["seed"]) for r in runs)
         spread = f" (seeds {seeds}: {each})" if len(runs) > 1 else ""
-        plural = "s" if best["threads"] > 1 else ""
         return (
-            f"{best['img_s']:.1f} img/s ({best['threads']} thread{plural}, "
+            f"{best['img_s']:.1f} img/s ({_threads(best['threads'])}, "
             f"{best['train_s']:.1f} s), top-1 {100 * acc[key + '_accuracy']:.1f}%{spread}"
         )
 
