@@ -8,25 +8,56 @@
 # Here, first (the GPU machine has no ../shared), write the re-split root (.gpu-data is ignored):
 #     python -m kmnist_torch.reproduce --resplit ../shared/data/real/kmnist --write-only \
 #         --root .gpu-data
-# There, with .gpu-data carried:
+# There, with .gpu-data carried, as one `run` call with timeout_s 600:
 #     bash benchmarks/gpu_session.sh            # results in $OUT (or bench-out/gpu)
 # A CPU smoke of the plumbing: GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh
+#
+# The whole script stays inside GPU_SESSION_BUDGET seconds (default 480): a device call may run
+# 600 s, and the session's 15 device minutes include the machine's start, so a rerun must fit
+# too. Each step's limit is cut to what is left of the budget; a step with under 20 s left is
+# skipped (and the script exits 1). Three files come back (the device returns at most 8):
+# log.txt, results.json (every step's JSON under its name, merged after each step, so a cut-off
+# run keeps what finished) and tables.md (the two recipes' tables).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-bench-out/gpu}"
 work="$(mktemp -d)"
 mkdir -p "$out"
+rm -f "$out/log.txt" "$out/results.json" "$out/tables.md"  # this run's files only
+budget="${GPU_SESSION_BUDGET:-480}"
+data="${GPU_SESSION_DATA:-.gpu-data}"  # the re-split root written above
 status=0
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, remember a failure
+step() {  # step NAME SECONDS COMMAND...: run within the limit and the budget, log, remember
     local name=$1 limit=$2
     shift 2
-    echo "=== $name (limit ${limit}s): $*"
+    local left=$((budget - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "=== $name: skipped, ${left}s of the ${budget}s budget left" | tee -a "$out/log.txt"
+        status=1
+        return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$out/log.txt"
     local start=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/log.txt"
     [ "$rc" -eq 0 ] || status=1
+    merge
+}
+merge() {  # every step's JSON in $work into $out/results.json, keyed by file name
+    python - "$work" "$out/results.json" <<'PY'
+import json, sys
+from pathlib import Path
+merged = {}
+for f in sorted(Path(sys.argv[1]).rglob("*.json")):
+    try:
+        merged[str(f.relative_to(sys.argv[1]))] = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        merged[str(f.relative_to(sys.argv[1]))] = {"unreadable": str(e)}
+Path(sys.argv[2]).write_text(json.dumps(merged, indent=2) + "\n")
+PY
 }
 
 if [ "${GPU_SESSION_SMOKE:-0}" = 1 ]; then
@@ -42,24 +73,29 @@ fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     | tee -a "$out/log.txt"
 
-step "throughput" 90 python benchmarks/train_throughput.py "${tt[@]}" \
-    --out "$out/train_throughput.json"
-step "throughput, compiled" 150 python benchmarks/train_throughput.py "${tt[@]}" --compile \
-    --out "$out/train_throughput_compile.json"
-# 4-NN on CUDA at KMNIST size, the exact product alone and with the screen (shortlist 256):
-# identical predictions to scikit-learn's (on the machine's CPUs) or the step fails.
-step "4-NN on CUDA" 150 python benchmarks/knn_speed.py "${kn[@]}" \
-    --out "$out/knn_cuda.json"
-step "4-NN on CUDA, screened" 150 python benchmarks/knn_speed.py "${kn[@]}" --candidates 256 \
-    --out "$out/knn_cuda_screen.json"
+# In order of worth: the limits add up to more than the budget, so the last steps get what the
+# first ones leave (each step usually ends well inside its limit).
+step "throughput" 60 python benchmarks/train_throughput.py "${tt[@]}" \
+    --out "$work/train_throughput.json"
+# 4-NN on CUDA at KMNIST size, the exact product alone: identical predictions to
+# scikit-learn's (on the machine's CPUs) or the step fails.
+step "4-NN on CUDA" 60 python benchmarks/knn_speed.py "${kn[@]}" \
+    --out "$work/knn_cuda.json"
 # The same rows, data and seed under both recipes: accuracy and device seconds side by side.
-step "fast recipe" 100 python -m kmnist_torch.reproduce --resplit --root .gpu-data \
+step "fast recipe" 90 python -m kmnist_torch.reproduce --resplit --root "$data" \
     --rows knn preact18 preact18-manifold --recipe fast --out "$work/fast" "${rs[@]}"
-step "paper recipe" 200 python -m kmnist_torch.reproduce --resplit --root .gpu-data \
+step "paper recipe" 150 python -m kmnist_torch.reproduce --resplit --root "$data" \
     --rows preact18-manifold --recipe paper --out "$work/paper" "${rs[@]}"
+step "throughput, compiled" 120 python benchmarks/train_throughput.py "${tt[@]}" --compile \
+    --out "$work/train_throughput_compile.json"
+step "4-NN on CUDA, screened" 45 python benchmarks/knn_speed.py "${kn[@]}" --candidates 256 \
+    --out "$work/knn_cuda_screen.json"
 for r in fast paper; do  # only the tables come back: the runs' checkpoints stay there
-    cp "$work/$r/table.md" "$out/table_$r.md" 2>/dev/null
-    cp "$work/$r/results.json" "$out/results_$r.json" 2>/dev/null
+    { echo "## $r recipe"; echo; cat "$work/$r/table.md" 2>/dev/null || echo "(no table)"; echo; } \
+        >>"$out/tables.md"
 done
+find "$work" -name '*.pt' -delete  # results.json keeps the runs' JSON, not their weights
+merge
 rm -rf "$work"
+echo "=== done in $SECONDS s of the ${budget}s budget, exit $status" | tee -a "$out/log.txt"
 exit $status
