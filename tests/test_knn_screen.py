@@ -81,10 +81,11 @@ def test_equals_the_plain_scan_and_settles_most_test_images(settled):
     dims=st.sampled_from([1, 2, 7, 40]),
     share=st.sampled_from([1, knn_pca.SURVIVOR_SHARE]),
     exact_rows=st.sampled_from([1, 50, knn_pca.EXACT_ROWS]),
+    block_columns=st.sampled_from([7, 45, knn_pca.BLOCK_COLUMNS]),
     duplicates=st.booleans(),
 )
 def test_equals_the_plain_scan_on_adversarial_images(
-    seed, levels, k, dims, share, exact_rows, duplicates
+    seed, levels, k, dims, share, exact_rows, block_columns, duplicates
 ):
     # share 1: every test image with at least k survivors is settled by the screen however
     # weak the bound, so the exact step over survivors is what is checked; few grey levels
@@ -100,6 +101,7 @@ def test_equals_the_plain_scan_on_adversarial_images(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(knn_pca, "SURVIVOR_SHARE", share)
         mp.setattr(knn_pca, "EXACT_ROWS", exact_rows)
+        mp.setattr(knn_pca, "BLOCK_COLUMNS", block_columns)  # 7: 32 blocks; 45: 4
         mp.setattr(knn_pca.PcaScreen.__init__, "__defaults__", (dims,))
         _same(kneighbors(train, test, k=k, screen=True, batch_size=5), plain)
 
@@ -181,6 +183,30 @@ def test_non_byte_images_and_the_older_screen_bypass_it(settled):
     kneighbors(train / 255.0, test / 255.0, screen=True)  # not byte-valued: float64 scan
     kneighbors(train, test, screen=True, candidates=16)  # the older screen asked for
     assert settled["screened"] == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(knn_pca.GROUPS, 5000), block=st.integers(1, 3000))
+def test_column_spans_cover_the_columns_in_whole_runs(n, block):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_pca, "BLOCK_COLUMNS", block)
+        spans = knn_pca.column_spans(n)
+    width = n // knn_pca.GROUPS
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert knn_pca.GROUPS % len(spans) == 0
+    per = knn_pca.GROUPS // len(spans) * width
+    assert all(hi - lo == per for lo, hi in spans[:-1])
+    # The fewest blocks (a power of two, at most GROUPS) of BLOCK_COLUMNS columns on average.
+    parts = len(spans)
+    assert parts == knn_pca.GROUPS or n <= parts * block
+    assert parts == 1 or n > parts // 2 * block
+    rng = np.random.default_rng(n)
+    key = rng.random((3, n)).astype(np.float32)
+    blocks = [key[:, lo:hi] for lo, hi in spans]
+    whole = key[:, : width * knn_pca.GROUPS].reshape(3, knn_pca.GROUPS, width).argmin(axis=2)
+    expect = whole + np.arange(knn_pca.GROUPS) * width
+    assert np.array_equal(knn_pca.first_candidates(blocks, spans), expect)
 
 
 @settings(max_examples=30, deadline=None)

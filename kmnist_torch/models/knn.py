@@ -177,7 +177,8 @@ def kneighbors(
         ctx.screen = knn_screen.Screen(train, layout, dev)
     if count == 0 and _wants_pca(screen, train, test.shape[0], ctx):
         ctx.pca = knn_pca.PcaScreen(train)
-        ctx.pca_batch = given_batch or max(1, knn_pca.SCREEN_ELEMENTS // n_train)
+        fits = min(knn_pca.SCREEN_BATCH, knn_pca.SCREEN_ELEMENTS // n_train)
+        ctx.pca_batch = given_batch or max(1, fits)
     shown = progress if progress is not None else test.shape[0] * n_train > 2**30
     with Progress("4-NN", test.shape[0], unit="test image", enabled=shown) as bar:
         return _search(ctx, test, count, batch_size, bar)

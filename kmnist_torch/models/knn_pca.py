@@ -55,8 +55,9 @@ too weak for it) is scored against every training image by the plain scan instea
 
 The exact step gathers each test image's survivors (a few hundred on KMNIST-like images) and
 takes one matrix-vector product per feature block; the screen itself is one thin matrix product
-per batch of test images, whose threshold and survivor lists are taken in NumPy (one pass each).
-"""
+per batch of test images and block of training columns (:func:`column_spans`: blocks of whole
+runs, so each block gives its runs' first candidates), whose threshold and survivor lists are
+taken in NumPy (one pass each)."""
 
 from __future__ import annotations
 
@@ -79,13 +80,19 @@ GROUPS = 32
 EXACT_ROWS = 2**11
 # A test image with more than n_train / SURVIVOR_SHARE survivors is scored by the plain scan.
 SURVIVOR_SHARE = 8
-# Elements of one (test batch x train) screen-value matrix (float32: 128 MiB, and a 32-MiB
-# survivor mask): 559 test images a batch at KMNIST size, where the product runs nearer its
-# peak than with 139 (2**23). At KMNIST size, best of 4 interleaved on the 2-core AMD EPYC:
-# 8.65 s against 10.1 s; at K49 size (3,000 test images) 17.2 s against 17.5 s.
-SCREEN_ELEMENTS = 2**25
+# Test images a batch (at most), and elements of one (test batch x train) screen-value matrix
+# (float32: 256 MiB, with a 64-MiB survivor mask). A thin product runs nearer its peak with
+# more test images: on the 2-core AMD EPYC, best of 4 interleaved at KMNIST size, 8.65 s with
+# 559 a batch against 10.1 s with 139; at K49 size (3,000 test images, column blocks) 14.7 s
+# with 288 against 15.5 s with 144.
+SCREEN_BATCH = 560
+SCREEN_ELEMENTS = 2**26
 # Rows at a time when computing features (float64 intermediates).
 FEATURE_ROWS = 8192
+# Widest block of training columns one product writes (a power of two's share of the GROUPS
+# runs each): a thin product whose output rows run 232,365 floats long (K49 size) ran at 40-50
+# GFLOP/s on the 2-core AMD EPYC, against 77-81 for rows of 60,000 (KMNIST size).
+BLOCK_COLUMNS = 2**16
 # float64 unit roundoff.
 U64 = 2.0**-53
 
@@ -132,11 +139,12 @@ class PcaScreen:
         self.phi_max = float(sq.max().sqrt())
         self.c_max = float(c_norm.max())
         self.n_feat = self.phi.shape[1]
-        self.phi_t = self.phi.T.contiguous()
+        self.spans = column_spans(n)
+        self.phi_t = [self.phi[a:b].T.contiguous() for a, b in self.spans]
         self.sq64 = train_sq64(self.rows8)
-        self._key = torch.empty(0, n, dtype=torch.float32)
+        self._key = torch.empty(0, dtype=torch.float32)
         # The survivors' mask, reused from batch to batch (see keys).
-        self.below = np.empty((0, n), dtype=bool)
+        self._below = np.empty(0, dtype=bool)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``phi`` (float32, N x (d + 1)) and ``||c||`` (float64) of each row of ``x``."""
@@ -150,26 +158,37 @@ class PcaScreen:
             norms.append(c_norm)
         return torch.cat(phis), torch.cat(norms)
 
-    def keys(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Screen values (B x N float32 NumPy) of the byte rows ``query`` and the float64
-        parts of their thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``. The
-        values are a view of a buffer the next call overwrites (``settle`` is done with them
-        by then)."""
+    def keys(self, query: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray]:
+        """Screen values of the byte rows ``query``, a B x (stop - start) float32 NumPy block
+        per span of training columns (:func:`column_spans`), and the float64 parts of their
+        thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``. The blocks are views of a
+        buffer the next call overwrites (``settle`` is done with them by then)."""
         q_phi, q_c = self.features(query)
         # One buffer for every batch: a fresh 30-MiB matrix per batch costs its page faults
         # again each time (measured: 4.1 s against 2.6 s for the products at KMNIST size).
-        if self._key.shape[0] < len(query):
-            self._key = torch.empty(len(query), len(self.phi_sq), dtype=torch.float32)
-        key = self._key[: len(query)]
+        b, n = len(query), len(self.phi_sq)
+        if len(self._key) < b * n:
+            self._key = torch.empty(b * n, dtype=torch.float32)
+        blocks = []
         with full_precision():
-            torch.addmm(self.phi_sq[None, :], q_phi, self.phi_t, alpha=-2.0, out=key)
+            for (lo, hi), phi_t in zip(self.spans, self.phi_t):
+                out = self._key[b * lo : b * hi].view(b, hi - lo)
+                torch.addmm(self.phi_sq[None, lo:hi], q_phi, phi_t, alpha=-2.0, out=out)
+                blocks.append(out.numpy())
         q_sq = q_phi.to(torch.float64).square().sum(dim=1)
         m = q_c + self.c_max
         m_phi = q_sq.sqrt() + self.phi_max
         parts = torch.stack(
             [q_sq, self.eta * m, 2 * gamma(self.n_feat + 3) * m_phi.square()], dim=1
         )
-        return key.numpy(), parts.numpy()
+        return blocks, parts.numpy()
+
+    def masks(self, b: int) -> list[np.ndarray]:
+        """Bool buffers shaped as :meth:`keys`'s blocks for ``b`` test images, reused."""
+        n = len(self.phi_sq)
+        if len(self._below) < b * n:
+            self._below = np.empty(b * n, dtype=bool)
+        return [self._below[b * lo : b * hi].reshape(b, hi - lo) for lo, hi in self.spans]
 
     @staticmethod
     def thresholds(parts: np.ndarray, kth_sq: np.ndarray) -> np.ndarray:
@@ -183,26 +202,56 @@ class PcaScreen:
         return t32
 
 
-def first_candidates(key: np.ndarray) -> np.ndarray:
+def column_spans(n: int) -> list[tuple[int, int]]:
+    """(start, stop) of the blocks of training columns each screen product writes: ``GROUPS``
+    runs of ``n // GROUPS`` columns shared out evenly over the fewest blocks (a power of two)
+    of at most ``BLOCK_COLUMNS`` columns where that can be; the last block takes the columns
+    left over."""
+    width, parts = n // GROUPS, 1
+    while parts < GROUPS and n > parts * BLOCK_COLUMNS:
+        parts *= 2
+    per = GROUPS // parts * width
+    return [(j * per, n if j == parts - 1 else (j + 1) * per) for j in range(parts)]
+
+
+def first_candidates(blocks: list[np.ndarray], spans: list[tuple[int, int]]) -> np.ndarray:
     """Per row, the index of the smallest screen value in each of ``GROUPS`` runs of
-    consecutive columns (B x GROUPS int64, distinct within a row)."""
-    n = key.shape[1]
-    width = n // GROUPS
-    head = key[:, : width * GROUPS].reshape(key.shape[0], GROUPS, width)
-    return head.argmin(axis=2) + np.arange(GROUPS) * width
+    ``n // GROUPS`` consecutive columns (B x GROUPS int64, distinct within a row), from the
+    blocks of :meth:`PcaScreen.keys` (each holds ``GROUPS / len(blocks)`` whole runs)."""
+    width = spans[-1][1] // GROUPS
+    per = GROUPS // len(spans)
+    best = []
+    for key, (lo, _) in zip(blocks, spans):
+        head = key[:, : width * per].reshape(key.shape[0], per, width)
+        best.append(head.argmin(axis=2) + lo + np.arange(per) * width)
+    return np.concatenate(best, axis=1)
 
 
 def survivors(
-    key: np.ndarray, limit: np.ndarray, k: int, out: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    blocks: list[np.ndarray],
+    spans: list[tuple[int, int]],
+    limit: np.ndarray,
+    k: int,
+    masks: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which rows the screen settles (a bool per row: at least ``k`` and at most
-    ``n / SURVIVOR_SHARE`` survivors) and the settled rows' survivors as flat positions
-    ``row * n + column`` (ascending: by row, then column). ``out``: a bool buffer of
-    ``key``'s shape to use."""
-    below = np.less_equal(key, limit[:, None], out=out)
-    counts = np.count_nonzero(below, axis=1)
-    ok = (counts >= k) & (counts <= max(k, key.shape[1] // SURVIVOR_SHARE))
-    return ok, np.flatnonzero(below[ok])
+    ``n / SURVIVOR_SHARE`` survivors) and the settled rows' survivors as (row among the
+    settled, column), ordered by row, then column. ``masks``: bool buffers shaped as
+    ``blocks``."""
+    below = [np.less_equal(key, limit[:, None], out=m) for key, m in zip(blocks, masks)]
+    counts = sum(np.count_nonzero(m, axis=1) for m in below)
+    n = spans[-1][1]
+    ok = (counts >= k) & (counts <= max(k, n // SURVIVOR_SHARE))
+    rows, cols = [], []
+    for m, (lo, hi) in zip(below, spans):
+        row, col = np.divmod(np.flatnonzero(m[ok]), hi - lo)
+        rows.append(row)
+        cols.append(col + lo)
+    row, col = np.concatenate(rows), np.concatenate(cols)
+    if len(spans) > 1:  # block by block: by row, keeping each row's columns ascending
+        order = np.argsort(row, kind="stable")
+        row, col = row[order], col[order]
+    return ok, row, col
 
 
 def settle(
@@ -216,19 +265,15 @@ def settle(
     blocks and integer squared norms as :mod:`kmnist_torch.models.knn` prepares them). Returns
     which rows are settled (bool per row) and, for those rows, the k smallest rank keys
     ``||t||^2 - 2 q.t`` (int64) and their training indices, sorted by (key, index)."""
-    key, parts = screen.keys(query)
-    first = first_candidates(key)
+    blocks, parts = screen.keys(query)
+    first = first_candidates(blocks, screen.spans)
     b, g = first.shape
     steps = np.arange(0, b * g + 1, g)
     dots = _exact_dots(screen.rows8, query_blocks, first.reshape(-1), steps, EXACT_ROWS)
     first_keys = screen.sq64[first] - 2 * dots.reshape(b, g)
     kth = np.partition(first_keys, k - 1, axis=1)[:, k - 1]
     limit = screen.thresholds(parts, kth + query_sq.numpy().astype(np.int64))
-    if screen.below.shape[0] < len(query):
-        screen.below = np.empty(key.shape, dtype=bool)
-    ok, flat = survivors(key, limit, k, out=screen.below[: len(query)])
-    n = key.shape[1]
-    row, col = np.divmod(flat, n)
+    ok, row, col = survivors(blocks, screen.spans, limit, k, screen.masks(len(query)))
     counts = np.bincount(row, minlength=int(ok.sum()))
     starts = np.concatenate([[0], np.cumsum(counts)])
     queries = [q[torch.from_numpy(ok)] for q in query_blocks]
