@@ -164,7 +164,7 @@ class PcaScreen:
         thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``. The blocks are views of a
         buffer the next call overwrites (``settle`` is done with them by then)."""
         q_phi, q_c = self.features(query)
-        # One buffer for every batch: a fresh 30-MiB matrix per batch costs its page faults
+        # One buffer for every batch: a fresh matrix per batch costs its page faults
         # again each time (measured: 4.1 s against 2.6 s for the products at KMNIST size).
         b, n = len(query), len(self.phi_sq)
         if len(self._key) < b * n:
