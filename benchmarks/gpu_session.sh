@@ -12,10 +12,11 @@
 #     bash benchmarks/gpu_session.sh            # results in $OUT (or bench-out/gpu)
 # A CPU smoke of the plumbing: GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh
 #
-# The whole script stays inside GPU_SESSION_BUDGET seconds (default 480): a device call may run
-# 600 s, and the session's 15 device minutes include the machine's start, so a rerun must fit
-# too. Each step's limit is cut to what is left of the budget; a step with under 20 s left is
-# skipped (and the script exits 1). Three files come back (the device returns at most 8):
+# The whole script stays inside GPU_SESSION_BUDGET seconds (default 420): a device call may run
+# 600 s, and the session's 15 device minutes include the machine's start (a minute or two), so
+# one whole run leaves about five minutes for a shorter rerun (a smaller budget). Each step's
+# limit is cut to what is left of the budget; a step with under 20 s left is skipped (and the
+# script exits 1). Three files come back (the device returns at most 8):
 # log.txt, results.json (every step's JSON under its name, merged after each step, so a cut-off
 # run keeps what finished) and tables.md (the two recipes' tables).
 set -uo pipefail
@@ -25,40 +26,10 @@ out="${OUT:-bench-out/gpu}"
 work="$(mktemp -d)"
 mkdir -p "$out"
 rm -f "$out/log.txt" "$out/results.json" "$out/tables.md"  # this run's files only
-budget="${GPU_SESSION_BUDGET:-480}"
+budget="${GPU_SESSION_BUDGET:-420}"
 data="${GPU_SESSION_DATA:-.gpu-data}"  # the re-split root written above
 status=0
-step() {  # step NAME SECONDS COMMAND...: run within the limit and the budget, log, remember
-    local name=$1 limit=$2
-    shift 2
-    local left=$((budget - SECONDS))
-    if [ "$left" -lt 20 ]; then
-        echo "=== $name: skipped, ${left}s of the ${budget}s budget left" | tee -a "$out/log.txt"
-        status=1
-        return
-    fi
-    [ "$limit" -le "$left" ] || limit=$left
-    echo "=== $name (limit ${limit}s): $*" | tee -a "$out/log.txt"
-    local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
-    local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/log.txt"
-    [ "$rc" -eq 0 ] || status=1
-    merge
-}
-merge() {  # every step's JSON in $work into $out/results.json, keyed by file name
-    python - "$work" "$out/results.json" <<'PY'
-import json, sys
-from pathlib import Path
-merged = {}
-for f in sorted(Path(sys.argv[1]).rglob("*.json")):
-    try:
-        merged[str(f.relative_to(sys.argv[1]))] = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        merged[str(f.relative_to(sys.argv[1]))] = {"unreadable": str(e)}
-Path(sys.argv[2]).write_text(json.dumps(merged, indent=2) + "\n")
-PY
-}
+. benchmarks/_session.sh  # step and merge
 
 if [ "${GPU_SESSION_SMOKE:-0}" = 1 ]; then
     tt=(--device cpu --steps 2 --warmup 1 --batch-size 16 --images 256)
@@ -75,7 +46,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
 
 # In order of worth: the limits add up to more than the budget, so the last steps get what the
 # first ones leave (each step usually ends well inside its limit).
-step "throughput" 60 python benchmarks/train_throughput.py "${tt[@]}" \
+step "throughput" 60 python benchmarks/train_throughput.py ${tt[@]+"${tt[@]}"} \
     --out "$work/train_throughput.json"
 # 4-NN on CUDA at KMNIST size, the exact product alone: identical predictions to
 # scikit-learn's (on the machine's CPUs) or the step fails.
@@ -83,11 +54,11 @@ step "4-NN on CUDA" 60 python benchmarks/knn_speed.py "${kn[@]}" \
     --out "$work/knn_cuda.json"
 # The same rows, data and seed under both recipes: accuracy and device seconds side by side.
 step "fast recipe" 90 python -m kmnist_torch.reproduce --resplit --root "$data" \
-    --rows knn preact18 preact18-manifold --recipe fast --out "$work/fast" "${rs[@]}"
+    --rows knn preact18 preact18-manifold --recipe fast --out "$work/fast" ${rs[@]+"${rs[@]}"}
 step "paper recipe" 150 python -m kmnist_torch.reproduce --resplit --root "$data" \
-    --rows preact18-manifold --recipe paper --out "$work/paper" "${rs[@]}"
-step "throughput, compiled" 120 python benchmarks/train_throughput.py "${tt[@]}" --compile \
-    --out "$work/train_throughput_compile.json"
+    --rows preact18-manifold --recipe paper --out "$work/paper" ${rs[@]+"${rs[@]}"}
+step "throughput, compiled" 120 python benchmarks/train_throughput.py ${tt[@]+"${tt[@]}"} \
+    --compile --out "$work/train_throughput_compile.json"
 step "4-NN on CUDA, screened" 45 python benchmarks/knn_speed.py "${kn[@]}" --candidates 256 \
     --out "$work/knn_cuda_screen.json"
 for r in fast paper; do  # only the tables come back: the runs' checkpoints stay there
