@@ -212,6 +212,72 @@ def test_column_spans_cover_the_columns_in_whole_runs(n, block):
     assert np.array_equal(knn_pca.first_candidates(blocks, spans), expect)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(knn_pca.GROUPS, 400),
+    block=st.sampled_from([7, 45, 2**16]),
+    k=st.integers(1, 4),
+    share=st.integers(1, 40),
+    counts=st.lists(
+        st.sampled_from(["k-1", "k", "cap", "cap+1", "all", "any"]), min_size=1, max_size=6
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_survivors_are_every_settled_rows_columns_within_the_limit(
+    n, block, k, share, counts, seed
+):
+    # Against a row-by-row reference. Each row gets a chosen number of survivors (values at or
+    # below its limit): at the edges k and n / share, or all, so that some batches have more
+    # survivors than their rows may settle and the rows with too many are dropped before the
+    # positions are listed (the other path).
+    rng = np.random.default_rng(seed)
+    b, cap = len(counts), max(k, n // share)
+    sizes = {"k-1": k - 1, "k": k, "cap": cap, "cap+1": cap + 1, "all": n}
+    limit = rng.integers(-3, 3, b).astype(np.float32)
+    key = (limit[:, None] + rng.integers(1, 4, (b, n))).astype(np.float32)
+    for r, c in enumerate(counts):
+        size = min(n, sizes.get(c, int(rng.integers(0, n + 1))))
+        pick = rng.choice(n, size, replace=False)
+        key[r, pick] = limit[r] - rng.integers(0, 2, size)  # at the limit or below
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_pca, "BLOCK_COLUMNS", block)
+        mp.setattr(knn_pca, "SURVIVOR_SHARE", share)
+        spans = knn_pca.column_spans(n)
+        blocks = [key[:, lo:hi].copy() for lo, hi in spans]
+        masks = [np.ones((b, hi - lo), dtype=bool) for lo, hi in spans]
+        ok, row, col = knn_pca.survivors(blocks, spans, limit, k, masks)
+    expect_ok, expect = [], []
+    for r in range(b):
+        cols = np.flatnonzero(key[r] <= limit[r])
+        expect_ok.append(k <= len(cols) <= cap)
+        if expect_ok[-1]:
+            expect += [(sum(expect_ok) - 1, int(c)) for c in cols]
+    assert ok.tolist() == expect_ok
+    assert list(zip(row.tolist(), col.tolist())) == expect
+
+
+def test_survivors_of_rows_that_cannot_settle_are_never_listed():
+    # Images all alike leave every training image a survivor: listing their positions would
+    # take 8 bytes each (B x n int64, and twice that for rows and columns); the rows with too
+    # many are dropped first, so memory stays far below that.
+    import tracemalloc
+
+    b, n = 4, 2**16
+    spans = knn_pca.column_spans(n)
+    limit = np.zeros(b, dtype=np.float32)
+    blocks = [np.zeros((b, hi - lo), dtype=np.float32) for lo, hi in spans]
+    blocks[0][0, :5] = 1.0  # row 0: all but 5 survive, still too many
+    masks = [np.empty((b, hi - lo), dtype=bool) for lo, hi in spans]
+    tracemalloc.start()
+    try:
+        ok, row, col = knn_pca.survivors(blocks, spans, limit, 4, masks)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not ok.any() and len(row) == len(col) == 0
+    assert peak < b * n  # a byte per value at most: no positions listed
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(-50, 50)), max_size=60))
 def test_the_combined_sort_orders_as_a_lexsort(pairs):
