@@ -256,6 +256,39 @@ def test_survivors_are_every_settled_rows_columns_within_the_limit(
     assert list(zip(row.tolist(), col.tolist())) == expect
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.sampled_from([3, 64, 1024, 1030, 2100]),
+    b=st.integers(1, 9),
+    g=st.integers(1, 5),
+    exact_rows=st.sampled_from([1, 4, 7, knn_pca.EXACT_ROWS]),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_dots_are_the_integer_dot_products(width, b, g, exact_rows, seed):
+    # Both ways of scoring gathered rows against bytes shifted to [-128, 127], chunked by
+    # EXACT_ROWS and cut into feature blocks of at most 1,024 as knn prepares them (2,100: three
+    # blocks), equal the int64 dot products: extreme values (every product 128 * 128) included.
+    rng = np.random.default_rng(seed)
+    rows8 = torch.from_numpy(rng.integers(-128, 128, (20, width), dtype=np.int8))
+    rows8[0] = -128
+    query = rng.integers(0, 256, (b, width), dtype=np.uint8)
+    query[0] = 0
+    blocks, _ = knn._prepare(torch.from_numpy(query), True, torch.device("cpu"), torch.int32)
+    first = rng.integers(0, 20, (b, g))
+    first[0, 0] = 0
+    shifted = query.astype(np.int64) - 128
+    expect = np.einsum("bgd,bd->bg", rows8.numpy()[first].astype(np.int64), shifted)
+    counts = rng.integers(0, 6, b)
+    col = rng.integers(0, 20, int(counts.sum()))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    owner = np.repeat(np.arange(b), counts)
+    flat = (rows8.numpy()[col].astype(np.int64) * shifted[owner]).sum(axis=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_pca, "EXACT_ROWS", exact_rows)
+        assert np.array_equal(knn_pca._first_dots(rows8, blocks, first), expect)
+    assert np.array_equal(knn_pca._exact_dots(rows8, blocks, col, starts, exact_rows), flat)
+
+
 def test_survivors_of_rows_that_cannot_settle_are_never_listed():
     # Images all alike leave every training image a survivor: listing their positions would
     # take 8 bytes each (B x n int64, and twice that for rows and columns); the rows with too
