@@ -540,7 +540,7 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
   alone at the rates measured in the same run (the last row). On this CPU, which has no bf16
   units, bf16 is emulated and {bf16_ratio:.1f}x slower than float32, so the 4-NN's exact
   distances stay float32 products. At these sizes `knn_predict` on a CPU screens by default
-  with `kmnist_torch.models.knn_pca` (a provable lower bound from 128 principal directions and
+  with `kmnist_torch.models.knn_pca` (a provable lower bound from 160 principal directions and
   the residual norm, then exact distances for the images it cannot rule out; `--knn-screen
   off` measures the plain scan); the ours cell says where a run forced it on or off.
 - **Threads**: ours runs with the intra-op threads `kmnist_torch.training.cpu` chooses, as
