@@ -98,7 +98,7 @@ def side(seed, img_s, seconds, accuracy, threads):
             "accuracy": accuracy, "threads": threads, "load": 1.25, "data": "ab"}  # fmt: skip
 
 
-def run_json(tmp_path: Path, accuracy: dict | None) -> Path:
+def run_json(tmp_path: Path, accuracy: dict | None, **extra) -> Path:
     res = {
         "command": "python benchmarks/cpu_speed.py --repeats 2",
         "repeats": 2,
@@ -116,6 +116,7 @@ def run_json(tmp_path: Path, accuracy: dict | None) -> Path:
     }
     if accuracy is not None:
         res["accuracy"] = accuracy
+    res.update(extra)
     path = tmp_path / "run.json"
     path.write_text(json.dumps(res))
     return path
@@ -171,3 +172,12 @@ def test_bad_acc_epochs_are_one_line(bench, capsys):
     err = capsys.readouterr().err
     assert "--acc-epochs: expected a whole number of at least 1, got '0'" in err
     assert "Traceback" not in err
+
+
+def test_page_says_when_the_4nn_rows_ran_more_times(bench, tmp_path):
+    cpu_speed, _ = bench
+    page = tmp_path / "page.md"
+    for extra, said in (({}, "best of 2."), ({"knn_repeats": 2}, "best of 2."),
+                        ({"knn_repeats": 3}, "best of 2 (the 4-NN rows: best of 3).")):  # fmt: skip
+        cpu_speed.main(["--from-json", str(run_json(tmp_path, ROW, **extra)), "--docs", str(page)])
+        assert said in " ".join(page.read_text().split()), extra

@@ -69,10 +69,10 @@ import torch
 from .knn_screen import full_precision, gamma
 
 # Principal directions kept (d); the screen has d + 1 features. More make the product longer
-# and leave fewer survivors: per test image 137 with 160 against 288 with 128 at KMNIST size,
-# 190 against 442 at K49 size. On the 2-core AMD EPYC, end to end at KMNIST size, 160 took
-# 6.1-7.1 s against 7.3-8.3 s for 128 and 6.9-7.3 s for 192; at K49 size the longer product
-# and the shorter exact step about cancel.
+# and leave fewer survivors (directions from 1,024 images): per test image 137 with 160 against
+# 288 with 128 at KMNIST size, 190 against 442 at K49 size. On the 2-core AMD EPYC, end to end
+# at KMNIST size, 160 took 6.1-7.1 s against 7.3-8.3 s for 128 and 6.9-7.3 s for 192; at K49
+# size the longer product and the shorter exact step about cancel.
 DIMS = 160
 # Training images the directions are computed from (evenly spaced). Better directions leave
 # fewer survivors: at KMNIST size 100 a test image from 4,096 against 137 from 1,024 (89 from
