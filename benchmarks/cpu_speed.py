@@ -5,9 +5,9 @@ Rows: exact 4-NN against scikit-learn (KMNIST size, K49 size on a slice of its t
 simple-CNN training steps against a plain torchvision-style loop, PreActResNet-18 + manifold
 mixup steps against the reference loop, whole simple-CNN recipe runs against the plain loop
 (images/s and top-1 on held-out images, benchmarks/_accuracy.py; one pair per seed), and
-inference (eager against onnxruntime). Ours and the peer alternate, best of ``--repeats``; the
-load average is recorded beside each row, because the machine may be shared. Writes JSON
-(--out) and the docs page (--docs).
+inference (eager against onnxruntime). Ours and the peer alternate, best of ``--repeats``
+(the 4-NN rows: ``--knn-repeats``, default the same); the load average is recorded beside each
+row, because the machine may be shared. Writes JSON (--out) and the docs page (--docs).
 
     python benchmarks/cpu_speed.py                       # everything (tens of minutes)
     python benchmarks/cpu_speed.py --quick               # small sizes: the plumbing

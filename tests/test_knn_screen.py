@@ -279,7 +279,9 @@ def test_exact_dots_are_the_integer_dot_products(width, b, g, exact_rows, seed):
     shifted = query.astype(np.int64) - 128
     expect = np.einsum("bgd,bd->bg", rows8.numpy()[first].astype(np.int64), shifted)
     counts = rng.integers(0, 6, b)
+    counts[0] = max(1, counts[0])
     col = rng.integers(0, 20, int(counts.sum()))
+    col[0] = 0  # -128s against the zero query: every product 128 * 128
     starts = np.concatenate([[0], np.cumsum(counts)])
     owner = np.repeat(np.arange(b), counts)
     flat = (rows8.numpy()[col].astype(np.int64) * shifted[owner]).sum(axis=1)
@@ -292,7 +294,8 @@ def test_exact_dots_are_the_integer_dot_products(width, b, g, exact_rows, seed):
 def test_survivors_of_rows_that_cannot_settle_are_never_listed():
     # Images all alike leave every training image a survivor: listing their positions would
     # take 8 bytes each (B x n int64, and twice that for rows and columns); the rows with too
-    # many are dropped first, so memory stays far below that.
+    # many are dropped first, so memory stays far below that. tracemalloc sees NumPy's
+    # allocations, not torch's: the positions must stay a NumPy listing for this to guard them.
     import tracemalloc
 
     b, n = 4, 2**16
@@ -301,14 +304,68 @@ def test_survivors_of_rows_that_cannot_settle_are_never_listed():
     blocks = [np.zeros((b, hi - lo), dtype=np.float32) for lo, hi in spans]
     blocks[0][0, :5] = 1.0  # row 0: all but 5 survive, still too many
     masks = [np.empty((b, hi - lo), dtype=bool) for lo, hi in spans]
-    tracemalloc.start()
+    was = tracemalloc.is_tracing()
+    if not was:
+        tracemalloc.start()
     try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
         ok, row, col = knn_pca.survivors(blocks, spans, limit, 4, masks)
-        peak = tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1] - base
     finally:
-        tracemalloc.stop()
+        if not was:
+            tracemalloc.stop()
     assert not ok.any() and len(row) == len(col) == 0
     assert peak < b * n  # a byte per value at most: no positions listed
+
+
+@pytest.mark.parametrize("width", [784, 1024, 1030, 2100])
+def test_train_sq64_is_exact_at_the_largest_squares(width):
+    # Rows of -128 (every square 2**14) reach 2**24 per 1,024-column block, the most float32
+    # holds exactly; wider rows are summed block by block.
+    rng = np.random.default_rng(width)
+    rows8 = torch.from_numpy(rng.integers(-128, 128, (3 * knn_pca.FEATURE_ROWS // 2, width),
+                                          dtype=np.int8))  # fmt: skip
+    rows8[::7] = -128
+    # A full block of 2**14 each, then 1,023 odd squares: summed together (a block of 2,048)
+    # the total is odd and past 2**24, which float32 cannot hold.
+    rows8[1::7, :1024] = -128
+    rows8[1::7, 1024:] = 127
+    rows8[1::7, 2047:] = 0
+    expect = (rows8.numpy().astype(np.int64) ** 2).sum(axis=1)
+    assert np.array_equal(knn_pca.train_sq64(rows8), expect)
+
+
+def test_sample_rows_shrink_for_wide_images():
+    assert knn_pca.sample_rows(784) == knn_pca.SAMPLE_ROWS
+    assert knn_pca.sample_rows(4096) == knn_pca.SAMPLE_MIN_ROWS
+    assert knn_pca.sample_rows(10**6) == knn_pca.SAMPLE_MIN_ROWS
+
+
+@pytest.mark.parametrize("kind", ["float32", "int64", "fortran", "strided"])
+def test_byte_valued_images_of_any_dtype_or_layout_are_exact(kind, settled):
+    # The screen's byte rows come from a cast and a bit flip: float and wide-integer images of
+    # whole values in [0, 255], and non-contiguous ones, give the plain scan's answer.
+    rng = np.random.default_rng(4)
+    train, test = _strokes(rng, 300).reshape(300, -1), _strokes(rng, 20).reshape(20, -1)
+    test[0] = train[9]
+    if kind in ("float32", "int64"):
+        train, test = train.astype(kind), test.astype(kind)
+    elif kind == "fortran":
+        train, test = np.asfortranarray(train), np.asfortranarray(test)
+    else:
+        train = np.repeat(train, 2, axis=0)[::2]
+    plain = kneighbors(train, test, screen=False)
+    _same(kneighbors(train, test, screen=True), plain)
+    assert settled["settled"] > 0
+
+
+def test_no_test_images_give_empty_answers():
+    rng = np.random.default_rng(6)
+    train = _strokes(rng, 100)
+    for kwargs in ({"screen": True}, {"candidates": 16}, {}):
+        dist, ind = kneighbors(train, train[:0], **kwargs)
+        assert dist.shape == ind.shape == (0, 4)
 
 
 @settings(max_examples=30, deadline=None)

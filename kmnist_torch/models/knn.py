@@ -52,8 +52,8 @@ DEFAULT_CANDIDATES = 0
 # plain scan's 51.2 s (scikit-learn 124.0 s), K49 size (232,365 / 2,000) 56.2 s against 88.2 s;
 # at 8,000 / 500 real images it took 2.4 s where scikit-learn took 0.9 s. On 4,096-pixel KKanji
 # images (16,000 / 2,000) it was slower than the plain scan (41.6 s against 16.9 s: a 4,096 x
-# 128 float64 projection per training image, a 4,096-pixel row per survivor), hence
-# SCREEN_MAX_FEATURES.
+# 128 float64 projection per training image with the 128 directions of then, a 4,096-pixel row
+# per survivor), hence SCREEN_MAX_FEATURES.
 DEFAULT_SCREEN = True
 SCREEN_MIN_TRAIN = 50_000
 SCREEN_MIN_TEST = 1_000
@@ -175,7 +175,7 @@ def kneighbors(
     if count:
         layout = knn_screen.image_layout(tuple(torch.as_tensor(train_images).shape[1:]))
         ctx.screen = knn_screen.Screen(train, layout, dev)
-    if count == 0 and _wants_pca(screen, train, test.shape[0], ctx):
+    if count == 0 and test.shape[0] and _wants_pca(screen, train, test.shape[0], ctx):
         ctx.pca = knn_pca.PcaScreen(train)
         fits = min(knn_pca.SCREEN_BATCH, knn_pca.SCREEN_ELEMENTS // n_train)
         ctx.pca_batch = given_batch or max(1, fits)
@@ -248,7 +248,7 @@ def _search(
             done = _screened_batch(ctx, test[rows], count, rows, dists, inds)
             left.append(rows[~done])
             bar.update(int(done.sum()))
-        hard = torch.cat(left)
+        hard = torch.cat(left) if left else torch.arange(0)
     if ctx.pca is not None:
         hard = _pca_phase(ctx, test, dists, inds, bar)
     for lo in range(0, len(hard), batch_size):

@@ -53,11 +53,11 @@ them among all training images, ties at the k-th distance included: the same ans
 plain scan. A test image with more than ``n_train / SURVIVOR_SHARE`` survivors (the bound was
 too weak for it) is scored against every training image by the plain scan instead.
 
-The exact step gathers each test image's survivors (a few hundred on KMNIST-like images) and
+The exact step gathers each test image's survivors (about a hundred on KMNIST-like images) and
 takes one matrix-vector product per feature block; the screen itself is one thin matrix product
 per batch of test images and block of training columns (:func:`column_spans`: blocks of whole
-runs, so each block gives its runs' first candidates), whose threshold and survivor lists are
-taken in NumPy (one pass each)."""
+runs, so each block gives its runs' first candidates); the first candidates are a NumPy argmin
+per run, the survivors a torch comparison and a NumPy list of positions (:func:`survivors`)."""
 
 from __future__ import annotations
 
@@ -76,8 +76,12 @@ from .knn_screen import full_precision, gamma
 DIMS = 160
 # Training images the directions are computed from (evenly spaced). Better directions leave
 # fewer survivors: at KMNIST size 100 a test image from 4,096 against 137 from 1,024 (89 from
-# 16,384, whose set-up took 0.3 s more), the exact step 1.3 s against 1.7-2.1 s.
+# 16,384, whose set-up took 0.3 s more), the exact step 1.3 s against 1.7-2.1 s. Wider images
+# use fewer (:func:`sample_rows`): the directions come from the eigenvectors of the smaller of
+# two Gram matrices, sample x sample or pixels x pixels.
 SAMPLE_ROWS = 4096
+SAMPLE_MIN_ROWS = 1024
+SAMPLE_ELEMENTS = 2**22
 # Runs of training indices whose best-screened images give the first exact distances.
 GROUPS = 32
 # Survivor rows gathered at a time by the exact step: their float32 copy (6 MiB at 784 pixels)
@@ -112,6 +116,14 @@ def gamma64(n: int) -> float:
     return n * U64 / (1 - n * U64)
 
 
+def sample_rows(width: int) -> int:
+    """Training images the directions come from, for images of ``width`` pixels: up to
+    ``SAMPLE_ROWS``, as many as hold ``SAMPLE_ELEMENTS`` pixels, and at least
+    ``SAMPLE_MIN_ROWS`` (784 pixels: 4,096; 4,096 pixels: 1,024, so a KKanji screen still
+    solves a 1,024 x 1,024 eigenproblem rather than a 4,096 x 4,096 one)."""
+    return min(SAMPLE_ROWS, max(SAMPLE_MIN_ROWS, SAMPLE_ELEMENTS // max(1, width)))
+
+
 def applies(n_train: int, n_features: int, k: int) -> bool:
     """Whether the screen can run: enough training images for its ``GROUPS`` first candidates,
     ``k`` at most ``GROUPS`` (the threshold is the k-th of those candidates) and at least two
@@ -128,8 +140,9 @@ class PcaScreen:
     def __init__(self, train: torch.Tensor, dims: int = DIMS) -> None:
         n, width = train.shape
         d = max(1, min(dims, width - 1))
-        step = max(1, n // SAMPLE_ROWS)
-        sample = train[::step][:SAMPLE_ROWS].to(torch.float64)
+        rows = sample_rows(width)
+        step = max(1, n // rows)
+        sample = train[::step][:rows].to(torch.float64)
         self.mean = sample.mean(dim=0)
         self.basis = _basis(sample - self.mean, d)
         eye = torch.eye(d, dtype=torch.float64)
@@ -143,7 +156,7 @@ class PcaScreen:
         )
         # The exact step's copy of the rows: shifted to [-128, 127] (as knn shifts them). For a
         # byte b, b - 128 as a signed byte has the bits of b with the top bit flipped.
-        self.rows8 = train.to(torch.uint8).view(torch.int8).bitwise_xor(-128)
+        self.rows8 = train.to(torch.uint8).view(torch.int8).bitwise_xor(-128).contiguous()
         self.phi, c_norm = self.features(train)
         sq = self.phi.to(torch.float64).square().sum(dim=1)
         self.phi_sq = sq.to(torch.float32)
