@@ -30,9 +30,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 WEIGHTS = ("distance", "uniform")
 
-# Largest feature block whose shifted-integer dot products are exact in float32: each product
-# is at most 128 * 128 in magnitude, so every partial sum over 1024 features stays within 2**24.
-EXACT_BLOCK = 1024
+# Largest feature block whose shifted-integer dot products are exact in float32 (see knn_screen).
+EXACT_BLOCK = knn_screen.EXACT_BLOCK
 
 # Elements of one (test batch x train) matrix when ``batch_size`` is not given: a float32 and
 # an int32 one live at once, 64 MiB each on a CPU (larger batches make the matrix product more

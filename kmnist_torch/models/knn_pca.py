@@ -66,7 +66,7 @@ import math
 import numpy as np
 import torch
 
-from .knn_screen import full_precision, gamma
+from .knn_screen import EXACT_BLOCK, full_precision, gamma
 
 # Principal directions kept (d); the screen has d + 1 features. More make the product longer
 # and leave fewer survivors (directions from 1,024 images): per test image 137 with 160 against
@@ -105,8 +105,6 @@ FEATURE_ROWS = 512
 # runs each): a thin product whose output rows run 232,365 floats long (K49 size) ran at 40-50
 # GFLOP/s on the 2-core AMD EPYC, against 77-81 for rows of 60,000 (KMNIST size).
 BLOCK_COLUMNS = 2**16
-# Widest column block whose shifted squares sum exactly in float32 (as in knn).
-EXACT_BLOCK = 1024
 # float64 unit roundoff.
 U64 = 2.0**-53
 

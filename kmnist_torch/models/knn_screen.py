@@ -56,6 +56,10 @@ import torch.nn.functional as F
 
 # float32 unit roundoff.
 U32 = 2.0**-24
+# Largest feature block whose shifted-integer dot products (and sums of squares) are exact in
+# float32: each product is at most 128 * 128 in magnitude, so every partial sum over 1024
+# features stays within 2**24.
+EXACT_BLOCK = 1024
 # Elements of the gathered (queries x candidates x features) float32 block of the exact step.
 GATHER_ELEMENTS = 2**22
 # Rows at a time when computing the features (int64 intermediates, 8 bytes per pixel).
