@@ -336,10 +336,17 @@ def test_train_sq64_is_exact_at_the_largest_squares(width):
     assert np.array_equal(knn_pca.train_sq64(rows8), expect)
 
 
-def test_sample_rows_shrink_for_wide_images():
+def test_sample_rows_shrink_for_wide_images(monkeypatch):
     assert knn_pca.sample_rows(784) == knn_pca.SAMPLE_ROWS
     assert knn_pca.sample_rows(4096) == knn_pca.SAMPLE_MIN_ROWS
     assert knn_pca.sample_rows(10**6) == knn_pca.SAMPLE_MIN_ROWS
+    # The screen takes its directions from that many: 2,000 images of 4,096 pixels, 1,024.
+    seen = []
+    real = knn_pca._basis
+    monkeypatch.setattr(knn_pca, "_basis", lambda c, d: seen.append(c.shape) or real(c, d))
+    rng = np.random.default_rng(7)
+    knn_pca.PcaScreen(torch.from_numpy(rng.integers(0, 256, (2000, 4096), dtype=np.uint8)), 8)
+    assert seen == [(knn_pca.SAMPLE_MIN_ROWS, 4096)]
 
 
 @pytest.mark.parametrize("kind", ["float32", "int64", "fortran", "strided"])
@@ -353,6 +360,8 @@ def test_byte_valued_images_of_any_dtype_or_layout_are_exact(kind, settled):
         train, test = train.astype(kind), test.astype(kind)
     elif kind == "fortran":
         train, test = np.asfortranarray(train), np.asfortranarray(test)
+        # The byte rows the exact step gathers are row-major whatever the caller's layout.
+        assert knn_pca.PcaScreen(torch.as_tensor(train), 8).rows8.is_contiguous()
     else:
         train = np.repeat(train, 2, axis=0)[::2]
     plain = kneighbors(train, test, screen=False)

@@ -171,7 +171,7 @@ def kneighbors(
     # keys below up to D = 43,690 features; wider images use int64.
     int_dtype = torch.int32 if 3 * 128 * 128 * train.shape[1] < 2**31 else torch.int64
     ctx = _Context(train, exact, int_dtype, dev, k)
-    if count:
+    if count and test.shape[0]:
         layout = knn_screen.image_layout(tuple(torch.as_tensor(train_images).shape[1:]))
         ctx.screen = knn_screen.Screen(train, layout, dev)
     if count == 0 and test.shape[0] and _wants_pca(screen, train, test.shape[0], ctx):

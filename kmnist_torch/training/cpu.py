@@ -2,9 +2,9 @@
 
 - **bf16**: autocast to bfloat16 on a CPU only where it has bf16 units (``amx_bf16`` or
   ``avx512_bf16`` in ``/proc/cpuinfo``); elsewhere a bf16 matrix product is emulated and slower
-  than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 15.6 against 82.0
-  GFLOP/s in the run of docs/benchmarks.md). ``--bf16 on|off`` forces either way; on CUDA the
-  recipe's ``amp`` decides, as before.
+  than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 14-17 against 82-115
+  GFLOP/s across the runs of benchmarks/cpu_speed.py; its latest is on docs/benchmarks.md).
+  ``--bf16 on|off`` forces either way; on CUDA the recipe's ``amp`` decides, as before.
 - **channels_last**: on CUDA as the recipe says; on a CPU only together with bf16 (oneDNN's
   bf16 convolutions want it; in float32 it measured no faster).
 - **threads**: intra-op threads for the CPUs no other process is using now: the CPUs this
@@ -22,7 +22,8 @@
   time (:func:`eval_batch`), whatever the recipe's ``eval_batch_size`` (sized for a GPU): the
   activations of a smaller batch stay in the cache. ``benchmarks/cpu_speed.py --quick``
   printed the simple CNN's eager inference at 1,045 img/s in batches of 1,000 and 2,321 img/s
-  in batches of 64 on the 2-core AMD EPYC (the full run on docs/benchmarks.md: 2,140 img/s).
+  in batches of 64 on the 2-core AMD EPYC (full runs: 2,140-2,450 img/s; the latest is on
+  docs/benchmarks.md).
 - **torch.compile** on a CPU needs a C++ compiler for the generated kernels:
   :func:`compile_available` says whether there is one.
 """
