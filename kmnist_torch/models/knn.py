@@ -166,15 +166,17 @@ def kneighbors(
     count = DEFAULT_CANDIDATES if candidates is None else candidates
     if count < 0:
         raise ValueError(f"candidates must be 0 or more, got {count}")
+    if test.shape[0] == 0:  # nothing to score: no set-up for either screen or the scan
+        return torch.empty(0, k, dtype=torch.float64), torch.empty(0, k, dtype=torch.int64)
     count = max(count, k) if exact and count and count < n_train and train.shape[1] >= 16 else 0
     # Integer ranks: |t.t| and 2|q.t| are each at most 128 * 128 * D, so int32 holds the rank
     # keys below up to D = 43,690 features; wider images use int64.
     int_dtype = torch.int32 if 3 * 128 * 128 * train.shape[1] < 2**31 else torch.int64
     ctx = _Context(train, exact, int_dtype, dev, k)
-    if count and test.shape[0]:
+    if count:
         layout = knn_screen.image_layout(tuple(torch.as_tensor(train_images).shape[1:]))
         ctx.screen = knn_screen.Screen(train, layout, dev)
-    if count == 0 and test.shape[0] and _wants_pca(screen, train, test.shape[0], ctx):
+    if count == 0 and _wants_pca(screen, train, test.shape[0], ctx):
         ctx.pca = knn_pca.PcaScreen(train)
         fits = min(knn_pca.SCREEN_BATCH, knn_pca.SCREEN_ELEMENTS // n_train)
         ctx.pca_batch = given_batch or max(1, fits)
@@ -247,7 +249,7 @@ def _search(
             done = _screened_batch(ctx, test[rows], count, rows, dists, inds)
             left.append(rows[~done])
             bar.update(int(done.sum()))
-        hard = torch.cat(left) if left else torch.arange(0)
+        hard = torch.cat(left)
     if ctx.pca is not None:
         hard = _pca_phase(ctx, test, dists, inds, bar)
     for lo in range(0, len(hard), batch_size):
