@@ -152,15 +152,7 @@ def kneighbors(
     dev = torch.device(device) if device is not None else default_device()
     train = _as_matrix(train_images, "train_images")
     test = _as_matrix(test_images, "test_images")
-    if train.shape[1] != test.shape[1]:
-        raise ValueError(
-            f"train images have {train.shape[1]} features but test images have {test.shape[1]}"
-        )
-    n_train = train.shape[0]
-    if n_train == 0:
-        raise ValueError("train_images is empty")
-    if not 1 <= k <= n_train:
-        raise ValueError(f"k must be between 1 and the {n_train} training images, got {k}")
+    n_train = _check_shapes(train, test, k)
     given_batch, batch_size = batch_size, _batch_size(batch_size, dev, n_train)
     exact = _is_byte_valued(train) and _is_byte_valued(test)
     count = DEFAULT_CANDIDATES if candidates is None else candidates
@@ -183,6 +175,20 @@ def kneighbors(
     shown = progress if progress is not None else test.shape[0] * n_train > 2**30
     with Progress("4-NN", test.shape[0], unit="test image", enabled=shown) as bar:
         return _search(ctx, test, count, batch_size, bar)
+
+
+def _check_shapes(train: torch.Tensor, test: torch.Tensor, k: int) -> int:
+    """The number of training images, once train and test rows match and ``k`` fits them."""
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(
+            f"train images have {train.shape[1]} features but test images have {test.shape[1]}"
+        )
+    n_train = train.shape[0]
+    if n_train == 0:
+        raise ValueError("train_images is empty")
+    if not 1 <= k <= n_train:
+        raise ValueError(f"k must be between 1 and the {n_train} training images, got {k}")
+    return n_train
 
 
 def _batch_size(batch_size: int | None, dev: torch.device, n_train: int) -> int:
