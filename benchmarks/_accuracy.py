@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import _shared
 import numpy as np
 import torch
+import torch.nn.functional as F
 import train_throughput as tt
 from torch.utils.data import DataLoader
 
@@ -26,6 +27,7 @@ from kmnist_torch.training.engine import Job, RunState, train_one_epoch
 from kmnist_torch.training.recipes import Recipe
 
 NUM_CLASSES = 10
+DEVICE = torch.device("cpu")
 EVAL_BATCH = 1000
 
 
@@ -64,6 +66,39 @@ def split(n_train: int, n_test: int, seed: int = 0) -> Split:
         )
 
     return Split(*pair(tr), *pair(te), source)
+
+
+class PlainCNN(torch.nn.Module):
+    """The simple CNN as a user writes it from the Keras example: ``nn.Dropout``, ReLU before
+    max pooling, torch's default memory format. The layers are named as the package's
+    (``SimpleCNN``), so its weights load from one, and both compute the same function."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 32, 3)
+        self.conv2 = torch.nn.Conv2d(32, 64, 3)
+        self.drop1 = torch.nn.Dropout(0.25)
+        self.fc1 = torch.nn.Linear(64 * 12 * 12, 128)
+        self.drop2 = torch.nn.Dropout(0.5)
+        self.fc2 = torch.nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(self.drop1(x), 1)
+        x = self.drop2(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+def plain_cnn() -> PlainCNN:
+    """A :class:`PlainCNN` with the initial weights ``create_model("simple_cnn")`` draws from
+    torch's generator as it stands (Keras' initialisation), which it leaves where ours would
+    (the plain model's own initialisation draws on a forked generator)."""
+    weights = create_model("simple_cnn", NUM_CLASSES, in_chans=1).state_dict()
+    with torch.random.fork_rng():
+        model = PlainCNN()
+    model.load_state_dict(weights)
+    return model
 
 
 def digest(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -110,8 +145,8 @@ def ours(recipe: Recipe, data: Split, seed: int) -> dict[str, Any]:
         loader = tt.TensorLoader(held, recipe.batch_size, shuffle=True, device="cpu",
                                  drop_last=True, seed=seed)  # fmt: skip
         torch.manual_seed(seed)  # initial weights and dropout, as train does
-        model = create_model(recipe.model, NUM_CLASSES, in_chans=1)
-        job = Job(recipe, model, loader, None, torch.device("cpu"), NUM_CLASSES)
+        model = cpu.prepare_model(create_model(recipe.model, NUM_CLASSES, in_chans=1), DEVICE)
+        job = Job(recipe, model, loader, None, DEVICE, NUM_CLASSES)
         state = RunState(job, seed)
         t0 = time.perf_counter()
         for epoch in range(recipe.epochs):
@@ -126,20 +161,23 @@ def ours(recipe: Recipe, data: Split, seed: int) -> dict[str, Any]:
 
 def plain(recipe: Recipe, data: Split, seed: int, workers: int = 2) -> dict[str, Any]:
     """What a user writes: a torchvision-style dataset (PIL image + ``ToTensor``), a
-    ``DataLoader`` with ``workers``, the same model, ``torch.optim.Adadelta`` with the
-    recipe's lr, rho and eps, cross-entropy, torch's default threads; the same batch size
+    ``DataLoader`` with ``workers``, the network written plainly (:class:`PlainCNN`) from the
+    same initial weights, ``torch.optim.Adadelta`` with the recipe's lr, rho and eps,
+    cross-entropy, torch's default threads and memory format; the same batch size
     (``drop_last``, so both sides take the same number of steps) and epochs."""
     from torchvision import transforms
 
-    if (recipe.optimizer, recipe.loss, recipe.mixup, recipe.translate) != ("adadelta", "ce",
-                                                                          "none", 0):  # fmt: skip
-        raise ValueError("the plain loop is the simple CNN recipe's: Adadelta, CE, no mixup")
+    plan = (recipe.model, recipe.optimizer, recipe.loss, recipe.mixup, recipe.translate)
+    if plan != ("simple_cnn", "adadelta", "ce", "none", 0):
+        raise ValueError(
+            "the plain loop is the simple CNN recipe's: simple_cnn, Adadelta, CE, no mixup"
+        )
     load = os.getloadavg()[0]
     ds = tt.PILDataset(data.train_x, data.train_y, transforms.ToTensor())
     loader = DataLoader(ds, batch_size=recipe.batch_size, shuffle=True, num_workers=workers,
                         drop_last=True, generator=torch.Generator().manual_seed(seed))  # fmt: skip
     torch.manual_seed(seed)
-    model = create_model(recipe.model, NUM_CLASSES, in_chans=1)
+    model = plain_cnn()
     opt = torch.optim.Adadelta(model.parameters(), lr=recipe.lr, rho=recipe.rho, eps=recipe.eps)
     images = 0
     t0 = time.perf_counter()

@@ -193,13 +193,14 @@ def knn_row(
 
 def _plain_cnn_loop(data, targets, batch: int, steps: int, workers: int) -> float:
     """Images/s of what a user writes: a torchvision-style dataset (PIL + ToTensor), a
-    DataLoader with workers, the simple CNN, Adam, cross-entropy; torch's default threads."""
+    DataLoader with workers, the simple CNN written plainly (``_accuracy.PlainCNN``), Adam,
+    cross-entropy; torch's default threads and memory format."""
     from torchvision import transforms
 
     ds = tt.PILDataset(data, targets, transforms.ToTensor())
     loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
     torch.manual_seed(0)
-    model = create_model("simple_cnn", 10, in_chans=1)
+    model = _accuracy.plain_cnn()
     opt = torch.optim.Adam(model.parameters())
     batches = tt._cycle(loader)
     for i in range(steps + 1):
@@ -214,8 +215,8 @@ def _plain_cnn_loop(data, targets, batch: int, steps: int, workers: int) -> floa
 
 
 def _our_steps(model_name: str, mixup: str, data, targets, batch: int, steps: int) -> float:
-    """Images/s of the trainer's own step on device-resident batches, threads chosen by
-    kmnist_torch.training.cpu."""
+    """Images/s of the trainer's own step on device-resident batches, threads and memory format
+    chosen by kmnist_torch.training.cpu."""
     args = argparse.Namespace(
         model=model_name, batch_size=batch, mixup=mixup, steps=steps, warmup=1,
         alpha=2.0 if mixup == "manifold" else 0.0,
@@ -223,7 +224,7 @@ def _our_steps(model_name: str, mixup: str, data, targets, batch: int, steps: in
     split = type("Split", (), {"data": data, "targets": targets})()
     loader = tt.TensorLoader(split, batch, shuffle=True, device="cpu", drop_last=True, seed=0)
     torch.manual_seed(0)
-    model = create_model(model_name, 10, in_chans=1)
+    model = cpu.prepare_model(create_model(model_name, 10, in_chans=1), torch.device("cpu"))
     res = tt.measure(tt._cycle(loader), loader, model, model, torch.device("cpu"), args, True)
     return res["images_per_second"]
 

@@ -35,7 +35,7 @@ from torchvision import transforms
 from kmnist_torch import TensorLoader
 from kmnist_torch.data import formats
 from kmnist_torch.models.registry import create_model
-from kmnist_torch.training import mixup
+from kmnist_torch.training import cpu, mixup
 from kmnist_torch.training.engine import Job, RunState, train_step
 from kmnist_torch.training.recipes import RECIPES
 from kmnist_torch.training.runtime import device_name, sync
@@ -89,7 +89,8 @@ def measure(
 ) -> dict[str, float]:
     """Run ``args.warmup`` untimed then ``args.steps`` timed steps of the trainer's
     ``train_step``; images/s. ``fast``: translation on the device (the reference translates
-    per item in its transform), and bf16 + channels_last on CUDA."""
+    per item in its transform), bf16 + channels_last on CUDA, and channels_last on a CPU
+    (kmnist_torch.training.cpu); the reference keeps torch's default memory format."""
     cuda = device.type == "cuda"
     recipe = RECIPES["paper"].override(
         model=args.model,
@@ -107,14 +108,19 @@ def measure(
     state = RunState(job, seed=0)
     model.train()
     t0 = 0.0
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            t0 = sync(device)
-        x, y = next(batches)
-        loss = train_step(
-            job, state, x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        )
-    seconds = sync(device) - t0
+    layout = cpu.POLICY.channels_last
+    cpu.POLICY.channels_last = layout if fast else "off"  # the reference: torch's default
+    try:
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                t0 = sync(device)
+            x, y = next(batches)
+            loss = train_step(
+                job, state, x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            )
+        seconds = sync(device) - t0
+    finally:
+        cpu.POLICY.channels_last = layout
     return {
         "seconds": seconds,
         "steps": args.steps,
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     del ref_model, ref_loader  # free the device and the workers before our loop
 
     # Ours: device-resident uint8 split, batch-wide augmentation on the device, bf16 +
-    # channels_last on CUDA.
+    # channels_last on CUDA, channels_last on a CPU.
     loader = TensorLoader(
         type("Split", (), {"data": data, "targets": targets})(),
         args.batch_size,
@@ -186,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(0)
     model = create_model(args.model, NUM_CLASSES, in_chans=1).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model = cpu.prepare_model(model, device, recipe_flag=cuda)
     forward = torch.compile(model) if args.compile else model
     ours = measure(_cycle(loader), loader, model, forward, device, args, True)
 

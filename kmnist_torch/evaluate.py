@@ -62,7 +62,8 @@ def predict_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities and argmax predictions for every image of ``split`` (an object
     with uint8 ``data`` and ``targets``), computed as the trainer's test pass computes them
-    (bf16 autocast and channels_last on CUDA where the recipe used them).
+    (bf16 autocast as the recipe used it; channels_last on a CPU, and on CUDA where the recipe
+    used it).
 
     Returns:
         ``(probs, pred)``: float32 N x K and int64 N, on the CPU.
@@ -70,11 +71,11 @@ def predict_split(
     recipe = recipe or {}
     batch = cpu.eval_batch(device, min(recipe.get("eval_batch_size", 1000), EVAL_BATCH_MAX))
     loader = TensorLoader(split, batch, shuffle=False, device=device)
-    cuda = device.type == "cuda"
+    layout = (bool(recipe.get("channels_last")), bool(recipe.get("amp")))
+    model = cpu.prepare_model(model, device, *layout)
     probs, preds = [], []
     for x, _ in loader:
-        if recipe.get("channels_last") and cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = cpu.prepare_batch(x, device, *layout)
         with cpu.autocast(device, bool(recipe.get("amp"))):
             logits = model(x)
         preds.append(logits.argmax(1).cpu())

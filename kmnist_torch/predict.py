@@ -244,6 +244,7 @@ def predict(
     """
     meta = model.meta
     device = next(model.parameters()).device
+    model = cpu.prepare_model(model, device)  # outside inference mode: parameters stay usable
     results: list[dict[str, Any]] = []
     for start in range(0, len(paths), BATCH):
         chunk = paths[start : start + BATCH]
@@ -256,7 +257,7 @@ def predict(
         if images:
             step = cpu.eval_batch(device, len(images))
             with cpu.inference(device):  # the CPU path evaluation and training use
-                batch = torch.stack(images).to(device)
+                batch = cpu.prepare_batch(torch.stack(images).to(device), device)
                 logits = torch.cat([model(batch[i : i + step]) for i in range(0, len(batch), step)])
                 probs = torch.softmax(logits.float(), dim=1).cpu()
             good = [r for r in rows if "error" not in r]

@@ -291,9 +291,8 @@ def _model(
     torch.manual_seed(seed)  # initialisation and dropout
     # preact18 has no dropout layers: --no-dropout changes nothing there.
     options = {"dropout": False} if not r.dropout and r.model == "simple_cnn" else {}
-    model = create_model(r.model, **args, **options).to(device)
-    if cpu.channels_last_enabled(device, r.channels_last, r.amp):
-        model = model.to(memory_format=torch.channels_last)
+    model = cpu.prepare_model(create_model(r.model, **args, **options).to(device), device,
+                              r.channels_last, r.amp)  # fmt: skip
     model_meta = modelfile.model_meta(
         r.model,
         args,

@@ -85,6 +85,26 @@ def test_the_split_is_fixed_and_disjoint(bench, monkeypatch, shared):
     assert not any(bytes(x.numpy()) in seen for x in a.test_x)
 
 
+def test_the_plain_model_is_the_simple_cnn_written_plainly(bench, one_thread):
+    """The peer's network computes ours' function from ours' initial weights, in torch's
+    default memory format, and leaves the generator where creating ours does."""
+    from kmnist_torch.models.registry import create_model
+
+    _, acc = bench
+    torch.manual_seed(4)
+    ours = create_model("simple_cnn", 10, in_chans=1)
+    after_ours = torch.rand(3)
+    torch.manual_seed(4)
+    plain = acc.plain_cnn()
+    assert torch.equal(torch.rand(3), after_ours)
+    assert type(plain.drop1) is torch.nn.Dropout and type(plain.drop2) is torch.nn.Dropout
+    for k, v in ours.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v)
+    assert plain.conv2.weight.is_contiguous()
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.allclose(plain.eval()(x), ours.eval()(x), rtol=0, atol=1e-6)
+
+
 def test_the_plain_loop_refuses_a_recipe_it_does_not_write(bench):
     _, acc = bench
     from kmnist_torch.training.recipes import RECIPES

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import ByteDropout
 from .mixing import check_mix_layer, mix
 
 
@@ -29,10 +30,10 @@ class SimpleCNN(nn.Module):
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(in_chans, 32, 3)
         self.conv2 = nn.Conv2d(32, 64, 3)
-        self.drop1 = nn.Dropout(0.25) if dropout else nn.Identity()
+        self.drop1 = ByteDropout(0.25) if dropout else nn.Identity()
         side = (img_size - 4) // 2
         self.fc1 = nn.Linear(64 * side * side, 128)
-        self.drop2 = nn.Dropout(0.5) if dropout else nn.Identity()
+        self.drop2 = ByteDropout(0.5) if dropout else nn.Identity()
         self.fc2 = nn.Linear(128, num_classes)
         # Keras defaults (glorot_uniform kernels, zero biases): Adadelta at lr 1.0 was tuned
         # with them, and PyTorch's default init changes the early training curve.
@@ -55,7 +56,9 @@ class SimpleCNN(nn.Module):
         out = F.relu(self.conv1(out))
         if mix_layer == 1:
             out = mix(out, lam, perm)
-        out = F.max_pool2d(F.relu(self.conv2(out)), 2)
+        # relu(max_pool(x)) is max_pool(relu(x)) (relu is monotonic), in a quarter of the
+        # elements: the same outputs and gradients, and a faster step.
+        out = F.relu(F.max_pool2d(self.conv2(out), 2))
         if mix_layer == 2:
             out = mix(out, lam, perm)
         out = self.drop1(out).flatten(1)

@@ -121,7 +121,10 @@ class RunState:
         return {
             "epoch": self.epoch,
             "step": self.step,
-            "model": self.model.state_dict(),
+            # Row-major, as model.pt stores them: a channels_last model's weights (the CPU's
+            # layout, and CUDA's where the recipe says so) are refused by the model file
+            # reader's density check otherwise, and load into either layout.
+            "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader_state,
@@ -172,8 +175,7 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
     """
     r = job.recipe
     x = random_translate(x, r.translate, state.gen, shard=job.dist.shard)
-    if cpu.channels_last_enabled(job.device, r.channels_last, r.amp):
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = cpu.prepare_batch(x, job.device, r.channels_last, r.amp)
     plan = mixup.draw(
         r.mixup,
         r.alpha or 0.0,

@@ -52,8 +52,7 @@ def evaluate(
             return None
         if len(y) == 0:  # a rank's part of a last batch smaller than the world
             continue
-        if cpu.channels_last_enabled(device, r.channels_last, r.amp):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = cpu.prepare_batch(x, device, r.channels_last, r.amp)
         with cpu.autocast(device, r.amp):
             logits = forward(x)
         # Written out rather than F.cross_entropy: nll_loss has no deterministic CUDA kernel.
