@@ -170,8 +170,10 @@ def knn_row(
     ours, theirs = res.pop("ours"), res.pop("peer")
     plain: dict[str, Any] = {}
     if plain_scan:
-        # The plain scan (one float32 product per test batch) once, for the screen's gain.
-        cpu.configure("auto", None)
+        # The plain scan (one float32 product per test batch) once, for the screen's gain, on
+        # the threads the policy chooses (not cpu.configure: its malloc setting would carry
+        # over to the plain training loops, which run in this process).
+        torch.set_num_threads(cpu.choose_threads(None))
         plain["plain_load"] = os.getloadavg()[0]
         plain["plain_s"], scanned = _timed(
             lambda: knn_predict(train, labels, test, screen=False).numpy()
@@ -214,9 +216,12 @@ def _plain_cnn_loop(data, targets, batch: int, steps: int, workers: int) -> floa
     return steps * batch / (time.perf_counter() - t0)
 
 
-def _our_steps(model_name: str, mixup: str, data, targets, batch: int, steps: int) -> float:
-    """Images/s of the trainer's own step on device-resident batches, threads and memory format
-    chosen by kmnist_torch.training.cpu."""
+def _our_steps(model_name: str, data, targets, batch: int, steps: int) -> tuple[float, int]:
+    """Images/s of the trainer's own step on device-resident batches, and the threads it ran
+    on: threads, memory format and malloc chosen by kmnist_torch.training.cpu."""
+    default = torch.get_num_threads()
+    cpu.configure("auto", None)
+    mixup = "manifold" if model_name == "preact18" else "none"
     args = argparse.Namespace(
         model=model_name, batch_size=batch, mixup=mixup, steps=steps, warmup=1,
         alpha=2.0 if mixup == "manifold" else 0.0,
@@ -225,54 +230,75 @@ def _our_steps(model_name: str, mixup: str, data, targets, batch: int, steps: in
     loader = tt.TensorLoader(split, batch, shuffle=True, device="cpu", drop_last=True, seed=0)
     torch.manual_seed(0)
     model = cpu.prepare_model(create_model(model_name, 10, in_chans=1), torch.device("cpu"))
-    res = tt.measure(tt._cycle(loader), loader, model, model, torch.device("cpu"), args, True)
-    return res["images_per_second"]
+    try:
+        res = tt.measure(tt._cycle(loader), loader, model, model, torch.device("cpu"), args, True)
+        return res["images_per_second"], torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default)
 
 
-def train_row(model_name: str, batch: int, steps: int, repeats: int) -> dict[str, Any]:
+def _peer_steps(model_name: str, data, targets, batch: int, steps: int) -> tuple[float, int]:
+    """Images/s of the plain loop (simple CNN) or the reference loop (PreActResNet-18: PIL +
+    RandomCrop, DataLoader with 2 workers, torch's default memory format), and its threads
+    (torch's default: all the CPUs)."""
+    if model_name == "simple_cnn":
+        return _plain_cnn_loop(data, targets, batch, steps, workers=2), torch.get_num_threads()
+    args = argparse.Namespace(
+        model="preact18", batch_size=batch, mixup="manifold", alpha=2.0, steps=steps, warmup=1
+    )
+    ref = tt.DataLoader(
+        tt.PILDataset(data, targets, _crop()), batch_size=batch, shuffle=True,
+        drop_last=True, num_workers=2, persistent_workers=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = create_model("preact18", 10, in_chans=1)
+    res = tt.measure(tt._cycle(ref), ref, m, m, torch.device("cpu"), args, False)
+    return res["images_per_second"], torch.get_num_threads()
+
+
+def _here(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def train_row(
+    model_name: str, batch: int, steps: int, repeats: int, isolate: bool = False
+) -> dict[str, Any]:
     """Training images/s: ours (threads from the package's policy) against the reference or
-    plain loop (torch's default threads: all the CPUs)."""
+    plain loop (torch's default threads: all the CPUs). ``isolate``: ours in a fresh process
+    (``_shared.fresh_process``), as the script runs it: the package's malloc setting is
+    process-wide, and the peer, which runs here as a user's own script would, must not
+    inherit it. (The peer stays in this process: its DataLoader workers ran 30% slower
+    inside a spawned child than in a script's own process, 334-363 against 494-504 img/s.)"""
+    run = {"ours": _shared.fresh_process if isolate else _here, "peer": _here}
     data, targets, _ = tt.load_images(4000)
-    default_threads = torch.get_num_threads()
     best = {"ours": 0.0, "peer": 0.0}
-    loads, threads = [], None
+    loads: list[float] = []
+    threads = {}
     for _ in range(repeats):
-        loads.append(os.getloadavg()[0])
-        cpu.configure("auto", None)
-        threads = torch.get_num_threads()
-        mixup = "manifold" if model_name == "preact18" else "none"
-        best["ours"] = max(best["ours"], _our_steps(model_name, mixup, data, targets, batch, steps))
-        torch.set_num_threads(default_threads)
-        loads.append(os.getloadavg()[0])
-        if model_name == "simple_cnn":
-            peer = _plain_cnn_loop(data, targets, batch, steps, workers=2)
-        else:
-            args = argparse.Namespace(
-                model="preact18", batch_size=batch, mixup="manifold", alpha=2.0, steps=steps,
-                warmup=1,
-            )  # fmt: skip
-            ref = tt.DataLoader(
-                tt.PILDataset(data, targets, _crop()), batch_size=batch, shuffle=True,
-                drop_last=True, num_workers=2, persistent_workers=True,
-            )  # fmt: skip
-            torch.manual_seed(0)
-            m = create_model("preact18", 10, in_chans=1)
-            peer = tt.measure(tt._cycle(ref), ref, m, m, torch.device("cpu"), args, False)
-            peer = peer["images_per_second"]
-        best["peer"] = max(best["peer"], peer)
+        for side, fn in (("ours", _our_steps), ("peer", _peer_steps)):
+            loads.append(os.getloadavg()[0])
+            rate, threads[side] = run[side](fn, model_name, data, targets, batch, steps)
+            best[side] = max(best[side], rate)
     return {
         "ours_img_s": best["ours"],
         "peer_img_s": best["peer"],
-        "ours_threads": threads,
-        "peer_threads": default_threads,
+        "ours_threads": threads["ours"],
+        "peer_threads": threads["peer"],
         "batch": batch,
         "steps": steps,
         "loads": loads,
+        "isolated": isolate,
+        "peer_malloc_tuned": bool(cpu.POLICY.malloc_tuned),
     }
 
 
 def accuracy_row(
-    epochs: int | None, repeats: int, n_train: int = 8000, n_test: int = 2000, data=None
+    epochs: int | None,
+    repeats: int,
+    n_train: int = 8000,
+    n_test: int = 2000,
+    data=None,
+    isolate: bool = False,
 ) -> dict[str, Any]:
     """Whole runs of the simple CNN recipe (``RECIPES["cnn"]``; ``epochs`` cuts its epochs):
     ours (the trainer's engine on device-resident batches, its thread policy) against the
@@ -281,13 +307,15 @@ def accuracy_row(
     One pair per seed (0 .. repeats - 1), ours first; images/s best of the seeds, accuracy
     their mean, ``equal`` when the mean difference is inside ``band`` (two binomial standard
     errors of the difference on ``n_test`` images). ``data``: an ``_accuracy.Split`` to use
-    instead of the fixed split of the real images."""
+    instead of the fixed split of the real images. ``isolate``: ours in a fresh process, as
+    in :func:`train_row`."""
     recipe = RECIPES["cnn"] if epochs is None else RECIPES["cnn"].override(epochs=epochs)
     data = _accuracy.split(n_train, n_test) if data is None else data
+    run = _shared.fresh_process if isolate else _here
     runs = []
     for seed in range(repeats):
-        runs.append({"ours": _accuracy.ours(recipe, data, seed)})
-        runs[-1]["peer"] = _accuracy.plain(recipe, data, seed, workers=2)
+        runs.append({"ours": run(_accuracy.ours, recipe, data, seed)})
+        runs[-1]["peer"] = _accuracy.plain(recipe, data, seed, 2)
     mean = {k: sum(r[k]["accuracy"] for r in runs) / len(runs) for k in ("ours", "peer")}
     best = {k: max(r[k]["img_s"] for r in runs) for k in ("ours", "peer")}
     band = _accuracy.band(mean["ours"], mean["peer"], len(data.test_y))
@@ -311,6 +339,7 @@ def accuracy_row(
         "accuracy_diff": diff,
         "band": band,
         "equal": abs(diff) <= band,
+        "peer_malloc_tuned": bool(cpu.POLICY.malloc_tuned),
         "loads": [r[k]["load"] for r in runs for k in ("ours", "peer")],
     }
 
@@ -323,8 +352,8 @@ def _crop():
 
 def inference_row(images: int, repeats: int) -> dict[str, Any]:
     """Images/s of the simple CNN, eager (kmnist_torch.training.cpu.inference, in the batches
-    evaluate and predict feed on a CPU) against the same model exported to ONNX and run by
-    onnxruntime, at the better for it of that batch and 1,000."""
+    and memory format evaluate and predict feed on a CPU) against the same model exported to
+    ONNX and run by onnxruntime, at the better for it of that batch and 1,000."""
     import onnxruntime
 
     torch.manual_seed(0)
@@ -339,7 +368,9 @@ def inference_row(images: int, repeats: int) -> dict[str, Any]:
         program.save(str(path))
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    step = cpu.eval_batch(torch.device("cpu"), 1000)  # what evaluate and predict feed
+    dev = torch.device("cpu")
+    step = cpu.eval_batch(dev, 1000)  # what evaluate and predict feed
+    cpu.prepare_model(model, dev)  # and the memory format they use
 
     chosen: dict[str, int] = {}
 
@@ -347,8 +378,9 @@ def inference_row(images: int, repeats: int) -> dict[str, Any]:
         default = torch.get_num_threads()
         torch.set_num_threads(chosen["ours"])  # the threads evaluate and predict would use
         try:
-            with cpu.inference(torch.device("cpu")):
-                return torch.cat([model(x[i : i + step]) for i in range(0, images, step)])
+            with cpu.inference(dev):
+                return torch.cat([model(cpu.prepare_batch(x[i : i + step], dev))
+                                  for i in range(0, images, step)])  # fmt: skip
         finally:
             torch.set_num_threads(default)
 
@@ -549,12 +581,17 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
   over a short sample of `/proc/stat`, this process's own not counted), at least 1. The
   alternatives use their defaults (all the CPUs). On a machine busy with other work that
   choice gives us a lead; on an idle one both sides use every CPU, and the rows show what is
-  left: the data path and, for inference, the batch size.
+  left: the data path, the memory format and the allocator.
 - **Training**: images/s of training steps (no evaluation), the simple CNN on the recipe's
   batch and PreActResNet-18 + manifold mixup on batch 32, on the real KMNIST test images.
-  Ours runs the trainer's step on device-resident batches with the threads
-  `kmnist_torch.training.cpu` chose; the alternatives use torch's default
-  threads.
+  Ours runs the trainer's step on device-resident batches with what
+  `kmnist_torch.training.cpu` chooses on a CPU: its threads, the channels_last memory format
+  for the model and its batches, and glibc's malloc told to keep freed memory for the next
+  step. The alternatives use torch's defaults and a plainly written model (the simple CNN as
+  `_accuracy.PlainCNN`: `nn.Dropout`, ReLU before max pooling, the same initial weights).
+  Each of our training runs starts in a fresh Python process; theirs run in the script's own
+  process, which never applies the package's CPU settings, so they keep glibc's allocator
+  as a user's script finds it (`peer_malloc_tuned` in the JSON says so).
 {accuracy_note}
 - **Inference**: the simple CNN (random weights) on random images, eager under
   `kmnist_torch.training.cpu.inference` in the batches `evaluate` and `predict` feed on a CPU
@@ -659,12 +696,12 @@ def main(argv: list[str] | None = None) -> int:
         print(name, res["knn"][name])
     steps = 3 if args.quick else 20
     res["train"] = {
-        "simple_cnn": train_row("simple_cnn", 128, steps, args.repeats),
-        "preact18": train_row("preact18", 32, max(2, steps // 4), args.repeats),
+        "simple_cnn": train_row("simple_cnn", 128, steps, args.repeats, isolate=True),
+        "preact18": train_row("preact18", 32, max(2, steps // 4), args.repeats, isolate=True),
     }
     print(res["train"])
     acc = (1, 500, 500) if args.quick else (args.acc_epochs, 8000, 2000)
-    res["accuracy"] = accuracy_row(acc[0], args.repeats, acc[1], acc[2])
+    res["accuracy"] = accuracy_row(acc[0], args.repeats, acc[1], acc[2], isolate=True)
     print(_accuracy_line(res["accuracy"]))
     res["inference"] = inference_row(2000 if args.quick else 10000, args.repeats)
     res["load_at_end"] = os.getloadavg()

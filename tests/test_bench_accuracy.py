@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,32 @@ def test_the_plain_model_is_the_simple_cnn_written_plainly(bench, one_thread):
     assert plain.conv2.weight.is_contiguous()
     x = torch.randn(5, 1, 28, 28)
     assert torch.allclose(plain.eval()(x), ours.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_each_training_run_can_start_in_a_fresh_process(bench, monkeypatch):
+    """The script runs each of our training runs in its own process (the package's malloc
+    setting is process-wide); the peer's runs stay in the script's process."""
+    cpu_speed, acc = bench
+    import _shared
+
+    assert _shared.fresh_process(os.getpid) != os.getpid()
+    sides = []
+
+    def recorder(fn, *args):
+        sides.append(fn.__name__)
+        run = {"accuracy": 0.5, "img_s": 100.0, "load": 0.0}
+        return (100.0, 1) if fn.__name__.endswith("_steps") else run
+
+    monkeypatch.setattr(_shared, "fresh_process", recorder)
+    monkeypatch.setattr(cpu_speed.tt, "load_images", lambda n: (None, None, "none"))
+    monkeypatch.setattr(cpu_speed, "_peer_steps", lambda *a: (50.0, 2))
+    row = cpu_speed.train_row("simple_cnn", 8, 1, 2, isolate=True)
+    assert sides == ["_our_steps"] * 2 and row["isolated"]  # the peer: here
+    assert len(row["loads"]) == 4 and row["ours_img_s"] == 100.0 and row["peer_img_s"] == 50.0
+    sides.clear()
+    monkeypatch.setattr(acc, "plain", lambda *a: {"accuracy": 0.5, "img_s": 50.0, "load": 0.0})
+    row = cpu_speed.accuracy_row(1, 1, data=tiny_split(acc), isolate=True)
+    assert sides == ["ours"] and row["ratio"] == 2.0
 
 
 def test_the_plain_loop_refuses_a_recipe_it_does_not_write(bench):

@@ -26,6 +26,15 @@
   threads are right: a run of that benchmark under a load of 7.6-8.0 measured the CNN's steps
   on 1 thread at 1.94x a plain loop's on 2. The load average remains the fallback where
   ``/proc`` cannot be read. ``--threads N`` sets it.
+- **freed memory kept** (:func:`keep_freed_memory`, by :func:`configure` for a CPU run):
+  glibc's malloc serves large requests with fresh ``mmap`` pages and hands memory freed at the
+  top of its heap back to the kernel beyond a trim threshold (twice the largest block freed,
+  at most 64 MiB), so each training step page-faulted its activations in again: 6,900 minor
+  faults per simple-CNN step at batch 128 (29 ms of system time) and 19,900 per
+  PreActResNet-18 step at batch 32. With blocks up to 32 MiB from the heap and 256 MiB kept,
+  301 and 627, and the simple CNN's steps ran at 858-1,009 img/s against 653-743 img/s in
+  three alternating pairs of runs. Elsewhere (musl, macOS, Windows: no ``mallopt``) nothing
+  changes.
 - **evaluation batches**: on a CPU the model sees at most ``CPU_EVAL_BATCH`` test images at a
   time (:func:`eval_batch`), whatever the recipe's ``eval_batch_size`` (sized for a GPU): the
   activations of a smaller batch stay in the cache. ``benchmarks/cpu_speed.py --quick``
@@ -39,6 +48,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import shutil
@@ -61,6 +71,14 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 SAMPLE_SECONDS = 0.25
 
 
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets: blocks up to
+# 32 MiB (glibc's largest mmap threshold on 64-bit) from the heap, and up to 256 MiB of freed
+# heap kept for the next step instead of returned to the kernel.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 256 << 20
+
+
 @dataclass
 class CpuPolicy:
     """The process's choices: ``bf16`` and ``channels_last`` (auto, on, off) and ``threads``
@@ -69,6 +87,8 @@ class CpuPolicy:
     bf16: str = "auto"
     threads: int | None = None
     channels_last: str = "auto"
+    # Whether keep_freed_memory has tuned the C library's malloc (None: not tried yet).
+    malloc_tuned: bool | None = None
 
 
 POLICY = CpuPolicy()
@@ -206,7 +226,26 @@ def configure(
     decided = keep_threads or told or "OMP_NUM_THREADS" in os.environ
     if on_cpu and (threads is not None or not decided):
         torch.set_num_threads(choose_threads(threads))
+    if on_cpu:
+        keep_freed_memory()
     return POLICY
+
+
+def keep_freed_memory() -> bool:
+    """Tell the C library's malloc to serve blocks up to :data:`MMAP_THRESHOLD` from its heap
+    and keep up to :data:`TRIM_THRESHOLD` of freed heap (module docstring: the page faults
+    this saves). Once per process (the setting is the process's); True where it took (glibc),
+    False where the C library has no ``mallopt`` or refused."""
+    if POLICY.malloc_tuned is None:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError, TypeError):  # no such C library or function
+            POLICY.malloc_tuned = False
+        else:
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            mmap = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            POLICY.malloc_tuned = mmap and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return POLICY.malloc_tuned
 
 
 def bf16_enabled(device: torch.device, recipe_amp: bool) -> bool:
