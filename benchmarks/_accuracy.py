@@ -95,7 +95,7 @@ def plain_cnn() -> PlainCNN:
     torch's generator as it stands (Keras' initialisation), which it leaves where ours would
     (the plain model's own initialisation draws on a forked generator)."""
     weights = create_model("simple_cnn", NUM_CLASSES, in_chans=1).state_dict()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         model = PlainCNN()
     model.load_state_dict(weights)
     return model

@@ -273,7 +273,7 @@ def train_row(
     data, targets, _ = tt.load_images(4000)
     best = {"ours": 0.0, "peer": 0.0}
     loads: list[float] = []
-    threads = {}
+    threads: dict[str, int | None] = {"ours": None, "peer": None}
     for _ in range(repeats):
         for side, fn in (("ours", _our_steps), ("peer", _peer_steps)):
             loads.append(os.getloadavg()[0])

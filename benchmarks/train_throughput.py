@@ -5,7 +5,7 @@ same model, same device, same run.
   for the up-to-2-px translation, ``ToTensor``), a ``DataLoader``, float32 throughout;
 - ours: the split held on the device by ``TensorLoader``, translation on the device for the
   whole batch (``kmnist_torch.training.augment``), bf16 autocast and channels_last on CUDA,
-  ``--compile`` optional.
+  channels_last on a CPU (``kmnist_torch.training.cpu``), ``--compile`` optional.
 
 Both time the trainer's own step, ``kmnist_torch.training.engine.train_step`` (SGD
 Nesterov, mixup by ``kmnist_torch.training.mixup``); only the data path and the speed-ups
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "reference_workers": args.workers,
         "ours_bf16_channels_last": cuda,
+        "ours_channels_last": cpu.channels_last_enabled(device, cuda, cuda),
         "ours_compile": args.compile,
         "reference": reference,
         "ours": ours,
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_name = f"reference: PIL + RandomCrop + ToTensor, DataLoader({args.workers} workers), fp32"
     ours_name = (
         "ours: TensorLoader + device translate"
-        + (", bf16, channels_last" if cuda else ", fp32 (bf16/channels_last: CUDA only)")
+        + (", bf16, channels_last" if cuda else ", fp32, channels_last (bf16: CUDA only)")
         + (", compile" if args.compile else "")
     )
     for label, res in ((ref_name, reference), (ours_name, ours)):

@@ -24,6 +24,10 @@ stderr (:func:`say`, :class:`Progress`). Torch-free.
   (default 1; any other value is an error).
 - ``KMNIST_TORCH_DECODE_WORKERS``: KKanji decoding processes (whole number from 1 to 1024,
   default: the usable cores); never more than the usable cores nor the chunks of work.
+- ``KMNIST_TORCH_TUNE_MALLOC``: ``0`` (or no/false/off) leaves glibc's malloc as the process
+  found it; by default a CPU run tells it to keep freed memory for the next step
+  (:func:`kmnist_torch.training.cpu.keep_freed_memory`; default 1; any other value is an
+  error).
 - ``KMNIST_TORCH_PROGRESS_EVERY``: when stderr is not a terminal, the seconds between two plain
   progress lines of a long step (a training epoch, a test pass, the KKanji cache build) (from 0,
   a line after every step, to 3600; default 10). On a terminal tqdm draws a bar instead.

@@ -68,6 +68,8 @@ _RESUMABLE_CHANGES = {
     "deterministic",
     "checkpoint_every",
     "threads",
+    # A memory layout, like device: runs written before a CPU used channels_last resume.
+    "channels_last_active",
 }
 _CHOICES = {
     "model": list_models(),

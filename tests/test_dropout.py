@@ -41,6 +41,30 @@ def test_the_mask_drops_with_probability_p_and_scales_the_rest(p):
     assert torch.equal(out[both], ref[both])
 
 
+@pytest.mark.parametrize("last", [False, True])
+def test_the_cpu_mask_is_the_random_bytes_not_bernoulli(last, monkeypatch):
+    """The fast path is the one taken (bernoulli_ is never called), its mask is exactly the
+    bytes below 256 p, and a channels_last map gets the bytes in its memory order."""
+
+    def no_bernoulli(*args, **kwargs):
+        raise AssertionError("nn.Dropout's bernoulli_ draw was used")
+
+    monkeypatch.setattr(torch.Tensor, "bernoulli_", no_bernoulli)
+    x = torch.rand(4, 8, 6, 6) + 1.0
+    if last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(9)
+    drawn = random_bytes_like(x)
+    torch.manual_seed(9)
+    flat = random_bytes_like(torch.empty(x.numel()))
+    order = drawn.permute(0, 2, 3, 1) if last else drawn
+    assert torch.equal(order.reshape(-1), flat)  # memory order: the draw's own order
+    torch.manual_seed(9)
+    out = ByteDropout(0.25).train()(x)
+    expected = torch.where(drawn >= 64, x * torch.tensor(4 / 3), torch.zeros(()))
+    assert torch.equal(out, expected)
+
+
 def test_eval_mode_is_the_identity_and_the_state_dict_is_nn_dropouts():
     layer = ByteDropout(0.25).eval()
     x = torch.rand(4, 8)
@@ -113,6 +137,22 @@ def _keras_order(model, x):
     return model.fc2(F.relu(model.fc1(out)))
 
 
+def test_a_model_converted_under_inference_mode_can_still_train():
+    """predict and evaluate convert the caller's model; under the caller's own
+    torch.inference_mode its parameters must stay ordinary, trainable tensors."""
+    dev = torch.device("cpu")
+    model = create_model("simple_cnn", 10)
+    with torch.inference_mode():
+        cpu.prepare_model(model, dev)
+        assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(p.is_inference() for p in model.parameters())
+    loss = model(cpu.prepare_batch(torch.rand(2, 1, 28, 28), dev)).sum()
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    before = model.conv2.weight
+    assert cpu.prepare_model(model, dev).conv2.weight is before  # already converted
+
+
 def test_pooling_before_the_relu_gives_the_same_outputs_and_gradients():
     torch.manual_seed(0)
     model = create_model("simple_cnn", 10, dropout=False)
@@ -146,9 +186,26 @@ def test_channels_last_on_the_cpu_unless_forced(monkeypatch):
         assert not cpu.channels_last_enabled(dev, True, True)
         assert cpu.prepare_batch(x.contiguous(), dev).is_contiguous()
         cpu.configure("auto", threads, channels_last="on")
-        assert cpu.channels_last_enabled(torch.device("cuda"), False, False)
+        assert cpu.channels_last_enabled(dev, False, False)
+        # On CUDA the recipe decides, whatever the CPU policy says.
+        assert not cpu.channels_last_enabled(torch.device("cuda"), False, False)
         with pytest.raises(ValueError, match="channels_last must be one of"):
             cpu.configure("auto", threads, channels_last="sometimes")
     finally:
         cpu.configure("auto", None, keep_threads=True)
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not cpu.compile_available(), reason="torch.compile needs a C++ compiler")
+def test_under_torch_compile_the_mask_keeps_its_distribution():
+    """Inductor draws the bytes with its own generator (no fallback to eager's): the kept
+    fraction and the scale hold there too."""
+    layer = ByteDropout(0.25).train()
+    compiled = torch.compile(lambda t: layer(t), fullgraph=True)
+    x = torch.rand(1 << 18) + 1.0
+    torch.manual_seed(0)
+    out = compiled(x)
+    kept = out != 0
+    # 2^18 draws: the kept fraction's standard deviation is under 0.001.
+    assert abs(kept.float().mean().item() - 0.75) < 0.006
+    assert torch.allclose(out[kept], x[kept] * (4 / 3), rtol=1e-6, atol=0)

@@ -469,6 +469,21 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
 
 
+def test_a_run_from_before_the_cpu_used_channels_last_resumes(kmnist_root, tmp_path):
+    """channels_last_active is a layout, as the device is: a checkpoint written when a CPU
+    run trained in torch's default layout resumes, and its weights load into either."""
+    out = tmp_path / "run"
+    first = train.run(_argv(kmnist_root, out, *SMALL, "--stop-after", "1"))
+    assert first["interrupted"]
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    assert state["config"]["channels_last_active"] is True
+    assert all(v.is_contiguous() for v in state["model"].values())  # stored row-major
+    state["config"]["channels_last_active"] = False
+    torch.save(state, out / CHECKPOINT)
+    rest = train.run(_argv(kmnist_root, out, *SMALL, "--resume"))
+    assert rest["finished"]
+
+
 def test_output_folder_is_not_overwritten_by_accident(kmnist_root, tmp_path):
     out = tmp_path / "run"
     argv = _argv(kmnist_root, out, *SMALL, "--epochs", "1")

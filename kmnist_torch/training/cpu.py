@@ -5,8 +5,9 @@
   than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 14-17 against 82-115
   GFLOP/s across the runs of benchmarks/cpu_speed.py; its latest is on docs/benchmarks.md).
   ``--bf16 on|off`` forces either way; on CUDA the recipe's ``amp`` decides, as before.
-- **channels_last**: on CUDA as the recipe says; on a CPU always (``configure(...,
-  channels_last="on"|"off")`` forces either way: the benchmarks' reference loops keep torch's
+- **channels_last**: on CUDA as the recipe says; on a CPU always where torch has oneDNN
+  (``POLICY.channels_last = "on"|"off"``, or ``configure(..., channels_last=...)``, forces
+  either way on a CPU: benchmarks/train_throughput.py keeps the reference loop in torch's
   default), the model
   (:func:`prepare_model`) and its batches (:func:`prepare_batch`) alike. oneDNN's convolutions
   run faster on it in float32 too, once both the weights and the images have it. On the
@@ -33,8 +34,9 @@
   faults per simple-CNN step at batch 128 (29 ms of system time) and 19,900 per
   PreActResNet-18 step at batch 32. With blocks up to 32 MiB from the heap and 256 MiB kept,
   301 and 627, and the simple CNN's steps ran at 858-1,009 img/s against 653-743 img/s in
-  three alternating pairs of runs. Elsewhere (musl, macOS, Windows: no ``mallopt``) nothing
-  changes.
+  three alternating pairs of runs. Elsewhere (musl, macOS, Windows: no ``mallopt``), with
+  an allocator preloaded or malloc's own settings in the environment, or with
+  ``KMNIST_TORCH_TUNE_MALLOC=0``, nothing changes.
 - **evaluation batches**: on a CPU the model sees at most ``CPU_EVAL_BATCH`` test images at a
   time (:func:`eval_batch`), whatever the recipe's ``eval_batch_size`` (sized for a GPU): the
   activations of a smaller batch stay in the cache. ``benchmarks/cpu_speed.py --quick``
@@ -59,6 +61,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from ..settings import env_flag
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_MODES = ("auto", "on", "off")
@@ -231,11 +235,30 @@ def configure(
     return POLICY
 
 
+def _malloc_chosen_elsewhere(environ: dict[str, str] | None = None) -> bool:
+    """Whether the user already chose the allocator or its settings: ``MALLOC_*_`` variables,
+    glibc malloc tunables, or an allocator preloaded (jemalloc, tcmalloc, mimalloc), which
+    ``mallopt`` would not reach."""
+    env = os.environ if environ is None else environ
+    if any(k.startswith("MALLOC_") and k.endswith("_") for k in env):
+        return True
+    preload = env.get("LD_PRELOAD", "")
+    return "glibc.malloc" in env.get("GLIBC_TUNABLES", "") or any(
+        name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")
+    )
+
+
 def keep_freed_memory() -> bool:
     """Tell the C library's malloc to serve blocks up to :data:`MMAP_THRESHOLD` from its heap
-    and keep up to :data:`TRIM_THRESHOLD` of freed heap (module docstring: the page faults
-    this saves). Once per process (the setting is the process's); True where it took (glibc),
-    False where the C library has no ``mallopt`` or refused."""
+    and keep up to :data:`TRIM_THRESHOLD` of freed heap in each malloc arena (module
+    docstring: the page faults this saves). Once per process (the setting is the process's);
+    True where it took (glibc), False where the C library has no ``mallopt`` or refused,
+    where the user chose the allocator or its settings (:func:`_malloc_chosen_elsewhere`),
+    or where ``$KMNIST_TORCH_TUNE_MALLOC`` is 0."""
+    if POLICY.malloc_tuned is None and (
+        _malloc_chosen_elsewhere() or not env_flag("KMNIST_TORCH_TUNE_MALLOC", True)
+    ):
+        POLICY.malloc_tuned = False
     if POLICY.malloc_tuned is None:
         try:
             mallopt = ctypes.CDLL(None).mallopt
@@ -259,25 +282,33 @@ def bf16_enabled(device: torch.device, recipe_amp: bool) -> bool:
 
 def channels_last_enabled(device: torch.device, recipe_flag: bool, recipe_amp: bool) -> bool:
     """Whether batches (and the model) use the channels_last memory format: the recipe's
-    ``channels_last`` on CUDA and always on a CPU, unless the policy's ``channels_last``
-    (:func:`configure`) forces either way. ``recipe_amp`` is kept for the callers;
-    the choice no longer depends on it."""
+    ``channels_last`` on CUDA; on a CPU always where torch has oneDNN, unless the policy's
+    ``channels_last`` (:func:`configure`) forces either way. ``recipe_amp`` is kept for the
+    callers; the choice no longer depends on it."""
     del recipe_amp
-    if device.type not in ("cpu", "cuda"):
+    if device.type == "cuda":
+        return recipe_flag
+    if device.type != "cpu":
         return False
     if POLICY.channels_last != "auto":
         return POLICY.channels_last == "on"
-    return recipe_flag if device.type == "cuda" else True
+    return torch.backends.mkldnn.is_available()
 
 
 def prepare_model(
     model: nn.Module, device: torch.device, recipe_flag: bool = False, recipe_amp: bool = False
 ) -> nn.Module:
     """``model`` (converted in place, and returned) in the memory format its batches will
-    have: channels_last where :func:`channels_last_enabled`. Values are unchanged."""
-    if channels_last_enabled(device, recipe_flag, recipe_amp):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    have: channels_last where :func:`channels_last_enabled`. Values are unchanged. The new
+    parameters are ordinary tensors even when called under ``torch.inference_mode`` (they
+    can still be trained), and a model already in channels_last is left as it is."""
+    if not channels_last_enabled(device, recipe_flag, recipe_amp):
+        return model
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    if all(p.is_contiguous(memory_format=torch.channels_last) for p in weights):
+        return model
+    with torch.inference_mode(False), torch.no_grad():
+        return model.to(memory_format=torch.channels_last)
 
 
 def prepare_batch(

@@ -124,7 +124,7 @@ class RunState:
             # Row-major, as model.pt stores them: a channels_last model's weights (the CPU's
             # layout, and CUDA's where the recipe says so) are refused by the model file
             # reader's density check otherwise, and load into either layout.
-            "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
+            "model": _row_major(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader_state,
@@ -194,6 +194,13 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
     state.optimizer.step()
     state.scheduler.step()
     return loss.detach()
+
+
+def _row_major(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` (a state dict, its ``_metadata`` kept) with every tensor contiguous."""
+    for k, v in weights.items():
+        weights[k] = v.contiguous()
+    return weights
 
 
 def _batches_from(loader: Any, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

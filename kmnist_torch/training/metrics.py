@@ -33,7 +33,7 @@ def evaluate(
     Args:
         forward: the model (or its compiled form); put in eval mode if it is a module.
         loader: the test batches.
-        r: the recipe (for bf16 autocast and channels_last on CUDA).
+        r: the recipe (for bf16 autocast, and channels_last on CUDA; a CPU always uses it).
         device: where the batches are.
         stop: checked before each batch.
         dist: this process's place in a data-parallel run (default: alone).

@@ -51,7 +51,7 @@ class Recipe:
     alpha: float | None = _h("Beta(alpha, alpha) of mixup; default 1.0 input, 2.0 manifold")
     loss: str = _h("bce (BCE on softmax, as the reference) or ce (soft-target cross-entropy)")
     amp: bool = _h("bf16 autocast (CUDA only)")
-    channels_last: bool = _h("channels_last memory format (CUDA only)")
+    channels_last: bool = _h("channels_last memory format on CUDA (a CPU always uses it)")
     compile: bool = _h("torch.compile the model")
     eval_batch_size: int = _h("test batch size")
     # Last, with a default: the recipes keep the model's own dropout.
