@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "reference_workers": args.workers,
         "ours_bf16_channels_last": cuda,
-        "ours_channels_last": cpu.channels_last_enabled(device, cuda, cuda),
+        "ours_channels_last": cpu.channels_last_enabled(device, cuda),
         "ours_compile": args.compile,
         "reference": reference,
         "ours": ours,

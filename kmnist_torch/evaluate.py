@@ -71,11 +71,11 @@ def predict_split(
     recipe = recipe or {}
     batch = cpu.eval_batch(device, min(recipe.get("eval_batch_size", 1000), EVAL_BATCH_MAX))
     loader = TensorLoader(split, batch, shuffle=False, device=device)
-    layout = (bool(recipe.get("channels_last")), bool(recipe.get("amp")))
-    model = cpu.prepare_model(model, device, *layout)
+    layout = bool(recipe.get("channels_last"))
+    model = cpu.prepare_model(model, device, layout)
     probs, preds = [], []
     for x, _ in loader:
-        x = cpu.prepare_batch(x, device, *layout)
+        x = cpu.prepare_batch(x, device, layout)
         with cpu.autocast(device, bool(recipe.get("amp"))):
             logits = model(x)
         preds.append(logits.argmax(1).cpu())

@@ -272,7 +272,7 @@ def _config(
     config.update(  # what the run did, after --bf16 and the CPU's units (training/cpu.py)
         out=str(out),
         amp_active=cpu.bf16_enabled(device, r.amp),
-        channels_last_active=cpu.channels_last_enabled(device, r.channels_last, r.amp),
+        channels_last_active=cpu.channels_last_enabled(device, r.channels_last),
     )
     # Absolute, so that evaluate and export find the data from any working directory.
     config["root"] = str(resolve_root(args.root).resolve())
@@ -293,8 +293,8 @@ def _model(
     torch.manual_seed(seed)  # initialisation and dropout
     # preact18 has no dropout layers: --no-dropout changes nothing there.
     options = {"dropout": False} if not r.dropout and r.model == "simple_cnn" else {}
-    model = cpu.prepare_model(create_model(r.model, **args, **options).to(device), device,
-                              r.channels_last, r.amp)  # fmt: skip
+    model = create_model(r.model, **args, **options).to(device)
+    model = cpu.prepare_model(model, device, r.channels_last)
     model_meta = modelfile.model_meta(
         r.model,
         args,

@@ -172,10 +172,10 @@ def test_channels_last_on_the_cpu_unless_forced(monkeypatch):
     try:
         for bf16 in ("auto", "on", "off"):
             cpu.configure(bf16, threads)
-            assert cpu.channels_last_enabled(dev, recipe_flag=False, recipe_amp=False)
-        assert cpu.channels_last_enabled(torch.device("cuda"), True, False)
-        assert not cpu.channels_last_enabled(torch.device("cuda"), False, False)
-        assert not cpu.channels_last_enabled(torch.device("meta"), True, True)
+            assert cpu.channels_last_enabled(dev, recipe_flag=False)
+        assert cpu.channels_last_enabled(torch.device("cuda"), True)
+        assert not cpu.channels_last_enabled(torch.device("cuda"), False)
+        assert not cpu.channels_last_enabled(torch.device("meta"), True)
         model = cpu.prepare_model(create_model("simple_cnn", 10), dev)
         assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
         x = cpu.prepare_batch(torch.rand(2, 1, 28, 28), dev)
@@ -183,12 +183,12 @@ def test_channels_last_on_the_cpu_unless_forced(monkeypatch):
         flat = torch.rand(2, 5)
         assert cpu.prepare_batch(flat, dev) is flat
         cpu.configure("auto", threads, channels_last="off")
-        assert not cpu.channels_last_enabled(dev, True, True)
+        assert not cpu.channels_last_enabled(dev, True)
         assert cpu.prepare_batch(x.contiguous(), dev).is_contiguous()
         cpu.configure("auto", threads, channels_last="on")
-        assert cpu.channels_last_enabled(dev, False, False)
+        assert cpu.channels_last_enabled(dev, False)
         # On CUDA the recipe decides, whatever the CPU policy says.
-        assert not cpu.channels_last_enabled(torch.device("cuda"), False, False)
+        assert not cpu.channels_last_enabled(torch.device("cuda"), False)
         with pytest.raises(ValueError, match="channels_last must be one of"):
             cpu.configure("auto", threads, channels_last="sometimes")
     finally:

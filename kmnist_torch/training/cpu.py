@@ -5,17 +5,17 @@
   than float32 (on the 2-core AMD EPYC development machine, AVX2 only: 14-17 against 82-115
   GFLOP/s across the runs of benchmarks/cpu_speed.py; its latest is on docs/benchmarks.md).
   ``--bf16 on|off`` forces either way; on CUDA the recipe's ``amp`` decides, as before.
-- **channels_last**: on CUDA as the recipe says; on a CPU always where torch has oneDNN
+- **channels_last**: on CUDA as the recipe says; on a CPU always where torch has oneDNN, the
+  model (:func:`prepare_model`) and its batches (:func:`prepare_batch`) alike
   (``POLICY.channels_last = "on"|"off"``, or ``configure(..., channels_last=...)``, forces
   either way on a CPU: benchmarks/train_throughput.py keeps the reference loop in torch's
-  default), the model
-  (:func:`prepare_model`) and its batches (:func:`prepare_batch`) alike. oneDNN's convolutions
-  run faster on it in float32 too, once both the weights and the images have it. On the
-  2-core AMD EPYC development machine, timing 40 steps (best of 3), the simple CNN's training
-  steps at batch 128 went from 603 to 732 img/s (663 img/s with only the images converted);
-  five PreActResNet-18 steps at batch 32 took 4.3 s against 5.7 s under ``torch.profiler``;
-  the simple CNN's eager inference in batches of 64 went from 2,095 to 3,930 img/s. The
-  benchmark page (docs/benchmarks.md) has the whole-run figures.
+  default). oneDNN's convolutions run faster on it in float32 too, once both the weights and
+  the images have it. On the 2-core AMD EPYC development machine, timing 40 steps (best of
+  3), the simple CNN's training steps at batch 128 went from 603 to 732 img/s (663 img/s with
+  only the images converted), and its eager inference in batches of 64 from 2,095 to 3,930
+  img/s; PreActResNet-18's steps at batch 32 gained nothing measurable from the layout alone
+  (27.0-31.0 against 27.7-28.9 img/s in three alternating pairs). The benchmark page
+  (docs/benchmarks.md) has the whole-run figures.
 - **threads**: intra-op threads for the CPUs no other process is using now: the CPUs this
   process may run on (its affinity mask), less the CPU time other processes took on them over
   a 0.25 s sample of ``/proc/stat`` (this process's own time, from ``/proc/self/stat``, is not
@@ -280,12 +280,10 @@ def bf16_enabled(device: torch.device, recipe_amp: bool) -> bool:
     return POLICY.bf16 == "on" or (POLICY.bf16 == "auto" and bool(bf16_units()))
 
 
-def channels_last_enabled(device: torch.device, recipe_flag: bool, recipe_amp: bool) -> bool:
+def channels_last_enabled(device: torch.device, recipe_flag: bool = False) -> bool:
     """Whether batches (and the model) use the channels_last memory format: the recipe's
-    ``channels_last`` on CUDA; on a CPU always where torch has oneDNN, unless the policy's
-    ``channels_last`` (:func:`configure`) forces either way. ``recipe_amp`` is kept for the
-    callers; the choice no longer depends on it."""
-    del recipe_amp
+    ``channels_last`` (``recipe_flag``) on CUDA; on a CPU always where torch has oneDNN,
+    unless the policy's ``channels_last`` (:func:`configure`) forces either way."""
     if device.type == "cuda":
         return recipe_flag
     if device.type != "cpu":
@@ -295,14 +293,12 @@ def channels_last_enabled(device: torch.device, recipe_flag: bool, recipe_amp: b
     return torch.backends.mkldnn.is_available()
 
 
-def prepare_model(
-    model: nn.Module, device: torch.device, recipe_flag: bool = False, recipe_amp: bool = False
-) -> nn.Module:
+def prepare_model(model: nn.Module, device: torch.device, recipe_flag: bool = False) -> nn.Module:
     """``model`` (converted in place, and returned) in the memory format its batches will
     have: channels_last where :func:`channels_last_enabled`. Values are unchanged. The new
     parameters are ordinary tensors even when called under ``torch.inference_mode`` (they
     can still be trained), and a model already in channels_last is left as it is."""
-    if not channels_last_enabled(device, recipe_flag, recipe_amp):
+    if not channels_last_enabled(device, recipe_flag):
         return model
     weights = [p for p in model.parameters() if p.dim() == 4]
     if all(p.is_contiguous(memory_format=torch.channels_last) for p in weights):
@@ -311,11 +307,9 @@ def prepare_model(
         return model.to(memory_format=torch.channels_last)
 
 
-def prepare_batch(
-    x: torch.Tensor, device: torch.device, recipe_flag: bool = False, recipe_amp: bool = False
-) -> torch.Tensor:
+def prepare_batch(x: torch.Tensor, device: torch.device, recipe_flag: bool = False) -> torch.Tensor:
     """Images ``x`` (B x C x H x W) in the memory format of :func:`prepare_model`'s model."""
-    if x.dim() == 4 and channels_last_enabled(device, recipe_flag, recipe_amp):
+    if x.dim() == 4 and channels_last_enabled(device, recipe_flag):
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 

@@ -175,7 +175,7 @@ def train_step(job: Job, state: RunState, x: torch.Tensor, y: torch.Tensor) -> t
     """
     r = job.recipe
     x = random_translate(x, r.translate, state.gen, shard=job.dist.shard)
-    x = cpu.prepare_batch(x, job.device, r.channels_last, r.amp)
+    x = cpu.prepare_batch(x, job.device, r.channels_last)
     plan = mixup.draw(
         r.mixup,
         r.alpha or 0.0,

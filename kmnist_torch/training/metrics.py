@@ -52,7 +52,7 @@ def evaluate(
             return None
         if len(y) == 0:  # a rank's part of a last batch smaller than the world
             continue
-        x = cpu.prepare_batch(x, device, r.channels_last, r.amp)
+        x = cpu.prepare_batch(x, device, r.channels_last)
         with cpu.autocast(device, r.amp):
             logits = forward(x)
         # Written out rather than F.cross_entropy: nll_loss has no deterministic CUDA kernel.
