@@ -262,8 +262,12 @@ def test_a_cpu_run_keeps_freed_memory_for_its_next_step():
                          timeout=120, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
     before, after, tuned = out.stdout.split()
-    # Default glibc gives the 80 MiB back to the kernel each round: 20,000 faults a round.
-    assert tuned == "True" and int(before) > 10_000 and int(after) * 10 < int(before)
+    # Each round touches 80 MiB, 20,480 pages. Tuned, the rounds reuse the kept heap. Default
+    # glibc often gives the 80 MiB back to the kernel each round (61,000 faults for 3 rounds
+    # here), but not always: a small block left above them at the top of the heap keeps it
+    # from trimming (one CI run counted 0), so `before` is shown, not compared.
+    assert tuned == "True", out.stdout
+    assert int(after) < 2_000, f"{after} faults in 3 rounds once tuned (before: {before})"
 
 
 def test_keep_freed_memory_is_once_and_says_where_there_is_no_mallopt(monkeypatch):
