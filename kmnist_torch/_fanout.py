@@ -25,19 +25,33 @@ from typing import Any, Callable
 
 from ._args import STOP_SIGNALS, Stopped, stop_on_signals
 
-# In a worker: the command's stop flag (the signal that stopped it, 0 while none did), and
-# whether an item is under way.
-_worker: dict[str, Any] = {"stop": None, "busy": False}
+# In a worker: the command's stop flag (the signal that stopped it, 0 while none did),
+# whether an item is under way, and the stop signals it started with blocked (see _init).
+_worker: dict[str, Any] = {"stop": None, "busy": False, "started_blocked": frozenset()}
+
+
+def _mask_stop_signals(block: bool) -> frozenset[int]:
+    """Block or unblock the stop signals in the calling thread, where the platform has
+    signal masks (POSIX); the thread's blocked signals before."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return frozenset()
+    how = signal.SIG_BLOCK if block else signal.SIG_UNBLOCK
+    return frozenset(signal.pthread_sigmask(how, STOP_SIGNALS))
 
 
 def _init(stop: Any, pids: Any, slot: int, parent: int) -> None:
     """A worker's start: its own process group, its pid where the command reads it, signals
-    ignored while it waits for an item, and a watch on its command."""
+    ignored while it waits for an item, and a watch on its command. The worker was started
+    with the stop signals blocked (its serving thread's mask, kept across the spawn), so a
+    terminal's Ctrl-C that reached the command's group while the worker was still importing
+    waited; ignored now, it is dropped as they are unblocked (the command passes every signal
+    on to its workers itself)."""
     _worker["stop"] = stop
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    _worker["started_blocked"] = _mask_stop_signals(block=False)
     pids[slot] = os.getpid()  # only now: a signal passed on sooner would end the worker
     threading.Thread(target=_watch, args=(parent,), daemon=True).start()
 
@@ -97,6 +111,10 @@ def spread(
     pools = [new_pool(k) for k in range(len(devices))]
 
     def serve(k: int, device: str) -> None:
+        # Workers start from this thread and keep its mask: blocked stop signals until their
+        # _init, so a Ctrl-C during their start-up cannot break an import (signals reach
+        # this process's main thread, which never blocks them).
+        _mask_stop_signals(block=True)
         while not (stop.value or failed):
             try:
                 i = todo.get_nowait()
