@@ -111,9 +111,8 @@ def spread(
     pools = [new_pool(k) for k in range(len(devices))]
 
     def serve(k: int, device: str) -> None:
-        # Workers start from this thread and keep its mask: blocked stop signals until their
-        # _init, so a Ctrl-C during their start-up cannot break an import (signals reach
-        # this process's main thread, which never blocks them).
+        # Workers start from this thread and keep its mask until their _init (see there);
+        # this process's signals go to its main thread, which never blocks them.
         _mask_stop_signals(block=True)
         while not (stop.value or failed):
             try:
