@@ -5,8 +5,11 @@ serving them, and writers of the official formats."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -211,6 +214,18 @@ TIMING = {"images_per_second", "train_seconds", "test_seconds"}
 def epoch_numbers(res: dict) -> list[dict]:
     """A run's per-epoch records without the timings: what two runs must agree on."""
     return [{k: v for k, v in e.items() if k not in TIMING} for e in res["epochs"]]
+
+
+def run_script_json(tmp_path: Path, name: str, text: str):
+    """Run ``text`` as the script ``tmp_path / name`` in a fresh Python with the repository on
+    its path (a process of its own, as the harness is); what it printed, read as JSON."""
+    script = tmp_path / name
+    script.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

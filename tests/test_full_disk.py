@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_script_json
 
 from kmnist_torch import _fanout
 from kmnist_torch.errors import INTERRUPTED, WriteError
@@ -410,13 +411,7 @@ if __name__ == "__main__":
 def test_a_worker_that_dies_fails_only_its_own_item(tmp_path):
     # In a process of its own, as the harness is: a worker is SIGKILLed on purpose here, and
     # the test process (a pytest-xdist worker) must not share anything with it.
-    script = tmp_path / "crash.py"
-    script.write_text(_CRASH_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    done = json.loads(proc.stdout)
+    done = run_script_json(tmp_path, "crash.py", _CRASH_SCRIPT)
     assert done.pop("crash") == "BrokenProcessPool"
     assert {k: v[0] for k, v in done.items()} == {"a": "a", "b": "b", "c": "c"}
     assert done["a"][1] != done["b"][1] == done["c"][1]  # a fresh worker after the crash

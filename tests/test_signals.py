@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_for
+from conftest import run_script_json, wait_for
 from test_reproduce import _write_root
 
 from kmnist_torch import cli, evaluate, export, predict, reproduce, train
@@ -420,12 +420,6 @@ def test_fan_out_workers_start_with_the_stop_signals_blocked(tmp_path):
     terminal's Ctrl-C during its imports cannot raise a KeyboardInterrupt there (a no-../shared
     CI run once showed that traceback); from its _init on they are unblocked and ignored, and
     its items see them again."""
-    script = tmp_path / "masks.py"
-    script.write_text(_MASK_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    started_blocked, blocked_in_item = json.loads(proc.stdout)
+    started_blocked, blocked_in_item = run_script_json(tmp_path, "masks.py", _MASK_SCRIPT)
     assert {int(signal.SIGINT), int(signal.SIGTERM)} <= set(started_blocked)
     assert blocked_in_item == []
