@@ -34,6 +34,7 @@ import train_throughput as tt
 from torch.utils.data import DataLoader
 
 from kmnist_torch.data import formats
+from kmnist_torch.models import knn_pca
 from kmnist_torch.models.knn import knn_predict
 from kmnist_torch.models.registry import create_model
 from kmnist_torch.training import cpu
@@ -186,6 +187,8 @@ def knn_row(
         "train": n_train,
         "test": n_test,
         "screen": screen,
+        "screen_dims": knn_pca.DIMS,
+        "screen_lanes": knn_pca.LANES,
         "mismatches": int((ours != theirs).sum()),
         "accuracy": float((ours == truth).mean()),
         "floor_float32_s": flops / (rates["float32"] * 1e9),
@@ -573,9 +576,9 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
   alone at the rates measured in the same run (the last row). On this CPU, which has no bf16
   units, bf16 is emulated and {bf16_ratio:.1f}x slower than float32, so the 4-NN's exact
   distances stay float32 products. At these sizes `knn_predict` on a CPU screens by default
-  with `kmnist_torch.models.knn_pca` (a provable lower bound from 160 principal directions and
-  the residual norm, then exact distances for the images it cannot rule out; `--knn-screen
-  off` measures the plain scan); the ours cell says where a run forced it on or off.
+  with `kmnist_torch.models.knn_pca` (a provable lower bound from {dims} principal directions
+  and the residual norm, then exact distances for the images it cannot rule out; {lanes};
+  `--knn-screen off` measures the plain scan); the ours cell says where a run forced it on or off.
 - **Threads**: ours runs with the intra-op threads `kmnist_torch.training.cpu` chooses, as
   `train`, `evaluate` and `predict` do: the CPUs other processes leave free (their CPU time
   over a short sample of `/proc/stat`, this process's own not counted), at least 1. The
@@ -603,6 +606,7 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
 def write_page(res: dict[str, Any], path: Path) -> None:
     m = res["machine"]
     k49 = res["knn"].get("K49 size")
+    first = next(iter(res["knn"].values()), {})
     note = (
         (
             "The K49-size row scores all of K49's 38,547 test images."
@@ -629,6 +633,9 @@ def write_page(res: dict[str, Any], path: Path) -> None:
             torch=m["torch"],
             table="\n".join(table(res)),
             k49_note=note,
+            # Runs from before these were recorded: 160 directions, one batch at a time.
+            dims=first.get("screen_dims", 160),
+            lanes=_lanes(first.get("screen_lanes", 1)),
             accuracy_note=textwrap.fill(
                 _accuracy_note(res), 94, initial_indent="  ", subsequent_indent="  "
             ),
@@ -636,6 +643,15 @@ def write_page(res: dict[str, Any], path: Path) -> None:
         ),  # fmt: skip
         encoding="utf-8",
     )
+
+
+def _lanes(n: int) -> str:
+    """How many batches of test images the screen works on at once, in words."""
+    if n == 1:
+        return "one batch of test images at a time"
+    words = ("two", "three", "four", "five", "six", "seven", "eight", "nine")
+    count = words[n - 2] if n - 2 < len(words) else f"{n:,}"
+    return f"{count} batches of test images at a time, each in a thread of its own"
 
 
 def _at_least_one(text: str) -> int:

@@ -228,3 +228,23 @@ def test_page_says_when_the_4nn_rows_ran_more_times(bench, tmp_path):
                         ({"knn_repeats": 3}, "best of 2 (the 4-NN rows: best of 3).")):  # fmt: skip
         cpu_speed.main(["--from-json", str(run_json(tmp_path, ROW, **extra)), "--docs", str(page)])
         assert said in " ".join(page.read_text().split()), extra
+
+
+def test_page_says_how_the_4nn_screen_ran(bench, tmp_path):
+    cpu_speed, _ = bench
+    page = tmp_path / "page.md"
+    knn_row = {"train": 60000, "test": 10000, "ours_s": 5.0, "peer_s": 26.0, "mismatches": 0,
+               "screen": "default", "floor_float32_s": 8.7, "floor_bf16_s": 57.1,
+               "loads": [1.2, 1.3]}  # fmt: skip
+    for fields, said in (
+        ({"screen_dims": 144, "screen_lanes": 2}, "from 144 principal directions and the "
+         "residual norm, then exact distances for the images it cannot rule out; two batches "
+         "of test images at a time, each in a thread of its own;"),
+        ({}, "from 160 principal directions and the residual norm, then exact distances for the "
+         "images it cannot rule out; one batch of test images at a time;"),  # before the fields
+    ):  # fmt: skip
+        knn = {"KMNIST size": {**knn_row, **fields}}
+        cpu_speed.main(["--from-json", str(run_json(tmp_path, ROW, knn=knn)), "--docs", str(page)])
+        words = " ".join(page.read_text().split())
+        assert said in words, fields
+        assert "| 5.0 s | scikit-learn 26.0 s | 5.20x, 0 predictions differ |" in words

@@ -7,6 +7,8 @@ than handing them all to the plain scan."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,11 +30,13 @@ def settled(monkeypatch):
     """Counts the test images the screen settles (the rest go to the plain scan)."""
     count = {"settled": 0, "screened": 0}
     real = knn_pca.settle
+    lock = threading.Lock()  # batches are settled in knn_pca.LANES threads
 
     def spy(*args, **kwargs):
         ok, keys, index = real(*args, **kwargs)
-        count["settled"] += int(ok.sum())
-        count["screened"] += len(ok)
+        with lock:
+            count["settled"] += int(ok.sum())
+            count["screened"] += len(ok)
         return ok, keys, index
 
     monkeypatch.setattr(knn_pca, "settle", spy)
@@ -404,3 +408,55 @@ def test_more_neighbours_than_first_candidates_and_a_float64_default_are_exact()
         _same(kneighbors(train, test, k=4, screen=True), kneighbors(train, test, k=4, screen=False))
     finally:
         torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_any_number_of_lanes_gives_the_same_answer(monkeypatch, settled, lanes):
+    rng = np.random.default_rng(8)
+    train, test = _strokes(rng, 600), _strokes(rng, 90)
+    plain = kneighbors(train, test, screen=False)
+    monkeypatch.setattr(knn_pca, "LANES", lanes)
+    _same(kneighbors(train, test, screen=True, batch_size=7), plain)  # 13 batches
+    assert settled["screened"] == 90
+    assert settled["settled"] >= 80
+
+
+def test_a_lane_shares_the_features_and_not_the_buffers():
+    rng = np.random.default_rng(9)
+    screen = knn_pca.PcaScreen(torch.from_numpy(_strokes(rng, 200).reshape(200, -1)), 8)
+    lane = screen.lane()
+    query = torch.from_numpy(_strokes(rng, 5).reshape(5, -1))
+    ours, theirs = screen.keys(query)[0][0], lane.keys(query)[0][0]
+    assert lane.phi is screen.phi and lane.rows8 is screen.rows8
+    assert not np.shares_memory(ours, theirs)
+    assert np.array_equal(ours, theirs)
+
+
+def test_a_failing_batch_stops_the_search_and_restores_the_matmul_precision(monkeypatch):
+    # The lanes run ahead of the batch being stored; when one fails, the batches not started
+    # never start, the error reaches the caller, and full float32 precision (set once for all
+    # lanes, the process's setting) is undone.
+    rng = np.random.default_rng(10)
+    train, test = _strokes(rng, 300), _strokes(rng, 80)
+    real, started, lock = knn_pca.settle, [], threading.Lock()
+
+    def flaky(*args, **kwargs):
+        with lock:
+            started.append(len(started))
+            n = len(started)
+        if n == 3:
+            raise MemoryError("batch 3")
+        if n > 3:
+            time.sleep(0.05)  # later batches are slow: the failure is seen first
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knn_pca, "settle", flaky)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with pytest.raises(MemoryError, match="batch 3"):
+            kneighbors(train, test, screen=True, batch_size=2)  # 40 batches
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert len(started) < 3 + 2 * knn_pca.LANES

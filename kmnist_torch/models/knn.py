@@ -18,6 +18,8 @@ global TF32 setting cannot change the result either.
 
 from __future__ import annotations
 
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import numpy as np
@@ -170,7 +172,7 @@ def kneighbors(
         ctx.screen = knn_screen.Screen(train, layout, dev)
     if count == 0 and _wants_pca(screen, train, test.shape[0], ctx):
         ctx.pca = knn_pca.PcaScreen(train)
-        fits = min(knn_pca.SCREEN_BATCH, knn_pca.SCREEN_ELEMENTS // n_train)
+        fits = min(knn_pca.SCREEN_BATCH, knn_pca.SCREEN_ELEMENTS // (knn_pca.LANES * n_train))
         ctx.pca_batch = given_batch or max(1, fits)
     shown = progress if progress is not None else test.shape[0] * n_train > 2**30
     with Progress("4-NN", test.shape[0], unit="test image", enabled=shown) as bar:
@@ -279,19 +281,40 @@ def _search(
 def _pca_phase(
     ctx: _Context, test: torch.Tensor, dists: torch.Tensor, inds: torch.Tensor, bar: Progress
 ) -> torch.Tensor:
-    """Settle what the projection screen can; return the rows left for the plain scan."""
+    """Settle what the projection screen can; return the rows left for the plain scan. The
+    batches run in ``knn_pca.LANES`` threads, each with a lane (buffers) of its own; their
+    answers are stored, and the progress shown, here in the calling thread, in batch order."""
     assert ctx.pca is not None
+    m, b = test.shape[0], ctx.pca_batch
+    lanes: queue.SimpleQueue[knn_pca.PcaScreen] = queue.SimpleQueue()
+    for i in range(knn_pca.LANES):
+        lanes.put(ctx.pca if i == 0 else ctx.pca.lane())
+
+    def job(rows: torch.Tensor) -> tuple[torch.Tensor, tuple[np.ndarray, ...]]:
+        # One job per thread at a time, as many threads as lanes: a lane is always free.
+        lane = lanes.get()
+        try:
+            query = test[rows]
+            query_blocks, query_sq = _prepare(query, True, ctx.device, ctx.int_dtype)
+            return query_sq, knn_pca.settle(lane, query, query_blocks, query_sq, ctx.k)
+        finally:
+            lanes.put(lane)
+
+    batches = [torch.arange(lo, min(m, lo + b)) for lo in range(0, m, b)]
     left = []
-    for lo in range(0, test.shape[0], ctx.pca_batch):
-        rows = torch.arange(lo, min(test.shape[0], lo + ctx.pca_batch))
-        query = test[rows]
-        query_blocks, query_sq = _prepare(query, True, ctx.device, ctx.int_dtype)
-        ok, keys, index = knn_pca.settle(ctx.pca, query, query_blocks, query_sq, ctx.k)
-        done = torch.from_numpy(ok)
-        dists[rows[done]] = _distances(torch.from_numpy(keys), query_sq[done])
-        inds[rows[done]] = torch.from_numpy(index)
-        left.append(rows[~done])
-        bar.update(int(done.sum()))
+    pool = ThreadPoolExecutor(knn_pca.LANES, thread_name_prefix="kmnist-knn")
+    # Full float32 precision is the process's setting: set here once, not per lane.
+    with knn_screen.full_precision():
+        try:
+            for rows, answer in zip(batches, [pool.submit(job, rows) for rows in batches]):
+                query_sq, (ok, keys, index) = answer.result()
+                done = torch.from_numpy(ok)
+                dists[rows[done]] = _distances(torch.from_numpy(keys), query_sq[done])
+                inds[rows[done]] = torch.from_numpy(index)
+                left.append(rows[~done])
+                bar.update(int(done.sum()))
+        finally:  # on an error or Ctrl-C: no batch starts; the running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
     return torch.cat(left) if left else torch.arange(0)
 
 

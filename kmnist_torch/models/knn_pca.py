@@ -61,19 +61,22 @@ per run, the survivors a torch comparison and a NumPy list of positions (:func:`
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import torch
 
-from .knn_screen import EXACT_BLOCK, full_precision, gamma
+from .knn_screen import EXACT_BLOCK, gamma
 
 # Principal directions kept (d); the screen has d + 1 features. More make the product longer
 # and leave fewer survivors (directions from 1,024 images): per test image 137 with 160 against
-# 288 with 128 at KMNIST size, 190 against 442 at K49 size. On the 2-core AMD EPYC, end to end
-# at KMNIST size, 160 took 6.1-7.1 s against 7.3-8.3 s for 128 and 6.9-7.3 s for 192; at K49
-# size the longer product and the shorter exact step about cancel.
-DIMS = 160
+# 288 with 128 at KMNIST size, 190 against 442 at K49 size. With one lane (LANES) 160 did best
+# at KMNIST size; with two, whose NumPy steps and exact step run beside the other's product,
+# 144 did: on the 2-core AMD EPYC, three interleaved runs each, 4.9-5.1 s against 5.3 s for 160,
+# 4.7-5.1 s for 136 and 4.9-5.1 s for 152; at K49 size (8,000 test images) 14.2-15.0 s against
+# 15.1-16.4 s for 160.
+DIMS = 144
 # Training images the directions are computed from (evenly spaced). Better directions leave
 # fewer survivors: at KMNIST size 100 a test image from 4,096 against 137 from 1,024 (89 from
 # 16,384, whose set-up took 0.3 s more), the exact step 1.3 s against 1.7-2.1 s. Wider images
@@ -97,6 +100,11 @@ SURVIVOR_SHARE = 8
 # with 288 against 15.5 s with 144.
 SCREEN_BATCH = 560
 SCREEN_ELEMENTS = 2**26
+# Batches screened at once, each in a thread of its own with buffers of its own (PcaScreen.lane):
+# NumPy's steps (first candidates, survivor lists) and the exact step's small products run on
+# one core, so a second batch keeps the other core busy meanwhile. SCREEN_ELEMENTS is shared
+# out among them. On the 2-core AMD EPYC at KMNIST size: 5.0-5.4 s against 6.2-6.3 s in one.
+LANES = 2
 # Rows at a time when computing features: their float64 copy (3 MiB at 784 pixels) stays in the
 # cache for the product that reads it. At K49 size (232,365 images) on the 2-core AMD EPYC,
 # 512 rows took 2.0 s where 8,192 took 4.1 s.
@@ -180,11 +188,21 @@ class PcaScreen:
             norms.append(c_norm)
         return torch.cat(phis), torch.cat(norms)
 
+    def lane(self) -> PcaScreen:
+        """A copy that shares the training images' features and has buffers of its own, for
+        screening in a second thread (one lane per thread)."""
+        twin = copy.copy(self)
+        twin._key = torch.empty(0, dtype=torch.float32)
+        twin._below = np.empty(0, dtype=bool)
+        return twin
+
     def keys(self, query: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray]:
         """Screen values of the byte rows ``query``, a B x (stop - start) float32 NumPy block
         per span of training columns (:func:`column_spans`), and the float64 parts of their
         thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``. The blocks are views of a
-        buffer the next call overwrites (``settle`` is done with them by then)."""
+        buffer the next call overwrites (``settle`` is done with them by then). The caller
+        holds :func:`knn_screen.full_precision` (set once for every lane: the setting is the
+        process's, so a lane restoring it could undo another's)."""
         q_phi, q_c = self.features(query)
         # One buffer for every batch: a fresh matrix per batch costs its page faults
         # again each time (measured: 4.1 s against 2.6 s for the products at KMNIST size).
@@ -192,11 +210,10 @@ class PcaScreen:
         if len(self._key) < b * n:
             self._key = torch.empty(b * n, dtype=torch.float32)
         blocks = []
-        with full_precision():
-            for (lo, hi), phi_t in zip(self.spans, self.phi_t):
-                out = self._key[b * lo : b * hi].view(b, hi - lo)
-                torch.addmm(self.phi_sq[None, lo:hi], q_phi, phi_t, alpha=-2.0, out=out)
-                blocks.append(out.numpy())
+        for (lo, hi), phi_t in zip(self.spans, self.phi_t):
+            out = self._key[b * lo : b * hi].view(b, hi - lo)
+            torch.addmm(self.phi_sq[None, lo:hi], q_phi, phi_t, alpha=-2.0, out=out)
+            blocks.append(out.numpy())
         q_sq = q_phi.to(torch.float64).square().sum(dim=1)
         m = q_c + self.c_max
         m_phi = q_sq.sqrt() + self.phi_max
