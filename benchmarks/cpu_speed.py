@@ -578,13 +578,15 @@ Machine: {cpu}, {cpus} CPUs; flags {flags}; bf16 units: {units}; torch {torch}.
   distances stay float32 products. At these sizes `knn_predict` on a CPU screens by default
   with `kmnist_torch.models.knn_pca` (a provable lower bound from {dims} principal directions
   and the residual norm, then exact distances for the images it cannot rule out; {lanes};
-  `--knn-screen off` measures the plain scan); the ours cell says where a run forced it on or off.
+  `--knn-screen off` measures the plain scan); the ours cell says where a run forced it on or
+  off.
 - **Threads**: ours runs with the intra-op threads `kmnist_torch.training.cpu` chooses, as
   `train`, `evaluate` and `predict` do: the CPUs other processes leave free (their CPU time
-  over a short sample of `/proc/stat`, this process's own not counted), at least 1. The
-  alternatives use their defaults (all the CPUs). On a machine busy with other work that
-  choice gives us a lead; on an idle one both sides use every CPU, and the rows show what is
-  left: the data path, the memory format and the allocator.
+  over a short sample of `/proc/stat`, this process's own not counted), at least 1; the
+  4-NN's screen runs no more batches at once than that. The alternatives use their defaults
+  (all the CPUs). On a machine busy with other work that choice gives us a lead; on an idle
+  one both sides use every CPU, and the rows show what is left: the data path, the memory
+  format and the allocator.
 - **Training**: images/s of training steps (no evaluation), the simple CNN on the recipe's
   batch and PreActResNet-18 + manifold mixup on batch 32, on the real KMNIST test images.
   Ours runs the trainer's step on device-resident batches with what
@@ -650,7 +652,7 @@ def _lanes(n: int) -> str:
     if n == 1:
         return "one batch of test images at a time"
     words = ("two", "three", "four", "five", "six", "seven", "eight", "nine")
-    count = words[n - 2] if n - 2 < len(words) else f"{n:,}"
+    count = words[n - 2] if 2 <= n < len(words) + 2 else f"{n:,}"
     return f"{count} batches of test images at a time, each in a thread of its own"
 
 

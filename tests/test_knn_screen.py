@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmnist_torch.models import knn, knn_pca
+from kmnist_torch.models import knn, knn_pca, knn_screen
 from kmnist_torch.models.knn import kneighbors, knn_predict
 
 
@@ -424,18 +424,56 @@ def test_any_number_of_lanes_gives_the_same_answer(monkeypatch, settled, lanes):
 def test_a_lane_shares_the_features_and_not_the_buffers():
     rng = np.random.default_rng(9)
     screen = knn_pca.PcaScreen(torch.from_numpy(_strokes(rng, 200).reshape(200, -1)), 8)
-    lane = screen.lane()
     query = torch.from_numpy(_strokes(rng, 5).reshape(5, -1))
-    ours, theirs = screen.keys(query)[0][0], lane.keys(query)[0][0]
+    with knn_screen.full_precision():
+        ours = screen.keys(query)[0][0]  # the buffers grown before the lane is taken
+        screen.masks(5)
+        lane = screen.lane()
+        theirs = lane.keys(query)[0][0]
     assert lane.phi is screen.phi and lane.rows8 is screen.rows8
     assert not np.shares_memory(ours, theirs)
+    assert not np.shares_memory(screen.masks(5)[0], lane.masks(5)[0])
     assert np.array_equal(ours, theirs)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # a CPU's bf16 units could run the product
+    try:
+        with pytest.raises(RuntimeError, match="full_precision"):  # the bound needs full
+            screen.keys(query)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_lanes_run_at_full_precision_and_no_more_lanes_than_threads(monkeypatch):
+    rng = np.random.default_rng(11)
+    train, test = _strokes(rng, 300), _strokes(rng, 40)
+    seen, real, lock = [], knn_pca.settle, threading.Lock()
+
+    def spy(*args, **kwargs):
+        with lock:
+            seen.append((threading.current_thread().name, torch.get_float32_matmul_precision()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knn_pca, "settle", spy)
+    monkeypatch.setattr(knn_pca, "LANES", 3)
+    before, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            seen.clear()
+            kneighbors(train, test, screen=True, batch_size=2 * n)  # 20 batches
+            assert {p for _, p in seen} == {"highest"} and len(seen) == 20
+            assert len({name for name, _ in seen}) <= n
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.set_num_threads(threads)
 
 
 def test_a_failing_batch_stops_the_search_and_restores_the_matmul_precision(monkeypatch):
     # The lanes run ahead of the batch being stored; when one fails, the batches not started
-    # never start, the error reaches the caller, and full float32 precision (set once for all
-    # lanes, the process's setting) is undone.
+    # never start, the running ones end before the error reaches the caller, and full float32
+    # precision (set once for all lanes, the process's setting) is undone.
     rng = np.random.default_rng(10)
     train, test = _strokes(rng, 300), _strokes(rng, 80)
     real, started, lock = knn_pca.settle, [], threading.Lock()
@@ -447,16 +485,22 @@ def test_a_failing_batch_stops_the_search_and_restores_the_matmul_precision(monk
         if n == 3:
             raise MemoryError("batch 3")
         if n > 3:
-            time.sleep(0.05)  # later batches are slow: the failure is seen first
+            time.sleep(0.2)  # later batches are slow: the failure is seen first
         return real(*args, **kwargs)
 
     monkeypatch.setattr(knn_pca, "settle", flaky)
-    before = torch.get_float32_matmul_precision()
+    monkeypatch.setattr(knn_pca, "LANES", 2)
+    before, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
     torch.set_float32_matmul_precision("medium")
+    torch.set_num_threads(2)
     try:
         with pytest.raises(MemoryError, match="batch 3"):
-            kneighbors(train, test, screen=True, batch_size=2)  # 40 batches
+            kneighbors(train, test, screen=True, batch_size=4)  # 40 batches of 2, 2 lanes
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(before)
-    assert len(started) < 3 + 2 * knn_pca.LANES
+        torch.set_num_threads(threads)
+    assert not [t for t in threading.enumerate() if t.name.startswith("kmnist-knn")]
+    count = len(started)
+    time.sleep(0.5)
+    assert len(started) == count < 40

@@ -100,7 +100,8 @@ def knn_predict(
         k: how many neighbours vote.
         weights: ``"distance"`` (1 / distance) or ``"uniform"``.
         batch_size: test images scored at a time (default: as many as keep one distance
-            matrix near 64 MiB on a CPU, 512 MiB on a GPU).
+            matrix near 64 MiB on a CPU, 512 MiB on a GPU); the projection screen shares
+            them out among its threads (``knn_pca.LANES``).
         device: where the distances are computed (default: CUDA when available).
         candidates: training images per test image given an exact distance after the
             screen (see :func:`kneighbors`; 0: no screen). Never changes the answer.
@@ -172,8 +173,11 @@ def kneighbors(
         ctx.screen = knn_screen.Screen(train, layout, dev)
     if count == 0 and _wants_pca(screen, train, test.shape[0], ctx):
         ctx.pca = knn_pca.PcaScreen(train)
-        fits = min(knn_pca.SCREEN_BATCH, knn_pca.SCREEN_ELEMENTS // (knn_pca.LANES * n_train))
-        ctx.pca_batch = given_batch or max(1, fits)
+        # No more lanes than intra-op threads: a search told to use one core uses one.
+        ctx.lanes = max(1, min(knn_pca.LANES, torch.get_num_threads()))
+        fits = min(knn_pca.SCREEN_BATCH, knn_pca.SCREEN_ELEMENTS // (ctx.lanes * n_train))
+        # A given batch is what the lanes hold in all.
+        ctx.pca_batch = max(1, given_batch // ctx.lanes) if given_batch else max(1, fits)
     shown = progress if progress is not None else test.shape[0] * n_train > 2**30
     with Progress("4-NN", test.shape[0], unit="test image", enabled=shown) as bar:
         return _search(ctx, test, count, batch_size, bar)
@@ -225,6 +229,7 @@ class _Context:
         self.screen: knn_screen.Screen | None = None
         self.pca: knn_pca.PcaScreen | None = None
         self.pca_batch = 1
+        self.lanes = 1
         self._prepared: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
     def _rows(self) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -287,7 +292,7 @@ def _pca_phase(
     assert ctx.pca is not None
     m, b = test.shape[0], ctx.pca_batch
     lanes: queue.SimpleQueue[knn_pca.PcaScreen] = queue.SimpleQueue()
-    for i in range(knn_pca.LANES):
+    for i in range(ctx.lanes):
         lanes.put(ctx.pca if i == 0 else ctx.pca.lane())
 
     def job(rows: torch.Tensor) -> tuple[torch.Tensor, tuple[np.ndarray, ...]]:
@@ -302,7 +307,7 @@ def _pca_phase(
 
     batches = [torch.arange(lo, min(m, lo + b)) for lo in range(0, m, b)]
     left = []
-    pool = ThreadPoolExecutor(knn_pca.LANES, thread_name_prefix="kmnist-knn")
+    pool = ThreadPoolExecutor(ctx.lanes, thread_name_prefix="kmnist-knn")
     # Full float32 precision is the process's setting: set here once, not per lane.
     with knn_screen.full_precision():
         try:

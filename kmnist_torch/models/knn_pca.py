@@ -72,9 +72,9 @@ from .knn_screen import EXACT_BLOCK, gamma
 # Principal directions kept (d); the screen has d + 1 features. More make the product longer
 # and leave fewer survivors (directions from 1,024 images): per test image 137 with 160 against
 # 288 with 128 at KMNIST size, 190 against 442 at K49 size. With one lane (LANES) 160 did best
-# at KMNIST size; with two, whose NumPy steps and exact step run beside the other's product,
-# 144 did: on the 2-core AMD EPYC, three interleaved runs each, 4.9-5.1 s against 5.3 s for 160,
-# 4.7-5.1 s for 136 and 4.9-5.1 s for 152; at K49 size (8,000 test images) 14.2-15.0 s against
+# at KMNIST size. With two, whose NumPy steps and exact step run beside the other's product,
+# fewer pay: on the 2-core AMD EPYC, three interleaved runs each, 136, 144 and 152 took 4.7-5.1
+# s alike against 5.3 s for 160; at K49 size (8,000 test images) 144 took 14.2-15.0 s against
 # 15.1-16.4 s for 160.
 DIMS = 144
 # Training images the directions are computed from (evenly spaced). Better directions leave
@@ -93,11 +93,11 @@ GROUPS = 32
 EXACT_ROWS = 2**11
 # A test image with more than n_train / SURVIVOR_SHARE survivors is scored by the plain scan.
 SURVIVOR_SHARE = 8
-# Test images a batch (at most), and elements of one (test batch x train) screen-value matrix
-# (float32: 256 MiB, with a 64-MiB survivor mask). A thin product runs nearer its peak with
-# more test images: on the 2-core AMD EPYC, best of 4 interleaved at KMNIST size, 8.65 s with
-# 559 a batch against 10.1 s with 139; at K49 size (3,000 test images, column blocks) 14.7 s
-# with 288 against 15.5 s with 144.
+# Test images a batch (at most), and elements of the (test batch x train) screen-value matrices
+# of all lanes together (float32: 256 MiB, with 64 MiB of survivor masks). A thin product runs
+# nearer its peak with more test images: on the 2-core AMD EPYC, best of 4 interleaved at
+# KMNIST size, 8.65 s with 559 a batch against 10.1 s with 139; at K49 size (3,000 test
+# images, column blocks) 14.7 s with 288 against 15.5 s with 144 (one lane, before LANES).
 SCREEN_BATCH = 560
 SCREEN_ELEMENTS = 2**26
 # Batches screened at once, each in a thread of its own with buffers of its own (PcaScreen.lane):
@@ -202,7 +202,13 @@ class PcaScreen:
         thresholds: per row ``(||phi(q)||^2, eta M, 2 gamma M'^2)``. The blocks are views of a
         buffer the next call overwrites (``settle`` is done with them by then). The caller
         holds :func:`knn_screen.full_precision` (set once for every lane: the setting is the
-        process's, so a lane restoring it could undo another's)."""
+        process's, so a lane restoring it could undo another's); without it (a CPU's bf16
+        units could compute the product) this refuses to run rather than break the bound."""
+        if torch.get_float32_matmul_precision() != "highest":
+            raise RuntimeError(
+                "PcaScreen.keys needs full float32 matrix products: call it under "
+                "knn_screen.full_precision() (kneighbors does)"
+            )
         q_phi, q_c = self.features(query)
         # One buffer for every batch: a fresh matrix per batch costs its page faults
         # again each time (measured: 4.1 s against 2.6 s for the products at KMNIST size).
@@ -316,10 +322,11 @@ def settle(
     k: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Screen one batch of test images (``query``: B x D bytes; its shifted float32 feature
-    blocks and integer squared norms as :mod:`kmnist_torch.models.knn` prepares them). Returns
+    blocks and integer squared norms as :mod:`kmnist_torch.models.knn` prepares them), under
+    :func:`knn_screen.full_precision` (:meth:`PcaScreen.keys` refuses otherwise). Returns
     which rows are settled (bool per row) and, for those rows, the k smallest rank keys
     ``||t||^2 - 2 q.t`` (int64) and their training indices, sorted by (key, index)."""
-    blocks, parts = screen.keys(query)
+    blocks, parts = screen.keys(query)  # the caller holds knn_screen.full_precision()
     first = first_candidates(blocks, screen.spans)
     first_keys = screen.sq64[first] - 2 * _first_dots(screen.rows8, query_blocks, first)
     kth = np.partition(first_keys, k - 1, axis=1)[:, k - 1]
