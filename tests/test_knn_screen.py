@@ -214,6 +214,12 @@ def test_column_spans_cover_the_columns_in_whole_runs(n, block):
     whole = key[:, : width * knn_pca.GROUPS].reshape(3, knn_pca.GROUPS, width).argmin(axis=2)
     expect = whole + np.arange(knn_pca.GROUPS) * width
     assert np.array_equal(knn_pca.first_candidates(blocks, spans), expect)
+    # Of those, the ones of smallest screen value (the values are distinct: random floats).
+    keep = 1 + n % knn_pca.GROUPS
+    values = np.take_along_axis(key, expect, axis=1)
+    best = np.take_along_axis(expect, np.argsort(values, axis=1)[:, :keep], axis=1)
+    kept = knn_pca.first_candidates(blocks, spans, keep)
+    assert np.array_equal(np.sort(kept, axis=1), np.sort(best, axis=1))
 
 
 @settings(max_examples=80, deadline=None)
@@ -504,3 +510,19 @@ def test_a_failing_batch_stops_the_search_and_restores_the_matmul_precision(monk
     count = len(started)
     time.sleep(0.5)
     assert len(started) == count < 40
+
+
+@pytest.mark.parametrize("first_exact", [1, 12, knn_pca.GROUPS])
+@pytest.mark.parametrize("k", [1, 4, 13, knn_pca.GROUPS])
+def test_any_number_of_first_exact_distances_gives_the_same_answer(
+    monkeypatch, settled, first_exact, k
+):
+    # The threshold comes from the k-th nearest of the max(k, FIRST_EXACT) best-screened first
+    # candidates: any k or more give a correct one, fewer only a looser one.
+    rng = np.random.default_rng(12)
+    train, test = _strokes(rng, 400, levels=3), _strokes(rng, 30, levels=3)
+    plain = kneighbors(train, test, k=k, screen=False)
+    monkeypatch.setattr(knn_pca, "FIRST_EXACT", first_exact)
+    monkeypatch.setattr(knn_pca, "SURVIVOR_SHARE", 1)  # settled however loose the bound
+    _same(kneighbors(train, test, k=k, screen=True), plain)
+    assert settled["settled"] == 30

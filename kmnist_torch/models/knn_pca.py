@@ -36,8 +36,9 @@ gamma32_(F + 2) M'^2`` with ``M' = ||phi(q)|| + max_t ||phi(t)||`` (as in
 :mod:`kmnist_torch.models.knn_screen`).
 
 **The search.** For a test image ``q``: split the training images into ``G`` runs of
-consecutive indices and take the one of smallest screen value in each (any ``G >= k`` images
-would do); compute their exact squared distances (integers, exact in float32 as
+consecutive indices and take the one of smallest screen value in each, then the ``max(k,
+FIRST_EXACT)`` of those of smallest screen value (any ``k`` or more distinct images would do);
+compute their exact squared distances (integers, exact in float32 as
 :mod:`kmnist_torch.models.knn` explains) and let ``U`` be the k-th smallest, rounded up. Those
 ``k`` images lie within ``U``, so the true k-th distance ``d_k <= U``, and every training image
 ``t`` with ``||q - t|| <= U`` (the true k nearest, and every image tied with the k-th, among
@@ -85,8 +86,12 @@ DIMS = 144
 SAMPLE_ROWS = 4096
 SAMPLE_MIN_ROWS = 1024
 SAMPLE_ELEMENTS = 2**22
-# Runs of training indices whose best-screened images give the first exact distances.
+# Runs of training indices whose best-screened images are the first candidates, and how many
+# of those (the best-screened) get an exact distance for the threshold: at KMNIST size the
+# 4th-nearest of 12 left 125 survivors a test image where all 32 left 123 (8: 135), and the
+# exact distances of the first candidates had cost 0.68 s of one core's 8.8 s.
 GROUPS = 32
+FIRST_EXACT = 12
 # Survivor rows gathered at a time by the exact step: their float32 copy (6 MiB at 784 pixels)
 # stays in the cache for the products that read it. At KMNIST size 2**11 rows took 8.3-9.1 s
 # where 2**14 took 11.7-12.5 s (2-core AMD EPYC).
@@ -259,17 +264,26 @@ def column_spans(n: int) -> list[tuple[int, int]]:
     return [(j * per, n if j == parts - 1 else (j + 1) * per) for j in range(parts)]
 
 
-def first_candidates(blocks: list[np.ndarray], spans: list[tuple[int, int]]) -> np.ndarray:
+def first_candidates(
+    blocks: list[np.ndarray], spans: list[tuple[int, int]], keep: int = GROUPS
+) -> np.ndarray:
     """Per row, the index of the smallest screen value in each of ``GROUPS`` runs of
-    ``n // GROUPS`` consecutive columns (B x GROUPS int64, distinct within a row), from the
-    blocks of :meth:`PcaScreen.keys` (each holds ``GROUPS / len(blocks)`` whole runs)."""
+    ``n // GROUPS`` consecutive columns, from the blocks of :meth:`PcaScreen.keys` (each holds
+    ``GROUPS / len(blocks)`` whole runs); of those, the ``keep`` of smallest screen value
+    (B x keep int64, distinct within a row, in no particular order)."""
     width = spans[-1][1] // GROUPS
     per = GROUPS // len(spans)
-    best = []
+    best, value = [], []
     for key, (lo, _) in zip(blocks, spans):
         head = key[:, : width * per].reshape(key.shape[0], per, width)
-        best.append(head.argmin(axis=2) + lo + np.arange(per) * width)
-    return np.concatenate(best, axis=1)
+        at = head.argmin(axis=2)
+        best.append(at + lo + np.arange(per) * width)
+        value.append(np.take_along_axis(head, at[:, :, None], axis=2)[:, :, 0])
+    index = np.concatenate(best, axis=1)
+    if keep >= GROUPS:
+        return index
+    pick = np.argpartition(np.concatenate(value, axis=1), keep - 1, axis=1)[:, :keep]
+    return np.take_along_axis(index, pick, axis=1)
 
 
 def survivors(
@@ -327,7 +341,7 @@ def settle(
     which rows are settled (bool per row) and, for those rows, the k smallest rank keys
     ``||t||^2 - 2 q.t`` (int64) and their training indices, sorted by (key, index)."""
     blocks, parts = screen.keys(query)  # the caller holds knn_screen.full_precision()
-    first = first_candidates(blocks, screen.spans)
+    first = first_candidates(blocks, screen.spans, max(k, FIRST_EXACT))
     first_keys = screen.sq64[first] - 2 * _first_dots(screen.rows8, query_blocks, first)
     kth = np.partition(first_keys, k - 1, axis=1)[:, k - 1]
     limit = screen.thresholds(parts, kth + query_sq.numpy().astype(np.int64))
@@ -384,15 +398,18 @@ def _exact_dots(
     for query ``i``. Training rows (``rows8``: shifted to [-128, 127], one byte each, a
     quarter of the memory traffic of float32 rows) are gathered a chunk of queries at a time
     (at most ``max_rows`` rows, or one query's) into reused buffers, made float32, then one
-    matrix-vector product per query and feature block: each block's products are integers
-    within 2**24, exact in float32 in any order."""
-    dots = torch.zeros(len(col), dtype=torch.int64)
+    matrix-vector product per query and feature block, written in place (one call a query:
+    at KMNIST size 62-83 ms a batch of 559 test images against 88-107 ms with a product, a
+    conversion and a sum per query): each block's products are integers within 2**24, exact
+    in float32 in any order, summed over the blocks as int64."""
+    dots = np.zeros(len(col), dtype=np.int64)
     widths = [q.shape[1] for q in queries]
     n_q = len(starts) - 1
     most = int(np.diff(starts).max()) if n_q else 0
     size = min(len(col), max(max_rows, most))
     raw = torch.empty(size, rows8.shape[1], dtype=torch.int8)
     buffer = torch.empty(size, rows8.shape[1], dtype=torch.float32)
+    part = torch.empty(size, dtype=torch.float32)
     index = torch.from_numpy(col)
     i = 0
     while i < n_q:
@@ -401,13 +418,13 @@ def _exact_dots(
         lo, hi = int(starts[i]), int(starts[j])
         torch.index_select(rows8, 0, index[lo:hi], out=raw[: hi - lo])
         rows = buffer[: hi - lo].copy_(raw[: hi - lo])
-        blocks = rows.split(widths, dim=1)
-        for r in range(i, j):
-            a, b = int(starts[r]), int(starts[r + 1])
-            for block, q in zip(blocks, queries):
-                dots[a:b] += torch.mv(block[a - lo : b - lo], q[r]).to(torch.int64)
+        for block, q in zip(rows.split(widths, dim=1), queries):
+            for r in range(i, j):
+                a, b = int(starts[r]) - lo, int(starts[r + 1]) - lo
+                torch.mv(block[a:b], q[r], out=part[a:b])
+            dots[lo:hi] += part[: hi - lo].numpy().astype(np.int64)
         i = j
-    return dots.numpy()
+    return dots
 
 
 def _first_dots(rows8: torch.Tensor, queries: list[torch.Tensor], first: np.ndarray) -> np.ndarray:
@@ -440,6 +457,8 @@ def _basis(centred: torch.Tensor, d: int) -> torch.Tensor:
     as it was (a forked generator)."""
     rows, width = centred.shape
     if rows >= width:
+        # float64: LAPACK's float32 eigh failed to converge on the Gram matrix of two-level
+        # 8 x 8 images (a Hypothesis example), for 0.14 s saved at KMNIST size.
         _, vecs = torch.linalg.eigh(centred.T @ centred)
         top = vecs.flip(1)[:, :d]
     else:
