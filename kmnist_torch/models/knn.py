@@ -287,8 +287,9 @@ def _pca_phase(
     ctx: _Context, test: torch.Tensor, dists: torch.Tensor, inds: torch.Tensor, bar: Progress
 ) -> torch.Tensor:
     """Settle what the projection screen can; return the rows left for the plain scan. The
-    batches run in ``knn_pca.LANES`` threads, each with a lane (buffers) of its own; their
-    answers are stored, and the progress shown, here in the calling thread, in batch order."""
+    batches run in ``ctx.lanes`` threads (``knn_pca.LANES``, or fewer where torch has fewer
+    intra-op threads), each with a lane (buffers) of its own; their answers are stored, and
+    the progress shown, here in the calling thread, in batch order."""
     assert ctx.pca is not None
     m, b = test.shape[0], ctx.pca_batch
     lanes: queue.SimpleQueue[knn_pca.PcaScreen] = queue.SimpleQueue()
