@@ -26,6 +26,17 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture
+def medium_precision():
+    """Float32 products allowed below full precision, as a user may set them (a CPU's bf16
+    units could then run them), restored afterwards. The autouse ``_one_thread`` restores
+    the thread count the same way."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
 def settled(monkeypatch):
     """Counts the test images the screen settles (the rest go to the plain scan)."""
     count = {"settled": 0, "screened": 0}
@@ -427,7 +438,7 @@ def test_any_number_of_lanes_gives_the_same_answer(monkeypatch, settled, lanes):
     assert settled["settled"] >= 80
 
 
-def test_a_lane_shares_the_features_and_not_the_buffers():
+def test_a_lane_shares_the_features_and_not_the_buffers(medium_precision):
     rng = np.random.default_rng(9)
     screen = knn_pca.PcaScreen(torch.from_numpy(_strokes(rng, 200).reshape(200, -1)), 8)
     query = torch.from_numpy(_strokes(rng, 5).reshape(5, -1))
@@ -440,16 +451,11 @@ def test_a_lane_shares_the_features_and_not_the_buffers():
     assert not np.shares_memory(ours, theirs)
     assert not np.shares_memory(screen.masks(5)[0], lane.masks(5)[0])
     assert np.array_equal(ours, theirs)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")  # a CPU's bf16 units could run the product
-    try:
-        with pytest.raises(RuntimeError, match="full_precision"):  # the bound needs full
-            screen.keys(query)
-    finally:
-        torch.set_float32_matmul_precision(before)
+    with pytest.raises(RuntimeError, match="full_precision"):  # the bound needs full
+        screen.keys(query)
 
 
-def test_lanes_run_at_full_precision_and_no_more_lanes_than_threads(monkeypatch):
+def test_lanes_run_at_full_precision_and_no_more_lanes_than_threads(monkeypatch, medium_precision):
     rng = np.random.default_rng(11)
     train, test = _strokes(rng, 300), _strokes(rng, 40)
     seen, real, lock = [], knn_pca.settle, threading.Lock()
@@ -461,22 +467,18 @@ def test_lanes_run_at_full_precision_and_no_more_lanes_than_threads(monkeypatch)
 
     monkeypatch.setattr(knn_pca, "settle", spy)
     monkeypatch.setattr(knn_pca, "LANES", 3)
-    before, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            seen.clear()
-            kneighbors(train, test, screen=True, batch_size=2 * n)  # 20 batches
-            assert {p for _, p in seen} == {"highest"} and len(seen) == 20
-            assert len({name for name, _ in seen}) <= n
-        assert torch.get_float32_matmul_precision() == "medium"
-    finally:
-        torch.set_float32_matmul_precision(before)
-        torch.set_num_threads(threads)
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        seen.clear()
+        kneighbors(train, test, screen=True, batch_size=2 * n)  # 20 batches
+        assert {p for _, p in seen} == {"highest"} and len(seen) == 20
+        assert len({name for name, _ in seen}) <= n
+    assert torch.get_float32_matmul_precision() == "medium"
 
 
-def test_a_failing_batch_stops_the_search_and_restores_the_matmul_precision(monkeypatch):
+def test_a_failing_batch_stops_the_search_and_restores_the_matmul_precision(
+    monkeypatch, medium_precision
+):
     # The lanes run ahead of the batch being stored; when one fails, the batches not started
     # never start, the running ones end before the error reaches the caller, and full float32
     # precision (set once for all lanes, the process's setting) is undone.
@@ -496,16 +498,10 @@ def test_a_failing_batch_stops_the_search_and_restores_the_matmul_precision(monk
 
     monkeypatch.setattr(knn_pca, "settle", flaky)
     monkeypatch.setattr(knn_pca, "LANES", 2)
-    before, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
-    torch.set_float32_matmul_precision("medium")
     torch.set_num_threads(2)
-    try:
-        with pytest.raises(MemoryError, match="batch 3"):
-            kneighbors(train, test, screen=True, batch_size=4)  # 40 batches of 2, 2 lanes
-        assert torch.get_float32_matmul_precision() == "medium"
-    finally:
-        torch.set_float32_matmul_precision(before)
-        torch.set_num_threads(threads)
+    with pytest.raises(MemoryError, match="batch 3"):
+        kneighbors(train, test, screen=True, batch_size=4)  # 40 batches of 2, 2 lanes
+    assert torch.get_float32_matmul_precision() == "medium"
     assert not [t for t in threading.enumerate() if t.name.startswith("kmnist-knn")]
     count = len(started)
     time.sleep(0.5)
