@@ -70,6 +70,8 @@ _RESUMABLE_CHANGES = {
     "threads",
     # A memory layout, like device: runs written before a CPU used channels_last resume.
     "channels_last_active",
+    # How the CPU sums weight gradients (training/cpu_conv.py): machine-dependent, like device.
+    "gemm_wgrad_active",
 }
 _CHOICES = {
     "model": list_models(),
@@ -273,6 +275,7 @@ def _config(
         out=str(out),
         amp_active=cpu.bf16_enabled(device, r.amp),
         channels_last_active=cpu.channels_last_enabled(device, r.channels_last),
+        gemm_wgrad_active=cpu.gemm_wgrad_enabled(device),
     )
     # Absolute, so that evaluate and export find the data from any working directory.
     config["root"] = str(resolve_root(args.root).resolve())

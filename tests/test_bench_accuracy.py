@@ -248,3 +248,24 @@ def test_page_says_how_the_4nn_screen_ran(bench, tmp_path):
         words = " ".join(page.read_text().split())
         assert said in words, fields
         assert "| 5.0 s | scikit-learn 26.0 s | 5.20x, 0 predictions differ |" in words
+
+
+@pytest.mark.parametrize(
+    "gemm, shown",
+    [
+        (True, "chunked matrix products (`kmnist_torch.training.cpu_conv`)"),
+        (False, "oneDNN's"),
+        (None, "oneDNN's"),  # a run from before it was recorded
+    ],
+)
+def test_page_says_how_our_weight_gradients_were_summed(bench, tmp_path, gemm, shown):
+    cpu_speed, _ = bench
+    path = run_json(tmp_path, ROW)
+    res = json.loads(path.read_text())
+    if gemm is not None:
+        res["machine"]["gemm_wgrad"] = gemm
+    path.write_text(json.dumps(res))
+    page = tmp_path / "page.md"
+    cpu_speed.main(["--from-json", str(path), "--docs", str(page)])
+    words = " ".join(page.read_text().split())
+    assert f"our convolutions' weight gradients: {shown}." in words

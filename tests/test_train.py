@@ -23,7 +23,7 @@ from kmnist_torch.data.resplit import write_split
 from kmnist_torch.data.splits import LIMIT_SEED, load_split, stratified_subset
 from kmnist_torch.errors import RecipeError, TrainError
 from kmnist_torch.reporting.scores import accuracy, balanced_accuracy
-from kmnist_torch.training import engine
+from kmnist_torch.training import cpu, engine
 from kmnist_torch.training.augment import random_translate
 from kmnist_torch.training.recipes import RECIPES, Recipe
 from kmnist_torch.training.runtime import CHECKPOINT
@@ -469,16 +469,24 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches(kmnist_root, tmp_path, 
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
 
 
-def test_a_run_from_before_the_cpu_used_channels_last_resumes(kmnist_root, tmp_path):
+@pytest.mark.parametrize("wgrad", ["other", "absent"])
+def test_a_run_from_before_the_cpu_used_channels_last_resumes(kmnist_root, tmp_path, wgrad):
     """channels_last_active is a layout, as the device is: a checkpoint written when a CPU
-    run trained in torch's default layout resumes, and its weights load into either."""
+    run trained in torch's default layout resumes, and its weights load into either. So is
+    gemm_wgrad_active (training/cpu_conv.py), whether it differs or the checkpoint is from
+    before it was recorded."""
     out = tmp_path / "run"
     first = train.run(_argv(kmnist_root, out, *SMALL, "--stop-after", "1"))
     assert first["interrupted"]
     state = torch.load(out / CHECKPOINT, weights_only=True)
     assert state["config"]["channels_last_active"] is True
+    assert state["config"]["gemm_wgrad_active"] is cpu.gemm_wgrad_enabled(torch.device("cpu"))
     assert all(v.is_contiguous() for v in state["model"].values())  # stored row-major
     state["config"]["channels_last_active"] = False
+    if wgrad == "absent":
+        del state["config"]["gemm_wgrad_active"]
+    else:
+        state["config"]["gemm_wgrad_active"] = not state["config"]["gemm_wgrad_active"]
     torch.save(state, out / CHECKPOINT)
     rest = train.run(_argv(kmnist_root, out, *SMALL, "--resume"))
     assert rest["finished"]

@@ -37,6 +37,13 @@
   three alternating pairs of runs. Elsewhere (musl, macOS, Windows: no ``mallopt``), with
   an allocator preloaded or malloc's own settings in the environment, or with
   ``KMNIST_TORCH_TUNE_MALLOC=0``, nothing changes.
+- **weight gradients as matrix products** (:mod:`kmnist_torch.training.cpu_conv`): where the
+  CPU has AVX2 but not AVX-512 (oneDNN's convolutions then run its AVX2 kernels), the
+  convolutions of a model :func:`prepare_model` prepares compute their weight gradients as
+  chunked BLAS products, 1.2-2.6x faster than oneDNN's per layer on the development machine
+  and 3-10% on a whole simple-CNN step (that module's docstring has the figures). Elsewhere
+  (AVX-512, ARM: not measured) oneDNN keeps them. ``POLICY.gemm_wgrad = "on"|"off"``,
+  ``configure(..., gemm_wgrad=...)`` or ``$KMNIST_TORCH_GEMM_WGRAD=1|0`` forces either way.
 - **evaluation batches**: on a CPU the model sees at most ``CPU_EVAL_BATCH`` test images at a
   time (:func:`eval_batch`), whatever the recipe's ``eval_batch_size`` (sized for a GPU): the
   activations of a smaller batch stay in the cache. ``benchmarks/cpu_speed.py --quick``
@@ -63,6 +70,7 @@ import torch
 from torch import nn
 
 from ..settings import env_flag
+from . import cpu_conv
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_MODES = ("auto", "on", "off")
@@ -85,12 +93,13 @@ TRIM_THRESHOLD = 256 << 20
 
 @dataclass
 class CpuPolicy:
-    """The process's choices: ``bf16`` and ``channels_last`` (auto, on, off) and ``threads``
-    (None: chosen)."""
+    """The process's choices: ``bf16``, ``channels_last`` and ``gemm_wgrad`` (auto, on, off)
+    and ``threads`` (None: chosen)."""
 
     bf16: str = "auto"
     threads: int | None = None
     channels_last: str = "auto"
+    gemm_wgrad: str = "auto"
     # Whether keep_freed_memory has tuned the C library's malloc (None: not tried yet).
     malloc_tuned: bool | None = None
 
@@ -213,15 +222,18 @@ def configure(
     device: str | torch.device = "cpu",
     keep_threads: bool = False,
     channels_last: str = "auto",
+    gemm_wgrad: str = "auto",
 ) -> CpuPolicy:
     """Set the process's policy; on a CPU device also torch's intra-op threads: ``threads``,
     else chosen by :func:`choose_threads` unless ``keep_threads`` (a deterministic run, whose
     numbers must not depend on the load), ``$OMP_NUM_THREADS`` (torchrun's ranks) or an
     earlier ``torch.set_num_threads`` (the reproduction harness's workers) already decided."""
-    for name, mode in (("bf16", bf16), ("channels_last", channels_last)):
+    modes = {"bf16": bf16, "channels_last": channels_last, "gemm_wgrad": gemm_wgrad}
+    for name, mode in modes.items():
         if mode not in BF16_MODES:
             raise ValueError(f"{name} must be one of {BF16_MODES}, got {mode!r}")
     POLICY.bf16, POLICY.threads, POLICY.channels_last = bf16, threads, channels_last
+    POLICY.gemm_wgrad = gemm_wgrad
     try:
         on_cpu = torch.device(device).type == "cpu"
     except (RuntimeError, ValueError):  # not a device: the caller's own checks say so
@@ -293,11 +305,27 @@ def channels_last_enabled(device: torch.device, recipe_flag: bool = False) -> bo
     return torch.backends.mkldnn.is_available()
 
 
+def gemm_wgrad_enabled(device: torch.device, flags: frozenset[str] | None = None) -> bool:
+    """Whether :func:`prepare_model` gives ``device``'s convolutions matrix-product weight
+    gradients (:mod:`~kmnist_torch.training.cpu_conv`): on a CPU, as ``POLICY.gemm_wgrad`` or
+    ``$KMNIST_TORCH_GEMM_WGRAD`` forces, else where ``flags`` (default: the CPU's) have
+    ``avx2`` but not ``avx512f``."""
+    if device.type != "cpu":
+        return False
+    if POLICY.gemm_wgrad != "auto":
+        return POLICY.gemm_wgrad == "on"
+    flags = cpu_flags() if flags is None else flags
+    return env_flag("KMNIST_TORCH_GEMM_WGRAD", "avx2" in flags and "avx512f" not in flags)
+
+
 def prepare_model(model: nn.Module, device: torch.device, recipe_flag: bool = False) -> nn.Module:
     """``model`` (converted in place, and returned) in the memory format its batches will
-    have: channels_last where :func:`channels_last_enabled`. Values are unchanged. The new
-    parameters are ordinary tensors even when called under ``torch.inference_mode`` (they
-    can still be trained), and a model already in channels_last is left as it is."""
+    have: channels_last where :func:`channels_last_enabled`, and with matrix-product weight
+    gradients where :func:`gemm_wgrad_enabled`. Values are unchanged. The new parameters are
+    ordinary tensors even when called under ``torch.inference_mode`` (they can still be
+    trained), and a model already in channels_last is left as it is."""
+    if gemm_wgrad_enabled(device):
+        cpu_conv.install(model)
     if not channels_last_enabled(device, recipe_flag):
         return model
     weights = [p for p in model.parameters() if p.dim() == 4]
