@@ -145,7 +145,9 @@ def ours(recipe: Recipe, data: Split, seed: int) -> dict[str, Any]:
         loader = tt.TensorLoader(held, recipe.batch_size, shuffle=True, device="cpu",
                                  drop_last=True, seed=seed)  # fmt: skip
         torch.manual_seed(seed)  # initial weights and dropout, as train does
-        model = cpu.prepare_model(create_model(recipe.model, NUM_CLASSES, in_chans=1), DEVICE)
+        model = cpu.prepare_model(
+            create_model(recipe.model, NUM_CLASSES, in_chans=1), DEVICE, training=True
+        )
         job = Job(recipe, model, loader, None, DEVICE, NUM_CLASSES)
         state = RunState(job, seed)
         t0 = time.perf_counter()

@@ -235,7 +235,9 @@ def _our_steps(model_name: str, data, targets, batch: int, steps: int) -> tuple[
     split = type("Split", (), {"data": data, "targets": targets})()
     loader = tt.TensorLoader(split, batch, shuffle=True, device="cpu", drop_last=True, seed=0)
     torch.manual_seed(0)
-    model = cpu.prepare_model(create_model(model_name, 10, in_chans=1), torch.device("cpu"))
+    model = cpu.prepare_model(
+        create_model(model_name, 10, in_chans=1), torch.device("cpu"), training=True
+    )
     try:
         res = tt.measure(tt._cycle(loader), loader, model, model, torch.device("cpu"), args, True)
         return res["images_per_second"], torch.get_num_threads()

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(0)
     model = create_model(args.model, NUM_CLASSES, in_chans=1).to(device)
-    model = cpu.prepare_model(model, device, recipe_flag=cuda)
+    model = cpu.prepare_model(model, device, recipe_flag=cuda, training=True)
     forward = torch.compile(model) if args.compile else model
     ours = measure(_cycle(loader), loader, model, forward, device, args, True)
 

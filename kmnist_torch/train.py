@@ -275,7 +275,10 @@ def _config(
         out=str(out),
         amp_active=cpu.bf16_enabled(device, r.amp),
         channels_last_active=cpu.channels_last_enabled(device, r.channels_last),
-        gemm_wgrad_active=cpu.gemm_wgrad_enabled(device),
+        # Not under torch.compile or bf16 autocast, where oneDNN keeps them (cpu_conv._wanted).
+        gemm_wgrad_active=cpu.gemm_wgrad_enabled(device)
+        and not r.compile
+        and not cpu.bf16_enabled(device, r.amp),
     )
     # Absolute, so that evaluate and export find the data from any working directory.
     config["root"] = str(resolve_root(args.root).resolve())
@@ -297,7 +300,7 @@ def _model(
     # preact18 has no dropout layers: --no-dropout changes nothing there.
     options = {"dropout": False} if not r.dropout and r.model == "simple_cnn" else {}
     model = create_model(r.model, **args, **options).to(device)
-    model = cpu.prepare_model(model, device, r.channels_last)
+    model = cpu.prepare_model(model, device, r.channels_last, training=True)
     model_meta = modelfile.model_meta(
         r.model,
         args,

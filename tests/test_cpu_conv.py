@@ -85,7 +85,8 @@ def test_weight_grad_matches_any_convolution(
     gen = torch.Generator().manual_seed(n * 1000 + c)
     x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
     weight = torch.randn(o, c, kh, kw, generator=gen, dtype=torch.float64)
-    g = torch.randn_like(F.conv2d(x, weight, None, (sh, sw), (ph, pw)))
+    out = F.conv2d(x, weight, None, (sh, sw), (ph, pw))
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     ours = cpu_conv.weight_grad(x, g, (kh, kw), (sh, sw), (ph, pw), images=images)
     ref = _reference(x, g, weight, (sh, sw), (ph, pw))
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
@@ -97,12 +98,26 @@ def test_a_gradient_that_does_not_fit_the_input_is_refused():
         cpu_conv.weight_grad(x, g, (3, 3))
 
 
-def test_the_layer_passes_gradcheck():
+def test_the_function_passes_gradcheck_for_input_weight_and_bias():
+    """gradcheck of all three gradients (the weight's is weight_grad's), stride 2, padding."""
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+        for shape in ((2, 3, 7, 6), (4, 3, 3, 3), (4,))
+    )
+
+    def conv(x, w, b):
+        return cpu_conv._GemmWgrad.apply(x, w, b, (2, 2), (1, 1))
+
+    assert torch.autograd.gradcheck(conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(conv, (x, w, b))  # create_graph: oneDNN's, differentiable
+
+
+def test_the_layer_takes_the_product_path_in_training():
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
     assert cpu_conv.install(conv) == 1
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
     assert "_GemmWgrad" in type(conv(x).grad_fn).__name__
-    assert torch.autograd.gradcheck(conv, (x,))
 
 
 def _step_grads(model, x, y):
@@ -152,6 +167,39 @@ def test_the_product_path_runs_only_where_it_was_measured():
     assert "_GemmWgrad" not in fn(x.requires_grad_())  # only the input's gradient wanted
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_what_a_plain_convolution_accepts_still_works():
+    """Unbatched and empty batches, scripting, FX, tracing, torch.compile, forward-mode AD and
+    torch.func: as nn.Conv2d does (the product path stays out of all but eager autograd)."""
+    torch.manual_seed(0)
+    conv, plain = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    cpu_conv.install(conv)
+    for x in (torch.randn(3, 8, 8), torch.randn(0, 3, 8, 8)):
+        conv(x).sum().backward()  # what nn.Conv2d accepts
+    x = torch.randn(2, 3, 8, 8)
+    for other in (torch.jit.script(conv), torch.fx.symbolic_trace(conv)):
+        torch.testing.assert_close(other(x), plain(x), rtol=0, atol=0)
+    traced = torch.jit.trace(conv, (x,))
+    assert "_GemmWgrad" not in str(traced.graph)
+    compiled = torch.compile(conv, backend="eager")
+    assert "_GemmWgrad" not in type(compiled(x).grad_fn).__name__
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        dual = fwad.make_dual(x, torch.ones_like(x))
+        tangent = fwad.unpack_dual(conv(dual)).tangent
+    assert tangent is not None
+    grads = torch.func.grad(lambda p, x: torch.func.functional_call(conv, p, (x,)).sum())(
+        dict(conv.named_parameters()), x
+    )
+    ref = torch.func.grad(lambda p, x: torch.func.functional_call(plain, p, (x,)).sum())(
+        dict(plain.named_parameters()), x
+    )
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], msg=k)
+
+
 def test_only_plain_convolutions_with_a_kernel_are_swapped():
     layers = nn.Sequential(
         nn.Conv2d(2, 2, 1),  # 1x1: oneDNN was as fast
@@ -187,8 +235,10 @@ def test_the_policy_decides_where_models_get_it(monkeypatch, flags, mode, env, e
     assert cpu.gemm_wgrad_enabled(torch.device("cpu"), flags) is expected
     assert not cpu.gemm_wgrad_enabled(torch.device("meta"), flags)
     monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
-    model = cpu.prepare_model(create_model("simple_cnn", 10, in_chans=1), torch.device("cpu"))
-    assert (type(model.conv2) is cpu_conv.GemmWgradConv2d) is expected
+    for training in (True, False):  # never on a model handed to predict or evaluate
+        model = create_model("simple_cnn", 10, in_chans=1)
+        model = cpu.prepare_model(model, torch.device("cpu"), training=training)
+        assert (type(model.conv2) is cpu_conv.GemmWgradConv2d) is (expected and training)
 
 
 def test_configure_checks_the_mode():

@@ -39,11 +39,12 @@
   ``KMNIST_TORCH_TUNE_MALLOC=0``, nothing changes.
 - **weight gradients as matrix products** (:mod:`kmnist_torch.training.cpu_conv`): where the
   CPU has AVX2 but not AVX-512 (oneDNN's convolutions then run its AVX2 kernels), the
-  convolutions of a model :func:`prepare_model` prepares compute their weight gradients as
-  chunked BLAS products, 1.2-2.6x faster than oneDNN's per layer on the development machine
-  and 3-10% on a whole simple-CNN step (that module's docstring has the figures). Elsewhere
-  (AVX-512, ARM: not measured) oneDNN keeps them. ``POLICY.gemm_wgrad = "on"|"off"``,
-  ``configure(..., gemm_wgrad=...)`` or ``$KMNIST_TORCH_GEMM_WGRAD=1|0`` forces either way.
+  convolutions of a model :func:`prepare_model` prepares for training compute their weight
+  gradients as chunked BLAS products, 1.2-2.6x faster than oneDNN's per layer on the
+  development machine and 3-10% on a whole simple-CNN step (that module's docstring has the
+  figures). Elsewhere (AVX-512, ARM: not measured) oneDNN keeps them. ``configure(...,
+  gemm_wgrad="on"|"off")`` (or ``POLICY.gemm_wgrad`` after it) forces either way; the trainer
+  calls ``configure`` itself, so there ``$KMNIST_TORCH_GEMM_WGRAD=1|0`` does.
 - **evaluation batches**: on a CPU the model sees at most ``CPU_EVAL_BATCH`` test images at a
   time (:func:`eval_batch`), whatever the recipe's ``eval_batch_size`` (sized for a GPU): the
   activations of a smaller batch stay in the cache. ``benchmarks/cpu_speed.py --quick``
@@ -318,13 +319,16 @@ def gemm_wgrad_enabled(device: torch.device, flags: frozenset[str] | None = None
     return env_flag("KMNIST_TORCH_GEMM_WGRAD", "avx2" in flags and "avx512f" not in flags)
 
 
-def prepare_model(model: nn.Module, device: torch.device, recipe_flag: bool = False) -> nn.Module:
+def prepare_model(
+    model: nn.Module, device: torch.device, recipe_flag: bool = False, training: bool = False
+) -> nn.Module:
     """``model`` (converted in place, and returned) in the memory format its batches will
-    have: channels_last where :func:`channels_last_enabled`, and with matrix-product weight
-    gradients where :func:`gemm_wgrad_enabled`. Values are unchanged. The new parameters are
-    ordinary tensors even when called under ``torch.inference_mode`` (they can still be
-    trained), and a model already in channels_last is left as it is."""
-    if gemm_wgrad_enabled(device):
+    have: channels_last where :func:`channels_last_enabled`; for ``training`` (the trainer's
+    own models, never one a user hands to ``predict`` or ``evaluate``) also with
+    matrix-product weight gradients where :func:`gemm_wgrad_enabled`. Values are unchanged.
+    The new parameters are ordinary tensors even when called under ``torch.inference_mode``
+    (they can still be trained), and a model already in channels_last is left as it is."""
+    if training and gemm_wgrad_enabled(device):
         cpu_conv.install(model)
     if not channels_last_enabled(device, recipe_flag):
         return model

@@ -8,35 +8,43 @@ input patch it saw (kh*kw*C values). :func:`weight_grad` forms the patches of
 megabytes, which stays in the cache) and adds patches^T @ g into dW with one BLAS call per
 chunk. oneDNN computes the same sums in its own loop order; on the 2-core AMD EPYC development
 machine (AVX2, no AVX-512) its weight gradients ran at 42-105 GFLOP/s, against 100-141 GFLOP/s
-for the chunked products (2 threads, channels_last, one layer at a time, the median of 9): the
-simple CNN's second convolution at batch 128 took 47.3 ms against 26.1 ms, and
+for the chunked products (2 threads, channels_last, float32, one layer at a time, the median of
+9): the simple CNN's second convolution at batch 128 took 47.3 ms against 26.1 ms, and
 PreActResNet-18's last 512-channel convolution at batch 32 56.9 ms against 22.0 ms. Four
 images a chunk was fastest on every 3x3 layer of both models, against 1, 2, 8, 32 and the whole
 batch; a layer whose patches are narrower than :data:`NARROW_PATCH` values (a first convolution
 on one channel) takes the whole batch in one product. 1x1 convolutions stay with oneDNN, which
-was as fast there (1.47 against 1.68 ms). In whole training steps, where the layers' inputs are
-no longer in the cache, the gain was smaller: 3-10% for the simple CNN at batch 128 and 8% for
-PreActResNet-18 at batch 32 (alternating steps, the median of 30 and 10).
+was faster there (1.47 ms against 1.68 ms for the chunked products, PreActResNet-18's first
+projection shortcut). In whole training steps, where the layers' inputs are no longer in the
+cache, the gain was smaller: 3-10% for the simple CNN at batch 128 and 6-8% for
+PreActResNet-18 at batch 32 (alternating steps, the median of 30 to 40 and 10 to 12).
 
 The forward pass and the input gradient stay oneDNN's (:class:`GemmWgradConv2d` calls
-``F.conv2d`` and ``convolution_backward`` for them), so a model gives the same outputs bit for
-bit; the weight gradients agree with oneDNN's to float32 rounding (a relative 1e-5 for the
-simple CNN's 73,728-term sums), and are deterministic for a given number of threads.
-:func:`install` swaps a model's plain ``nn.Conv2d`` layers for :class:`GemmWgradConv2d` (its
-state dict, model files and every other behaviour unchanged); the matrix-product path runs only
-where it was measured: a CPU tensor in float32 or float64, autograd on, no autocast, not under
-``torch.compile``, tracing or ONNX export. :mod:`kmnist_torch.training.cpu` decides where
-models get it.
+``F.conv2d`` and ``convolution_backward`` for them), so a model gives the same outputs and
+input gradients bit for bit; the weight and bias gradients (the bias's is ``g.sum``) agree with
+oneDNN's to float32 rounding (a relative 1e-5 for the simple CNN's 73,728-term sums), and are
+deterministic for a given number of threads. The path was timed only in float32 and
+channels_last; it also computes float64 and torch's default layout (a strided gather then)
+correctly. :func:`install` swaps a model's plain ``nn.Conv2d`` layers for
+:class:`GemmWgradConv2d`: the same parameters and state dict, and a model that scripts,
+traces, exports and compiles as before, because the matrix-product path runs only in eager
+autograd on the CPU: a batch of 4-D float32 or float64 tensors, autograd on, no autocast,
+not under ``torch.compile``, scripting, tracing, FX or ONNX export, and not with forward-mode
+dual tensors (it has no ``jvp``). A backward pass that builds a graph (``create_graph``, for
+double backward) takes oneDNN's weight gradient, whose derivative torch knows.
+:mod:`kmnist_torch.training.cpu` decides where models get it: the trainer's own models, never
+a model handed to ``predict`` or ``evaluate``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 
 IMAGES_PER_CHUNK = 4
 # Patches narrower than this (C * kh * kw values) take the whole batch in one product: a
@@ -62,7 +70,7 @@ def weight_grad(
     if g.shape[0] != n or ho != (h + 2 * ph - kh) // sh + 1 or wo != (w + 2 * pw - kw) // sw + 1:
         raise ValueError(f"output gradient {tuple(g.shape)} does not fit input {tuple(x.shape)}")
     per, cols = ho * wo, kh * kw * c
-    chunk = n if cols < NARROW_PATCH else max(1, min(n, images))
+    chunk = max(1, n if cols < NARROW_PATCH else min(n, images))
     xn = x.permute(0, 2, 3, 1)  # N H W C: a view, contiguous when x is channels_last
     gn = g.permute(0, 2, 3, 1).reshape(n * per, o)
     staged = x.new_zeros(chunk, h + 2 * ph, w + 2 * pw, c) if ph or pw else None
@@ -89,14 +97,17 @@ class _GemmWgrad(torch.autograd.Function):
     """``F.conv2d`` whose weight gradient is :func:`weight_grad`'s."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, stride, padding):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, weight)
-        ctx.conv = (tuple(stride), tuple(padding), bias is not None)
+    def forward(x, weight, bias, stride, padding):
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor):  # noqa: ANN205
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, bias, stride, padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (tuple(stride), tuple(padding), bias is not None)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
         x, weight = ctx.saved_tensors
         stride, padding, has_bias = ctx.conv
         gx = gw = gb = None
@@ -105,7 +116,14 @@ class _GemmWgrad(torch.autograd.Function):
                 g, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
                 [True, False, False],
             )[0]  # fmt: skip
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and torch.is_grad_enabled():
+            # create_graph: oneDNN's, whose derivative torch knows (weight_grad reuses its
+            # buffers in place, which a graph through it could not).
+            gw = torch.ops.aten.convolution_backward(
+                g, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+                [False, True, False],
+            )[1]  # fmt: skip
+        elif ctx.needs_input_grad[1]:
             gw = weight_grad(x, g, tuple(weight.shape[2:]), stride, padding)
         if has_bias and ctx.needs_input_grad[2]:
             gb = g.sum((0, 2, 3))
@@ -121,25 +139,31 @@ def _compiling() -> bool:
     return bool(check())
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch before 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled()
+# torch 2.4 on asks for the device type; before, a function of its own (decided once here, not
+# by catching errors at every call).
+try:
+    torch.is_autocast_enabled("cpu")
+    _autocast_on = functools.partial(torch.is_autocast_enabled, "cpu")
+except TypeError:
+    _autocast_on = torch.is_autocast_cpu_enabled
 
 
 def _wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this call takes the matrix-product weight gradient (module docstring)."""
+    if _compiling() or isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+        return False
     return (
         torch.is_grad_enabled()
         and weight.requires_grad
         and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.shape[0] > 0
         and x.dtype in DTYPES
         and weight.dtype == x.dtype
         and not _autocast_on()
-        and not _compiling()
-        and not torch.jit.is_tracing()
         and not torch.onnx.is_in_onnx_export()
+        and forward_ad.unpack_dual(x).tangent is None
+        and forward_ad.unpack_dual(weight).tangent is None
     )
 
 
@@ -148,11 +172,17 @@ class GemmWgradConv2d(nn.Conv2d):
     :func:`_wanted`; everything else, forward pass included, is ``nn.Conv2d``'s."""
 
     def _conv_forward(
-        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        if _wanted(input, weight):
-            return _GemmWgrad.apply(input, weight, bias, self.stride, self.padding)
-        return super()._conv_forward(input, weight, bias)
+        # TorchScript compiles this method: no super() and no Python-only checks there
+        # (eligible() guarantees zero padding given as numbers, so F.conv2d is exact).
+        if not torch.jit.is_scripting():
+            if _wanted(input, weight):
+                return _GemmWgrad.apply(input, weight, bias, self.stride, self.padding)
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def eligible(module: nn.Module) -> bool:
