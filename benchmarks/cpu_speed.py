@@ -264,6 +264,21 @@ def _peer_steps(model_name: str, data, targets, batch: int, steps: int) -> tuple
     return res["images_per_second"], torch.get_num_threads()
 
 
+def step_flops(model_name: str) -> float:
+    """Floating-point operations of one training step, per image: torch's FLOP counter over the
+    forward and backward pass at batch 2 (the convolutions and matrix products; the rest, a
+    few percent, is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = create_model(model_name, 10, in_chans=1)
+    x = torch.rand(2, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long))
+        loss.backward()
+    return counter.get_total_flops() / 2
+
+
 def _here(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
@@ -297,6 +312,7 @@ def train_row(
         "loads": loads,
         "isolated": isolate,
         "peer_malloc_tuned": bool(cpu.POLICY.malloc_tuned),
+        "flops_per_image": step_flops(model_name),
     }
 
 
@@ -440,8 +456,9 @@ def table(res: dict[str, Any]) -> list[str]:
     for key, row in res["train"].items():
         lines.append(
             f"| {names[key]}, batch {row['batch']} | {row['ours_img_s']:.1f} img/s "
-            f"({_threads(row['ours_threads'])}) | {peers[key]}: {row['peer_img_s']:.1f} img/s "
-            f"({row['peer_threads']} threads) | {row['ours_img_s'] / row['peer_img_s']:.2f}x | "
+            f"({_threads(row['ours_threads'])}{_flop_rate(row, 'ours')}) | {peers[key]}: "
+            f"{row['peer_img_s']:.1f} img/s ({row['peer_threads']} threads"
+            f"{_flop_rate(row, 'peer')}) | {row['ours_img_s'] / row['peer_img_s']:.2f}x | "
             f"{_loads(row)} |"
         )
     if "accuracy" in res:
@@ -480,7 +497,8 @@ def _accuracy_line(acc: dict[str, Any]) -> str:
         f"| simple CNN recipe, whole runs: {acc['epochs']} of its {acc['recipe_epochs']} epochs "
         f"on {acc['train']:,} images, batch {acc['batch']}, top-1 on {acc['test']:,} others | "
         f"{side('ours')} | plain loop, PIL dataset + DataLoader (2 workers): {side('peer')} | "
-        f"{acc['ratio']:.2f}x; top-1 {100 * acc['accuracy_diff']:+.1f} points, {verdict} "
+        f"{acc['ratio']:.2f}x; top-1 {round(100 * acc['accuracy_diff'], 1) + 0.0:+.1f} points, "
+        f"{verdict} "
         f"+/-{100 * acc['band']:.1f} | {_loads(acc)} |"
     )
 
@@ -547,6 +565,43 @@ def _plain(knn: dict[str, Any]) -> str:
     return f" (plain scan {knn['plain_s']:.1f} s, {knn['plain_mismatches']} differ)"
 
 
+def _wrapped(text: str) -> str:
+    """``text`` (empty or not) as more lines of the bullet above it."""
+    text = text.strip()
+    if not text:
+        return ""
+    return "\n" + textwrap.fill(text, 94, initial_indent="  ", subsequent_indent="  ")
+
+
+def _flop_rate(row: dict[str, Any], side: str) -> str:
+    """``; N GFLOP/s``: the training step's counted FLOPs at that side's images/s (runs from
+    before this was recorded: nothing)."""
+    if "flops_per_image" not in row:
+        return ""
+    return f"; {row['flops_per_image'] * row[side + '_img_s'] / 1e9:.0f} GFLOP/s"
+
+
+def _needed(res: dict[str, Any]) -> str:
+    """What 1.5x the alternative's images/s would ask of each training row, in FLOP/s, beside
+    the float32 matrix product measured in the same run."""
+    rate = res["gemm_gflops"]["float32"]
+    parts = []
+    for key, row in res.get("train", {}).items():
+        if "flops_per_image" in row:
+            need = 1.5 * row["peer_img_s"] * row["flops_per_image"] / 1e9
+            parts.append(
+                f"{key} {row['flops_per_image'] / 1e6:,.1f} MFLOP an image, so 1.5x the "
+                f"alternative would sustain {need:.0f} GFLOP/s over the whole step "
+                f"({need / rate:.2f}x the float32 matrix product of the last row)"
+            )
+    if not parts:
+        return ""
+    return (
+        "The GFLOP/s beside the images/s count the convolutions and matrix products of a "
+        "training step (torch's FLOP counter): " + "; ".join(parts) + "."
+    )
+
+
 def _threads(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
@@ -606,7 +661,7 @@ convolutions' weight gradients: {wgrad}.
   pooling, the same initial weights).
   Each of our training runs starts in a fresh Python process; theirs run in the script's own
   process, which never applies the package's CPU settings, so they keep glibc's allocator
-  as a user's script finds it (`peer_malloc_tuned` in the JSON says so).
+  as a user's script finds it (`peer_malloc_tuned` in the JSON says so).{needed_note}
 {accuracy_note}
 - **Inference**: the simple CNN (random weights) on random images, eager under
   `kmnist_torch.training.cpu.inference` in the batches `evaluate` and `predict` feed on a CPU
@@ -649,6 +704,7 @@ def write_page(res: dict[str, Any], path: Path) -> None:
             # Runs from before these were recorded: 160 directions, one batch at a time.
             dims=first.get("screen_dims", 160),
             lanes=_lanes(first.get("screen_lanes", 1)),
+            needed_note=_wrapped(_needed(res)),
             accuracy_note=textwrap.fill(
                 _accuracy_note(res), 94, initial_indent="  ", subsequent_indent="  "
             ),

@@ -269,3 +269,46 @@ def test_page_says_how_our_weight_gradients_were_summed(bench, tmp_path, gemm, s
     cpu_speed.main(["--from-json", str(path), "--docs", str(page)])
     words = " ".join(page.read_text().split())
     assert f"our convolutions' weight gradients: {shown}." in words
+
+
+def test_training_rows_give_their_flop_rate_and_what_one_and_a_half_times_would_need(
+    bench, tmp_path
+):
+    cpu_speed, _ = bench
+    row = {"ours_img_s": 60.0, "peer_img_s": 48.0, "ours_threads": 2, "peer_threads": 2,
+           "batch": 100, "steps": 5, "loads": [2.0, 2.1], "flops_per_image": 2.5e9}  # fmt: skip
+    path = run_json(tmp_path, ROW, train={"preact18": row})
+    page = tmp_path / "page.md"
+    cpu_speed.main(["--from-json", str(path), "--docs", str(page)])
+    text = page.read_text()
+    line = next(r for r in text.splitlines() if r.startswith("| PreActResNet-18"))
+    assert "60.0 img/s (2 threads; 150 GFLOP/s)" in line  # 60 x 2.5 GFLOP
+    assert "48.0 img/s (2 threads; 120 GFLOP/s)" in line
+    words = " ".join(text.split())
+    # 1.5 x 48 img/s x 2.5 GFLOP = 180 GFLOP/s, 12x the test run's 15 GFLOP/s product
+    assert (
+        "preact18 2,500.0 MFLOP an image, so 1.5x the alternative would sustain 180 GFLOP/s"
+        in words
+    )
+    assert "(12.00x the float32 matrix product of the last row)" in words
+    # A run from before the count: no rate, no sentence.
+    del row["flops_per_image"]
+    cpu_speed.main(["--from-json", str(run_json(tmp_path, ROW, train={"preact18": row})),
+                    "--docs", str(page)])  # fmt: skip
+    assert "GFLOP/s)" not in page.read_text() and "MFLOP an image" not in page.read_text()
+
+
+def test_step_flops_counts_a_training_step(bench):
+    cpu_speed, _ = bench
+    # conv1 forward 2*26*26*32*9, conv2 2*24*24*64*32*9, fc1 2*9216*128, fc2 2*128*10; the
+    # backward twice that, less conv1's input gradient (the images need none).
+    conv1, conv2, fc = 2 * 676 * 32 * 9, 2 * 576 * 64 * 32 * 9, 2 * (9216 * 128 + 1280)
+    assert cpu_speed.step_flops("simple_cnn") == 3 * (conv1 + conv2 + fc) - conv1
+
+
+def test_an_accuracy_difference_of_nothing_is_not_negative(bench, tmp_path):
+    cpu_speed, _ = bench
+    row = {**ROW, "accuracy_diff": -1e-12}
+    page = tmp_path / "page.md"
+    cpu_speed.main(["--from-json", str(run_json(tmp_path, row)), "--docs", str(page)])
+    assert "top-1 +0.0 points" in page.read_text()
