@@ -570,7 +570,12 @@ def _wrapped(text: str) -> str:
     text = text.strip()
     if not text:
         return ""
-    return "\n" + textwrap.fill(text, 94, initial_indent="  ", subsequent_indent="  ")
+    return "\n" + _bullet_text(text)
+
+
+def _bullet_text(text: str) -> str:
+    """``text`` wrapped and indented as the lines of a bullet on the page."""
+    return textwrap.fill(text, 94, initial_indent="  ", subsequent_indent="  ")
 
 
 def _flop_rate(row: dict[str, Any], side: str) -> str:
@@ -705,9 +710,7 @@ def write_page(res: dict[str, Any], path: Path) -> None:
             dims=first.get("screen_dims", 160),
             lanes=_lanes(first.get("screen_lanes", 1)),
             needed_note=_wrapped(_needed(res)),
-            accuracy_note=textwrap.fill(
-                _accuracy_note(res), 94, initial_indent="  ", subsequent_indent="  "
-            ),
+            accuracy_note=_bullet_text(_accuracy_note(res)),
             bf16_ratio=res["gemm_gflops"]["float32"] / res["gemm_gflops"]["bf16"],
         ),  # fmt: skip
         encoding="utf-8",

@@ -271,14 +271,13 @@ def _config(
     config: dict[str, Any] = {"recipe": name, **dataclasses.asdict(r)}
     config["milestones"] = list(r.milestones)
     config.update({k: v for k, v in vars(args).items() if k not in config})
+    amp = cpu.bf16_enabled(device, r.amp)
     config.update(  # what the run did, after --bf16 and the CPU's units (training/cpu.py)
         out=str(out),
-        amp_active=cpu.bf16_enabled(device, r.amp),
+        amp_active=amp,
         channels_last_active=cpu.channels_last_enabled(device, r.channels_last),
         # Not under torch.compile or bf16 autocast, where oneDNN keeps them (cpu_conv._wanted).
-        gemm_wgrad_active=cpu.gemm_wgrad_enabled(device)
-        and not r.compile
-        and not cpu.bf16_enabled(device, r.amp),
+        gemm_wgrad_active=cpu.gemm_wgrad_enabled(device) and not r.compile and not amp,
     )
     # Absolute, so that evaluate and export find the data from any working directory.
     config["root"] = str(resolve_root(args.root).resolve())
